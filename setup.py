@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dcama-triton",
+    version="0.1.0",
+    description="DCAMA few-shot segmentation with fused Triton attention kernels",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kernels", "kernels.*", "dcama", "dcama.*"]),
+    package_data={"dcama.data": ["splits/*/*.txt", "splits/*/*/*.txt"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "triton; platform_system == 'Linux'",
+        "timm>=1.0",
+        "pycocotools",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "tensorboard",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        "bench": ["matplotlib"],
+    },
+)
