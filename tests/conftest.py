@@ -1,0 +1,30 @@
+"""Test session set-up: pick how Triton runs before any kernel module is imported."""
+
+import os
+
+import pytest
+import torch
+
+# On a machine without CUDA the kernels can only run in the Triton interpreter, which must be chosen
+# before `triton.jit` decorates them, that is before `kernels` is imported by any test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not torch.cuda.is_available():
+        skip_cuda = pytest.mark.skip(reason="no CUDA device: compiled-kernel tests need a GPU")
+    elif INTERPRETED:
+        skip_cuda = pytest.mark.skip(reason="TRITON_INTERPRET=1 is set: unset it to run the compiled CUDA tests")
+    else:
+        skip_cuda = None
+    skip_interp = None if INTERPRETED else pytest.mark.skip(
+        reason="interpreter tests need TRITON_INTERPRET=1 (set by default when no CUDA device is present)"
+    )
+    for item in items:
+        if skip_cuda is not None and "cuda" in item.keywords:
+            item.add_marker(skip_cuda)
+        if skip_interp is not None and "interpreter" in item.keywords:
+            item.add_marker(skip_interp)
