@@ -1,0 +1,56 @@
+"""Few-shot segmentation benchmarks: COCO-20i, PASCAL-5i, FSS-1000 and the embedded "shapes".
+
+`build_dataset` is the entry point; items are dicts (see FewShotDataset.assemble) and batch with torch's
+default collate, or with `collate_episodes` when use_original_imgsize is set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dcama.data.coco import COCODataset
+from dcama.data.common import DatasetFileError, FewShotDataset, collate_episodes, episode_rng
+from dcama.data.fss import FSSDataset
+from dcama.data.pascal import PascalDataset
+from dcama.data.shapes import ShapesDataset
+
+__all__ = [
+    "build_dataset",
+    "collate_episodes",
+    "episode_rng",
+    "DatasetFileError",
+    "FewShotDataset",
+    "COCODataset",
+    "PascalDataset",
+    "FSSDataset",
+    "ShapesDataset",
+    "BENCHMARKS",
+]
+
+BENCHMARKS = {"coco": COCODataset, "pascal": PascalDataset, "fss": FSSDataset, "shapes": ShapesDataset}
+
+
+def build_dataset(
+    benchmark: str,
+    root: str | None,
+    fold: int = 0,
+    split: str = "test",
+    shot: int = 1,
+    img_size: int = 384,
+    use_original_imgsize: bool = False,
+    episodes: int = 1000,
+    seed: int = 0,
+    **options: Any,
+) -> FewShotDataset:
+    """Build the episode dataset of a benchmark ("coco", "pascal", "fss", "shapes").
+
+    root is the folder that holds COCO2014/, VOC2012/ or FSS-1000/ (unused, may be None, for "shapes").
+    options go to the benchmark's class (COCO: mask_source="json"|"png").
+    """
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {sorted(BENCHMARKS)}")
+    if root is None and benchmark != "shapes":
+        raise ValueError(f"benchmark {benchmark!r} needs a data root (only 'shapes' runs without one)")
+    return BENCHMARKS[benchmark](root, fold=fold, split=split, shot=shot, img_size=img_size,
+                                 use_original_imgsize=use_original_imgsize, episodes=episodes, seed=seed,
+                                 **options)

@@ -1,0 +1,204 @@
+"""Shared pieces of the few-shot datasets: preprocessing, file reading with clear errors, episode seeding."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE_INDEX = 255
+SPLITS = ("trn", "val", "test")
+
+
+class DatasetFileError(OSError):
+    """An image or mask file of a benchmark cannot be read (corrupt, truncated, wrong format)."""
+
+
+def split_file(*parts: str) -> str:
+    """Path of a split list shipped as package data under dcama/data/splits/."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splits", *parts)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"shipped split list missing: {path} (reinstall the package)")
+    return path
+
+
+def check_dir(path: str, what: str, layout: str) -> None:
+    """Raise FileNotFoundError naming the expected layout when a benchmark folder is missing."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} not found: {path!r} is not a directory.\n{layout}")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as RGB, naming the file in any error (PIL opens lazily, so force the decode here)."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file missing: {path}") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DatasetFileError(f"cannot read image {path}: {err}") from err
+
+
+def load_label(path: str) -> np.ndarray:
+    """Read a label PNG as a (H, W) uint8 array of its palette indices / grey values, naming the file on error."""
+    try:
+        with Image.open(path) as img:
+            # Palette PNGs (VOC) keep their indices; RGB/RGBA masks (some FSS-1000 files) become grey values.
+            if img.mode not in ("P", "L"):
+                img = img.convert("L")
+            return np.array(img, dtype=np.uint8)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"mask file missing: {path}") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DatasetFileError(f"cannot read mask {path}: {err}") from err
+
+
+_MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)
+_STD = np.array(IMAGENET_STD, dtype=np.float32)
+
+
+def normalize_array(rgb: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) float array in [0, 1] -> normalised (3, H, W) float32 tensor (numpy: no torch thread pool)."""
+    out = (rgb.astype(np.float32, copy=False) - _MEAN) / _STD
+    return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+
+
+def preprocess_image(img: Image.Image, img_size: int) -> torch.Tensor:
+    """Spec section 1: resize to a square with PIL bilinear (antialiased when shrinking), scale to [0, 1],
+    normalise with the ImageNet statistics.
+
+    This is what torchvision's Resize + ToTensor + Normalize do on a PIL image (same PIL call, same float
+    ops; a test checks the equality), without importing torchvision in every data process.
+    """
+    resized = img.resize((img_size, img_size), Image.Resampling.BILINEAR)
+    return normalize_array(np.asarray(resized, dtype=np.float32) / 255.0)
+
+
+def resize_mask(mask: torch.Tensor, img_size: int) -> torch.Tensor:
+    """Nearest-neighbour resize of a (H, W) integer mask with torch interpolate (spec section 1)."""
+    if tuple(mask.shape) == (img_size, img_size):
+        return mask.long()
+    # Nearest picks source pixels, so uint8 (values 0, 1, 255) gives the float result with fewer conversions.
+    out = F.interpolate(mask[None, None].to(torch.uint8), size=(img_size, img_size), mode="nearest")
+    return out[0, 0].long()
+
+
+def episode_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of every random choice of item `index`: a pure function of (seed, epoch, index).
+
+    SeedSequence hashes the three integers, so items do not depend on the DataLoader worker that builds them,
+    neighbouring indices get unrelated streams, and a resumed run rebuilds the same episodes.
+    """
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, index]))
+
+
+def draw_others(rng: np.random.Generator, n: int, exclude: int, k: int) -> list[int]:
+    """k distinct positions in range(n), all different from `exclude` (uniformly, without replacement)."""
+    picks = rng.choice(n - 1, size=k, replace=False)
+    return [int(p) + (p >= exclude) for p in picks]
+
+
+def validate_args(split: str, fold: int, n_folds: int, shot: int, img_size: int, seed: int, episodes: int) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not 0 <= fold < n_folds:
+        raise ValueError(f"fold must be in 0..{n_folds - 1}, got {fold}")
+    if shot < 1:
+        raise ValueError(f"shot must be >= 1, got {shot}")
+    if img_size < 1:
+        raise ValueError(f"img_size must be >= 1, got {img_size}")
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+
+
+class FewShotDataset(Dataset):
+    """Base of the episode datasets: seeding, epoch, and assembly of an item from loaded images and masks."""
+
+    def __init__(self, split: str, shot: int, img_size: int, use_original_imgsize: bool, seed: int) -> None:
+        self.split = split
+        self.shot = shot
+        self.img_size = img_size
+        self.use_original_imgsize = use_original_imgsize
+        self.seed = seed
+        self.epoch = 0
+        self.class_ids: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the episodes of a training epoch (evaluation keeps epoch 0 so runs repeat exactly)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
+
+    def rng(self, index: int) -> np.random.Generator:
+        return episode_rng(self.seed, self.epoch, index)
+
+    def check_index(self, index: int) -> int:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"episode index {index} out of range for {len(self)} episodes")
+        return index % len(self)
+
+    def assemble(
+        self,
+        class_id: int,
+        query: tuple[torch.Tensor, torch.Tensor, str],
+        supports: Sequence[tuple[torch.Tensor, torch.Tensor, str]],
+        query_ignore: torch.Tensor | None = None,
+        support_ignores: Sequence[torch.Tensor] | None = None,
+    ) -> dict[str, Any]:
+        """Build the item dict from a preprocessed query image, raw-size masks and names.
+
+        query/supports are (image (3,S,S), mask (H,W) integer, name). Masks are resized nearest to S except the
+        query's with use_original_imgsize, which stays at its original size (and "org_query_size" is added);
+        query masks come out int64, support masks float32.
+        """
+        q_img, q_mask, q_name = query
+        s = self.img_size
+        item: dict[str, Any] = {
+            "query_img": q_img,
+            "query_name": q_name,
+            "support_imgs": torch.stack([img for img, _, _ in supports]),
+            # Float supports: the model interpolates them to feature sizes; values are exactly {0, 1}.
+            "support_masks": torch.stack([resize_mask(m, s) for _, m, _ in supports]).float(),
+            "support_names": [name for _, _, name in supports],
+            "class_id": int(class_id),
+        }
+        if self.use_original_imgsize:
+            item["query_mask"] = q_mask.long()
+            item["org_query_size"] = (int(q_mask.shape[0]), int(q_mask.shape[1]))
+        else:
+            item["query_mask"] = resize_mask(q_mask, s)
+        if query_ignore is not None:
+            item["query_ignore_idx"] = (query_ignore.long() if self.use_original_imgsize
+                                        else resize_mask(query_ignore, s))
+            item["support_ignore_idxs"] = torch.stack([resize_mask(m, s) for m in support_ignores])
+        return item
+
+
+_VARIABLE_SIZE_KEYS = ("query_mask", "query_ignore_idx", "org_query_size")
+
+
+def collate_episodes(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """DataLoader collate for any item kind, including use_original_imgsize.
+
+    Identical to torch's default collate, except that with use_original_imgsize (items carry
+    "org_query_size") query_mask and query_ignore_idx are lists of (H_i, W_i) tensors and org_query_size a
+    list of (H, W) int tuples, since the original sizes differ within a batch.
+    """
+    if "org_query_size" not in batch[0]:
+        return default_collate(batch)
+    fixed = [{k: v for k, v in item.items() if k not in _VARIABLE_SIZE_KEYS} for item in batch]
+    out = default_collate(fixed)
+    for key in _VARIABLE_SIZE_KEYS:
+        if key in batch[0]:
+            out[key] = [item[key] for item in batch]
+    return out

@@ -1,0 +1,83 @@
+"""FSS-1000: 1000 classes of 10 images each, split 520 / 240 / 240 by the shipped class lists."""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from dcama.data.common import (
+    FewShotDataset,
+    check_dir,
+    draw_others,
+    load_label,
+    load_rgb,
+    preprocess_image,
+    split_file,
+    validate_args,
+)
+
+LAYOUT = """Expected FSS-1000 layout (HSNet/DCAMA convention):
+  <root>/FSS-1000/<class name>/<n>.jpg and <n>.png, n = 1..10 (mask: grey value >= 128 is foreground)
+  from the FSS-1000 release (https://github.com/HKUSTCV/FSS-1000, fewshot_data.zip); the class names
+  of each split are the shipped lists dcama/data/splits/fss/{trn,val,test}.txt"""
+
+# Class indices: position in the sorted class list of the split plus the split's offset (HSNet convention),
+# so the 1000 classes get distinct indices 0..999.
+CLASS_OFFSET = {"trn": 0, "val": 520, "test": 760}
+_NUMBERED_JPG = re.compile(r"^(\d+)\.jpg$")
+
+
+def read_classes(split: str) -> list[str]:
+    with open(split_file("fss", f"{split}.txt")) as f:
+        return sorted(line.strip() for line in f if line.strip())
+
+
+class FSSDataset(FewShotDataset):
+    """FSS-1000 episodes: every image of the split's classes is a query once (len = number of images, for
+    every split; `episodes` is ignored); supports are drawn from the other images of its class."""
+
+    def __init__(self, root: str, fold: int = 0, split: str = "test", shot: int = 1, img_size: int = 384,
+                 use_original_imgsize: bool = False, episodes: int = 1000, seed: int = 0) -> None:
+        validate_args(split, fold, 1, shot, img_size, seed, episodes)
+        super().__init__(split, shot, img_size, use_original_imgsize, seed)
+        check_dir(str(root), "FSS-1000 root", LAYOUT)
+        self.base = os.path.join(str(root), "FSS-1000")
+        check_dir(self.base, "FSS-1000 folder", LAYOUT)
+        names = read_classes(split)
+        self.class_ids = [CLASS_OFFSET[split] + i for i in range(len(names))]
+        self.images: dict[int, list[str]] = {}  # class id -> image paths without extension, by number
+        too_few = []
+        for cid, name in zip(self.class_ids, names):
+            cdir = os.path.join(self.base, name)
+            check_dir(cdir, f"FSS-1000 class folder {name!r}", LAYOUT)
+            numbers = sorted(int(m.group(1)) for f in os.listdir(cdir) if (m := _NUMBERED_JPG.match(f)))
+            if len(numbers) < shot + 1:
+                too_few.append(name)
+                continue
+            self.images[cid] = [os.path.join(cdir, str(n)) for n in numbers]
+        if too_few:
+            warnings.warn(f"FSS-1000 {split}: classes {too_few} have fewer than shot+1={shot + 1} images and "
+                          "are skipped", stacklevel=2)
+        self.queries = [(cid, j) for cid, paths in self.images.items() for j in range(len(paths))]
+        if not self.queries:
+            raise ValueError(f"FSS-1000 {split}: no class has shot+1={shot + 1} images")
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def _load(self, path: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+        img = preprocess_image(load_rgb(path + ".jpg"), self.img_size)
+        mask = torch.from_numpy((load_label(path + ".png") >= 128).astype(np.uint8))
+        return img, mask, os.path.relpath(path + ".jpg", self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = self.check_index(index)
+        class_id, q = self.queries[index]
+        paths = self.images[class_id]
+        picks = draw_others(self.rng(index), len(paths), q, self.shot)
+        return self.assemble(class_id, self._load(paths[q]), [self._load(paths[j]) for j in picks])
