@@ -1,0 +1,209 @@
+"""Frozen timm backbones that return a feature map after every block (spec section 2)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from itertools import accumulate
+
+import timm
+import torch
+from timm.models.swin_transformer import checkpoint_filter_fn
+from torch import nn
+
+__all__ = ["BACKBONES", "BackboneSpec", "BlockFeatures", "build_backbone"]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What the head needs to know about a backbone, and where its pretrained weights come from."""
+
+    timm_name: str
+    kind: str  # "resnet" or "swin"
+    depths: tuple[int, int, int, int]  # blocks per stage
+    channels: tuple[int, int, int, int]  # feature channels per stage
+    weights_file: str  # the file the authors used, or a description for the demo backbones
+
+    @property
+    def stack_ids(self) -> list[int]:
+        """Cumulative block counts: block features [stack_ids[s-1], stack_ids[s]) belong to stage s+1."""
+        return list(accumulate(self.depths))
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet18": BackboneSpec("resnet18", "resnet", (2, 2, 2, 2), (64, 128, 256, 512),
+                             "a timm resnet18 state dict (.pth)"),
+    "resnet34": BackboneSpec("resnet34", "resnet", (3, 4, 6, 3), (64, 128, 256, 512),
+                             "a timm resnet34 state dict (.pth)"),
+    "resnet50": BackboneSpec("resnet50", "resnet", (3, 4, 6, 3), (256, 512, 1024, 2048),
+                             "resnet50_a1h-35c100f8.pth"),
+    "resnet101": BackboneSpec("resnet101", "resnet", (3, 4, 23, 3), (256, 512, 1024, 2048),
+                              "resnet101_a1h-36d3f2aa.pth"),
+    "swin_b": BackboneSpec("swin_base_patch4_window12_384", "swin", (2, 2, 18, 2), (128, 256, 512, 1024),
+                           "swin_base_patch4_window12_384_22kto1k.pth"),
+}
+
+SWIN_DEFAULT_IMG_SIZE = 384
+_SWIN_WINDOW = 12
+
+
+class BlockFeatures(nn.Module):
+    """A frozen timm network (`self.net`) whose forward returns one (N, C, h, w) map per block.
+
+    The backbone never trains: its parameters have requires_grad=False and `train()` leaves it in eval
+    mode, so batch-norm statistics and Swin's stochastic depth are always those of inference.
+    """
+
+    def __init__(self, name: str, img_size: int | None = None) -> None:
+        super().__init__()
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+        self.name = name
+        self.spec = BACKBONES[name]
+        if self.spec.kind == "swin":
+            self.img_size = SWIN_DEFAULT_IMG_SIZE if img_size is None else int(img_size)
+            _check_swin_img_size(self.img_size)
+            self.net = timm.create_model(self.spec.timm_name, pretrained=False, num_classes=0,
+                                         img_size=self.img_size, drop_path_rate=0.0)
+        else:
+            self.img_size = None if img_size is None else int(img_size)
+            if self.img_size is not None:
+                self._check_resnet_side(self.img_size)
+            self.net = timm.create_model(self.spec.timm_name, pretrained=False, num_classes=0)
+            for stage in (self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4):
+                for block in stage:
+                    # The feature is taken before the block's last ReLU: drop it from the block (it holds no
+                    # weights) and apply it ourselves after recording the feature.
+                    if hasattr(block, "act3"):
+                        block.act3 = nn.Identity()
+                    else:
+                        block.act2 = nn.Identity()
+        self.net.requires_grad_(False)
+        self.net.eval()
+
+    def train(self, mode: bool = True) -> "BlockFeatures":
+        # Frozen backbone: always in eval mode whatever the caller asks for.
+        return super().train(False)
+
+    def check_input_size(self, height: int, width: int) -> None:
+        """Raise ValueError when images of this size cannot go through the backbone and the head."""
+        if height != width:
+            raise ValueError(f"images must be square for backbone {self.name!r}, got {height}x{width}")
+        if self.img_size is not None and height != self.img_size:
+            raise ValueError(f"this {self.name} model was built for {self.img_size}x{self.img_size} images, got "
+                             f"{height}x{width} (pass img_size= to DCAMA to build it for another size)")
+        if self.spec.kind == "resnet":
+            self._check_resnet_side(height)
+
+    def _check_resnet_side(self, side: int) -> None:
+        # Below the total stride stage 4 is empty; other sides make the 1/4 and 1/8 maps disagree by a pixel.
+        if side < 32 or side % 32:
+            raise ValueError(f"backbone {self.name!r} needs square images whose side is a positive multiple of 32 "
+                             f"(its total stride), got side {side}")
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if self.spec.kind == "swin":
+            return self._swin_features(images)
+        return self._resnet_features(images)
+
+    def _resnet_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        net = self.net
+        x = net.maxpool(net.act1(net.bn1(net.conv1(images))))
+        feats = []
+        for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
+            for block in stage:
+                feat = block(x)  # bn(conv(...)) + shortcut: the block's own ReLU was removed
+                feats.append(feat)
+                x = torch.relu(feat)
+        return feats
+
+    def _swin_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = self.net.patch_embed(images)  # (N, h, w, C)
+        feats = []
+        for stage in self.net.layers:
+            # timm merges patches at the start of a stage (Microsoft's code at the end of the previous one):
+            # the per-block outputs are the same.
+            x = stage.downsample(x)
+            for block in stage.blocks:
+                x = block(x)
+                feats.append(x.permute(0, 3, 1, 2))  # (N, C, h, w) view, channels-last in memory
+        return feats
+
+    def load_pretrained(self, path: str | os.PathLike) -> None:
+        """Load the ImageNet weights the authors used from a local file (timm ResNet or Microsoft Swin layout)."""
+        expected = self.spec.weights_file
+        if not os.path.isfile(path):
+            raise FileNotFoundError(_weights_not_found(self.name, path))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for unreadable files; report them all the same way
+            raise ValueError(f"cannot read backbone weights {os.fspath(path)!r} (expected {expected}): {exc}") from exc
+        if not isinstance(state, dict):
+            raise ValueError(f"backbone weights {os.fspath(path)!r} hold a {type(state).__name__}, not a state dict "
+                             f"(expected {expected})")
+        try:
+            state = self.convert_state_dict(state)
+        except Exception as exc:  # timm's converter fails on tensors of unexpected shapes
+            raise ValueError(f"backbone weights {os.fspath(path)!r} do not fit backbone {self.name!r} "
+                             f"(expected {expected}): {exc}") from exc
+        problem = state_dict_mismatch(self.net, state)
+        if problem:
+            raise ValueError(f"backbone weights {os.fspath(path)!r} do not fit backbone {self.name!r} "
+                             f"(expected {expected}): {problem}")
+        self.net.load_state_dict(state)
+
+    def convert_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map a timm/torchvision ResNet or a Microsoft Swin state dict to `self.net`'s keys.
+
+        The ImageNet classifier ('fc.*' / 'head.*') is dropped: the features never reach it.
+        """
+        if self.spec.kind == "swin":
+            # Renames the patch-merging layers and drops the relative_position_index / attn_mask buffers.
+            state = checkpoint_filter_fn(state, self.net)
+            return {k: v for k, v in state.items() if not k.startswith("head.")}
+        state = state.get("state_dict", state)
+        return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def build_backbone(name: str, weights: str | os.PathLike | None = None, img_size: int | None = None) -> BlockFeatures:
+    """The frozen per-block feature extractor `name`, with ImageNet weights from the local file `weights`."""
+    if weights is not None and name in BACKBONES and not os.path.isfile(weights):
+        raise FileNotFoundError(_weights_not_found(name, weights))  # before the network is built
+    backbone = BlockFeatures(name, img_size=img_size)
+    if weights is not None:
+        backbone.load_pretrained(weights)
+    return backbone
+
+
+def state_dict_mismatch(module: nn.Module, state: dict[str, torch.Tensor], limit: int = 5) -> str:
+    """'' when `state` fits `module` exactly, else a message naming the first missing, unexpected and
+    wrongly shaped keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    parts = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches (file vs model)", shapes)):
+        if items:
+            more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts)
+
+
+def _weights_not_found(name: str, path: str | os.PathLike) -> str:
+    return (f"backbone weights file {os.fspath(path)!r} not found; backbone {name!r} expects "
+            f"{BACKBONES[name].weights_file}")
+
+
+def _check_swin_img_size(img_size: int) -> None:
+    # Microsoft's Swin (the layout of the released weights) needs every stage's grid to be a multiple of the
+    # window or no larger than it (then the window shrinks to the grid); timm would pad instead.
+    if img_size < 32 or img_size % 32:
+        raise ValueError(f"swin_b img_size must be a positive multiple of 32, got {img_size}")
+    for stage in range(4):
+        grid = img_size // 4 // 2 ** stage
+        if grid > _SWIN_WINDOW and grid % _SWIN_WINDOW:
+            raise ValueError(f"swin_b img_size {img_size} gives a {grid}x{grid} grid in stage {stage + 1}, not a "
+                             f"multiple of the window ({_SWIN_WINDOW}); use e.g. 96, 192 or 384")
