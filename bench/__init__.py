@@ -1,0 +1,1 @@
+"""Benchmarks and reports of the DCAMA attention kernels (run as scripts: `python bench/<name>.py`)."""

@@ -1,0 +1,131 @@
+"""The benches on a CPU: schema of their JSON, the activation memory they measure at DCAMA's real shapes
+(fake / meta tensors), null times without a GPU, and the shared helpers."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.common import (DTYPES, SavedTensorBytes, attention_cost, attention_shape, floors_ms, shape_only)
+from bench.train_step import largest_batch
+
+REPO = Path(__file__).resolve().parents[1]
+TIMED = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+ATTENTION_KEYS = {"impl", "backbone", "stage", "shots", "batch", "dtype", "pass", "time_ms", "saved_bytes",
+                  "peak_bytes", "tflops", "floor_ms", "device"}
+ALL_IMPLS = {"triton", "naive", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "flex", "xformers"}
+
+
+def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def attention_records(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path, str]:
+    tmp = tmp_path_factory.mktemp("attention")
+    proc = _run(["bench/attention.py", "--quick", "--json", str(tmp / "a.json"), "--plot", str(tmp / "a.png")], tmp)
+    return json.loads((tmp / "a.json").read_text()), tmp / "a.png", proc.stdout
+
+
+def test_attention_quick_schema_and_rows(attention_records):
+    records, plot, stdout = attention_records
+    for r in records:
+        assert ATTENTION_KEYS <= set(r), ATTENTION_KEYS - set(r)
+        assert r["impl"] in ALL_IMPLS and r["dtype"] in ("fp32", "bf16") and r["pass"] in ("fwd", "fwd+bwd")
+        assert r["backbone"] in ("swin_b", "resnet50", "resnet101") and r["stage"] in ("1/8", "1/16", "1/32")
+        assert r["floor_ms"] > 0
+    held = {(r["impl"], r["shots"]) for r in records
+            if r["backbone"] == "swin_b" and r["stage"] == "1/8" and r["pass"] == "fwd+bwd"}
+    assert held == {(impl, k) for impl in ALL_IMPLS for k in (1, 5)}
+    assert plot.stat().st_size > 0
+    assert "triton" in stdout
+
+
+def test_attention_times_null_without_gpu(attention_records):
+    records, _, stdout = attention_records
+    if TIMED:
+        pytest.skip("a GPU is present: the rows are timed")
+    assert all(r["time_ms"] is None and r["peak_bytes"] is None and r["tflops"] is None for r in records)
+    assert "NOT TIMED" in stdout
+
+
+def test_fused_op_saves_O_rows_while_naive_saves_O_scores(attention_records):
+    """The point of the project, at the Swin-B 1/8 shape: the fused op keeps q, k, v, the output and per-row
+    statistics, O(B*H*Nq) besides its inputs; the naive path keeps P, O(B*H*Nq*Nk)."""
+    records, _, _ = attention_records
+    rows = [r for r in records if r["backbone"] == "swin_b" and r["stage"] == "1/8" and r["pass"] == "fwd+bwd"]
+    for shots in (1, 5):
+        for dtype in ("fp32", "bf16"):
+            by_impl = {r["impl"]: r for r in rows if r["shots"] == shots and r["dtype"] == dtype}
+            s = attention_shape("swin_b", "1/8", shots)
+            elt = torch.tensor([], dtype=DTYPES[dtype]).element_size()
+            b, h, nq, nk, d = s.batch, s.heads, s.n_query, s.n_key, s.head_dim
+            inputs = elt * (b * nq * h * d + b * nk * h * d + b * nk)
+            fused_bound = inputs + 4 * 4 * b * h * nq + 64  # inputs + a few fp32 per (b, h, row) + the seed
+            scores = elt * b * h * nq * nk  # P alone
+            triton, naive = by_impl["triton"]["saved_bytes"], by_impl["naive"]["saved_bytes"]
+            assert inputs <= triton <= fused_bound
+            assert by_impl["triton"]["saved_extra_bytes"] <= 4 * 4 * b * h * nq + 64
+            assert naive >= scores
+            assert naive / triton >= scores / fused_bound > 10
+
+
+def test_cost_model_counts():
+    s = attention_shape("swin_b", "1/8", 5)
+    assert (s.batch, s.n_query, s.n_key, s.head_dim) == (24, 2304, 11520, 32)
+    assert attention_shape("resnet101", "1/16", 1).batch == 12 * 23
+    assert attention_shape("resnet50", "1/32", 1).head_dim == 256
+    cost = attention_cost(s, "bf16", "fwd+bwd")
+    assert cost["exps"] == 2 * s.scores  # one exp per score per pass
+    assert cost["tc_flops"] == 8 * s.head_dim * s.scores
+    f = floors_ms(cost, "bf16")
+    assert f["floor_ms"] == max(f["floor_tc_ms"], f["floor_exp_ms"], f["floor_mem_ms"]) == f["floor_exp_ms"]
+
+
+def test_saved_tensor_bytes_counts_each_storage_once():
+    x = torch.randn(4, 10, requires_grad=True)
+    with SavedTensorBytes() as saved:
+        y = x[:, :5] * x[:, 5:]  # saves two views of x
+        (y * y).sum()  # saves y twice
+    assert saved.count == 2 and saved.nbytes == x.nbytes + y.nbytes
+    with SavedTensorBytes(exclude=[x]) as saved:
+        (x * x).sum()
+    assert saved.nbytes == 0
+    with shape_only():  # fake tensors at a size no CPU could hold
+        big = torch.empty(1 << 20, 1 << 16, requires_grad=True)
+        with SavedTensorBytes() as saved:
+            (big * big).sum()
+    assert saved.nbytes == (1 << 36) * 4
+
+
+def test_train_step_cpu_mode(tmp_path):
+    proc = _run(["bench/train_step.py", "--quick", "--shots", "1", "--json", str(tmp_path / "t.json")], tmp_path)
+    records = {r["impl"]: r for r in json.loads((tmp_path / "t.json").read_text())}
+    assert set(records) == {"naive", "triton"}
+    naive, fused = records["naive"], records["triton"]
+    assert fused["activation_exact"]
+    assert 0 < fused["activation_bytes"] < naive["activation_bytes"]
+    assert fused["max_batch"] > naive["max_batch"] > 0
+    if not TIMED:
+        assert fused["step_ms"] is None and fused["peak_bytes"] is None and "NOT TIMED" in proc.stdout
+        assert fused["max_batch_basis"].startswith("modelled")
+
+
+def test_largest_batch_is_linear_fit():
+    assert largest_batch(10.0, 20.0, 1, 2, 55.0) == 5  # memory = 10 b
+    assert largest_batch(12.0, 22.0, 1, 2, 50.0) == 4  # 2 + 10 b <= 50
+    assert largest_batch(5.0, 5.0, 1, 2, 50.0) is None  # no growth measured: no claim
+
+
+@pytest.mark.skipif(TIMED, reason="a GPU is present: the report would run")
+def test_gpu_report_refuses_without_gpu(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/gpu_report.py", "--out", str(tmp_path / "r.md")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "REFUSED" in proc.stderr
+    assert not (tmp_path / "r.md").exists()
