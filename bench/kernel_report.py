@@ -2,7 +2,7 @@
 
     python bench/kernel_report.py [--json FILE] [--archs 80 90] [--jobs 2]
 
-Compiles every kernel configuration the op can launch (`kernels.dcama_attention.kernel_compile_specs()`)
+Compiles every kernel configuration the op can launch (`kernels.attention.kernel_compile_specs()`)
 for sm_80 (Ampere) and sm_90 (Hopper) with `triton.compile(..., target=GPUTarget("cuda", cc, 32))`, then
 reads the cubin with the CUDA tools bundled in the triton wheel: `ptxas -v` (run again on the PTX with the
 flags Triton uses, so it builds the same cubin) for registers and spills, and `cuobjdump -sass` for the
@@ -43,7 +43,7 @@ MMA_RE = re.compile(r"\b((?:HGMMA|HMMA|UTCHMMA|UTCQMMA)\.[\w.]+)")
 
 @lru_cache(maxsize=1)
 def _specs() -> list[dict[str, Any]]:
-    from kernels.dcama_attention import kernel_compile_specs
+    from kernels.attention import kernel_compile_specs
 
     specs = list(kernel_compile_specs())
     for spec in specs:

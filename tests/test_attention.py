@@ -1,0 +1,380 @@
+"""Fused DCAMA attention kernels against the float64 reference.
+
+Relative error throughout: rel_err(a, b) = max|a - b| / max|b| with b the float64 reference.
+Interpreter variants (@pytest.mark.interpreter) run the Triton kernels on CPU tensors under
+TRITON_INTERPRET=1 with small odd shapes; CUDA variants (@pytest.mark.cuda) run the compiled kernels
+with larger shapes and bf16 too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kernels import dcama_attention, dropout_keep_mask, effective_dropout_p
+from kernels.attention import HEAD_DIMS
+from kernels.reference import dcama_attention_reference
+
+DEVICES = [pytest.param("cpu", marks=pytest.mark.interpreter, id="interp"),
+           pytest.param("cuda", marks=pytest.mark.cuda, id="cuda")]
+# (forward, gradients) relative-error bounds against float64.
+TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+# (B, Nq, Nk, H): the interpreter needs small shapes; Nq and Nk are never multiples of the blocks
+# and span several tiles (interpreter blocks: 32 query rows x 64 keys).
+SHAPES = {"cpu": (2, 37, 70, 2), "cuda": (3, 301, 1111, 8)}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max|a - b| / max|b| in float64; the plain max|a - b| where the reference is exactly zero
+    (dq with a single key token)."""
+    expected = expected.double()
+    err = (actual.double() - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    return err / scale if scale > 0 else err
+
+
+@pytest.fixture(autouse=True)
+def _highest_fp32_precision():
+    """fp32 tolerances hold at "highest" (tf32x3 dots on a GPU); restore the caller's setting."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(saved)
+
+
+class Case:
+    """Leaf tensors (which receive .grad) and the views the op sees.
+
+    strided=True: query is a slice of a fused Linear output viewed as (B, N, H, D), key a permuted
+    (B, H, N, D) tensor, value a stride-0 expansion of one mask over the batch (no copies).
+    """
+
+    def __init__(self, batch: int, n_query: int, n_key: int, heads: int, head_dim: int, channels: int | None,
+                 dtype: torch.dtype, device: str, strided: bool = False, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.shape = (batch, n_query, heads, head_dim)
+        self.strided = strided
+        hd = heads * head_dim
+        v_shape = (n_key,) if channels is None else (n_key, channels)
+        if strided:
+            leaves = (torch.randn(batch, n_query, 2 * hd, generator=g), torch.randn(batch, heads, n_key, head_dim,
+                      generator=g), torch.rand(1, *v_shape, generator=g))
+        else:
+            leaves = (torch.randn(batch, n_query, heads, head_dim, generator=g),
+                      torch.randn(batch, n_key, heads, head_dim, generator=g), torch.rand(batch, *v_shape, generator=g))
+        self.leaves = [t.to(device, dtype).requires_grad_() for t in leaves]
+        self.grad_seed = seed + 1
+
+    def views(self, leaves: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.leaves if leaves is None else leaves
+        if not self.strided:
+            return q, k, v
+        batch, n_query, heads, head_dim = self.shape
+        return (q[..., :heads * head_dim].view(batch, n_query, heads, head_dim), k.permute(0, 2, 1, 3),
+                v.expand(batch, *v.shape[1:]))
+
+    def run(self, fn, leaves: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Output of fn(query, key, value) and the leaves' gradients of sum(out * g), g fixed per case."""
+        leaves = self.leaves if leaves is None else leaves
+        for t in leaves:
+            t.grad = None
+        out = fn(*self.views(leaves))
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(self.grad_seed), dtype=torch.float64)
+        (out * g.to(out.device, out.dtype)).sum().backward()
+        return out.detach(), [t.grad.detach() for t in leaves]
+
+    def reference(self, **kwargs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        leaves64 = [t.detach().double().requires_grad_() for t in self.leaves]
+        return self.run(lambda q, k, v: dcama_attention_reference(q, k, v, **kwargs), leaves64)
+
+
+def _check(actual, expected, dtype: torch.dtype) -> None:
+    (out, grads), (ref_out, ref_grads) = actual, expected
+    fwd_tol, grad_tol = TOLERANCE[dtype]
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    assert rel_err(out, ref_out) < fwd_tol
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert rel_err(g, rg) < grad_tol, f"d{name}"
+
+
+def _skip_if_unavailable(device: str, dtype: torch.dtype) -> None:
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter computes bf16 dots wrongly: bf16 runs on CUDA and in the compile report")
+
+
+# ---------------------------------------------------------------------------------------------
+# forward and gradients
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("channels,head_reduction,strided", [(None, "mean", True), (2, "none", False),
+                                                            (1, "mean", False)], ids=["C1-2d-mean-strided",
+                                                                                      "C2-none", "C1-3d-mean"])
+def test_matches_reference(device, dtype, head_dim, channels, head_reduction, strided):
+    _skip_if_unavailable(device, dtype)
+    if device == "cpu" and channels == 1 and head_dim != 16:
+        pytest.skip("3-D value with C=1 is covered at D=16 on the interpreter (time budget)")
+    batch, n_query, n_key, heads = SHAPES[device]
+    case = Case(batch, n_query, n_key, heads, head_dim, channels, dtype, device, strided)
+    actual = case.run(lambda q, k, v: dcama_attention(q, k, v, head_reduction=head_reduction, impl="triton"))
+    _check(actual, case.reference(head_reduction=head_reduction), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_query,n_key", [(1, 1), (5, 64), (33, 129)])
+def test_edge_sizes(device, n_query, n_key):
+    """A single query or key token, Nk exactly one block, Nk one past two blocks; custom scale."""
+    case = Case(1, n_query, n_key, 2, 16, None, torch.float32, device)
+    actual = case.run(lambda q, k, v: dcama_attention(q, k, v, scale=0.3, impl="triton"))
+    _check(actual, case.reference(scale=0.3), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic(device):
+    """Same inputs and seed: bit-identical outputs and gradients (no atomics)."""
+    batch, n_query, n_key, heads = SHAPES[device]
+    case = Case(batch, n_query, n_key, heads, 32, None, torch.float32, device)
+    runs = [case.run(lambda q, k, v: dcama_attention(q, k, v, dropout_p=0.5, seed=11, impl="triton"))
+            for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dropout_p,head_dim,head_reduction,channels",
+                         [(0.5, 32, "mean", None), (0.25, 64, "none", 2), (0.1, 16, "mean", None)])
+def test_dropout_matches_reference_with_keep_mask(device, dropout_p, head_dim, head_reduction, channels):
+    """Forward and backward apply exactly dropout_keep_mask's decisions, scaled by 1/(1 - p_eff)."""
+    batch, n_query, n_key, heads = SHAPES[device]
+    case = Case(batch, n_query, n_key, heads, head_dim, channels, torch.float32, device, strided=True)
+    actual = case.run(lambda q, k, v: dcama_attention(q, k, v, dropout_p=dropout_p, seed=1234,
+                                                      head_reduction=head_reduction, impl="triton"))
+    keep = dropout_keep_mask(1234, batch, heads, n_query, n_key, dropout_p, device).cpu()
+    expected = case.reference(keep=keep, dropout_p=effective_dropout_p(dropout_p), head_reduction=head_reduction)
+    _check(actual, expected, torch.float32)
+    # The naive path materialises P with the same mask.
+    naive = case.run(lambda q, k, v: dcama_attention(q, k, v, dropout_p=dropout_p, seed=1234,
+                                                     head_reduction=head_reduction, impl="naive"))
+    _check(naive, expected, torch.float32)
+
+
+def test_effective_dropout_p():
+    assert effective_dropout_p(0.5) == 0.5 and effective_dropout_p(0.25) == 0.25 and effective_dropout_p(0.0) == 0.0
+    assert effective_dropout_p(0.1) == round(0.1 * 2**16) / 2**16
+    assert abs(effective_dropout_p(0.3) - 0.3) <= 2**-17
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dropout_p", [0.5, 0.1, 0.8])
+def test_keep_mask_statistics(device, dropout_p):
+    """Keep rate within 5 sigma of 1 - p_eff; no structure across rows, heads, seeds or adjacent columns."""
+    batch, heads, n_query, n_key = 2, 2, 96, 333
+    keep = dropout_keep_mask(7, batch, heads, n_query, n_key, dropout_p, device).cpu()
+    assert keep.dtype == torch.bool and keep.shape == (batch, heads, n_query, n_key)
+    p_keep = 1 - effective_dropout_p(dropout_p)
+    n = keep.numel()
+    assert abs(keep.float().mean().item() - p_keep) < 5 * math.sqrt(p_keep * (1 - p_keep) / n)
+    # Each (batch, head) slice and each column block of 64 (one Philox call with 1-bit slices) keeps
+    # close to the same fraction.
+    sigma_slice = math.sqrt(p_keep * (1 - p_keep) / (n_query * n_key))
+    assert (keep.float().mean(dim=(2, 3)) - p_keep).abs().max() < 5 * sigma_slice
+    # Neighbouring decisions (same word, next slice) are uncorrelated.
+    x = keep.float() - keep.float().mean()
+    corr = (x[..., 1:] * x[..., :-1]).mean() / x.var()
+    assert abs(corr.item()) < 5 / math.sqrt(n)
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+    other = dropout_keep_mask(8, batch, heads, n_query, n_key, dropout_p, device).cpu()
+    assert (keep != other).float().mean().item() > 0.5 * 2 * p_keep * (1 - p_keep)
+    # The same seed gives the same decisions, and an n_key-prefix of a wider mask matches.
+    assert torch.equal(keep, dropout_keep_mask(7, batch, heads, n_query, n_key, dropout_p, device).cpu())
+    assert torch.equal(keep[..., :100], dropout_keep_mask(7, batch, heads, n_query, 100, dropout_p, device).cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_seeds(device):
+    """Same seed, same output; different seed, different output; seed=None follows torch.manual_seed."""
+    batch, n_query, n_key, heads = SHAPES[device]
+    case = Case(batch, n_query, n_key, heads, 16, None, torch.float32, device)
+    q, k, v = case.views()
+
+    def op(**kw):
+        with torch.no_grad():
+            return dcama_attention(q, k, v, dropout_p=0.5, impl="triton", **kw)
+
+    assert torch.equal(op(seed=3), op(seed=3))
+    assert not torch.equal(op(seed=3), op(seed=4))
+    torch.manual_seed(0)
+    first, second = op(), op()
+    assert not torch.equal(first, second)
+    torch.manual_seed(0)
+    assert torch.equal(op(), first)
+    # The naive path draws the same seed from the same generator, hence the same mask.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        naive = dcama_attention(q, k, v, dropout_p=0.5, impl="naive")
+    assert rel_err(naive, first) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# other implementations
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["naive", "sdpa", "auto"])
+@pytest.mark.parametrize("channels,head_reduction", [(None, "mean"), (3, "none")])
+def test_torch_impls_match_reference(impl, channels, head_reduction):
+    case = Case(2, 19, 23, 2, 32, channels, torch.float64, "cpu", strided=True)
+    actual = case.run(lambda q, k, v: dcama_attention(q, k, v, head_reduction=head_reduction, impl=impl))
+    expected = case.reference(head_reduction=head_reduction)
+    assert rel_err(actual[0], expected[0]) < 1e-12
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(actual[1], expected[1]))
+
+
+def test_sdpa_dropout_is_its_own():
+    """impl="sdpa" applies SDPA's dropout (torch RNG): it changes the output and repeats under manual_seed."""
+    case = Case(1, 9, 21, 2, 16, None, torch.float32, "cpu")
+    q, k, v = case.views()
+    clean = dcama_attention(q, k, v, impl="sdpa")
+    torch.manual_seed(5)
+    a = dcama_attention(q, k, v, dropout_p=0.5, impl="sdpa")
+    torch.manual_seed(5)
+    assert torch.equal(a, dcama_attention(q, k, v, dropout_p=0.5, impl="sdpa"))
+    assert not torch.equal(a, clean)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+def _bad_inputs():
+    q, k, v = torch.randn(2, 5, 2, 16), torch.randn(2, 7, 2, 16), torch.rand(2, 7)
+    return [
+        ((q[0], k, v), {}, "query must have rank 4"),
+        ((q, k[0], v), {}, "key must have rank 4"),
+        ((q, k, v[0]), {}, "value must have rank 2"),
+        ((q, k[:1], v), {}, "batch sizes differ"),
+        ((q, torch.randn(2, 7, 3, 16), v), {}, "key has 3 heads"),
+        ((q, torch.randn(2, 7, 2, 32), v), {}, "key head dim 32"),
+        ((q, k, torch.rand(2, 6)), {}, "value has 6 tokens"),
+        ((torch.randn(2, 5, 2, 24), torch.randn(2, 7, 2, 24), v), {}, "head dim D=24 is not supported"),
+        ((q, k.half(), v), {}, "key has dtype torch.float16"),
+        ((q, k, v.double()), {}, "value has dtype torch.float64"),
+        ((q, k, torch.rand(2, 7, device="meta")), {}, "value is on meta"),
+        ((q.int(), k.int(), v.int()), {}, "query dtype torch.int32"),
+        ((q.double(), k.double(), v.double()), {"impl": "triton"}, "query dtype torch.float64"),
+        ((q[:, :0], k, v), {}, "query is empty"),
+        ((q, k[:, :0], v[:, :0]), {}, "key is empty"),
+        ((q, k, v.unsqueeze(-1)[..., :0]), {}, "value is empty"),
+        ((q, k, v), {"dropout_p": 1.0}, r"dropout_p must be in \[0, 1\)"),
+        ((q, k, v), {"dropout_p": -0.1}, r"dropout_p must be in \[0, 1\)"),
+        ((q, k, v), {"head_reduction": "sum"}, "head_reduction must be one of"),
+        ((q, k, v), {"impl": "cuda"}, "impl must be one of"),
+        ((q.numpy(), k, v), {}, "query must be a torch.Tensor"),
+    ]
+
+
+@pytest.mark.parametrize("args,kwargs,match", _bad_inputs(), ids=lambda x: x if isinstance(x, str) else "")
+def test_errors(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dcama_attention(*args, **kwargs)
+
+
+def test_keep_mask_errors():
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        dropout_keep_mask(0, 1, 1, 4, 4, 1.5, "cpu")
+    with pytest.raises(ValueError, match="n_key must be >= 1"):
+        dropout_keep_mask(0, 1, 1, 4, 0, 0.5, "cpu")
+    assert dropout_keep_mask(0, 1, 2, 3, 4, 0.0, "cpu").all()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile, fake tensors, saved activations
+# ---------------------------------------------------------------------------------------------
+class _TinyAttention(torch.nn.Module):
+    """A DCAMA-like layer: two Linears viewed as heads, the op over a single-channel mask."""
+
+    def __init__(self, channels: int = 64, heads: int = 2, dropout_p: float = 0.0) -> None:
+        super().__init__()
+        self.heads, self.dropout_p = heads, dropout_p
+        self.lq, self.lk = torch.nn.Linear(channels, channels), torch.nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = self.lq(x).view(*x.shape[:2], self.heads, -1)
+        k = self.lk(y).view(*y.shape[:2], self.heads, -1)
+        return dcama_attention(q, k, mask, dropout_p=self.dropout_p, seed=99, impl="triton")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.5])
+def test_torch_compile_fullgraph(device, dropout_p):
+    """torch.compile traces the custom op without a graph break (fullgraph) and matches eager, gradients too."""
+    torch.manual_seed(0)
+    model = _TinyAttention(dropout_p=dropout_p).to(device)
+    x, y, mask = torch.randn(2, 20, 64, device=device), torch.randn(2, 30, 64, device=device), \
+        torch.rand(2, 30, device=device)
+    # aot_eager runs AOTAutograd's tracing (fake tensors, the registered autograd) without Inductor's
+    # slow C++ compile on a CPU; on a GPU the default Inductor backend is used.
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    out = compiled(x, y, mask)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eager = model(x, y, mask)
+    eager.square().sum().backward()
+    assert rel_err(out, eager) < 1e-5
+    assert all(rel_err(a, p.grad) < 1e-4 for a, p in zip(grads, model.parameters()))
+
+
+@pytest.mark.interpreter
+def test_torch_compile_seed_none():
+    """seed=None draws inside the compiled graph: still no graph break, and runs repeat under manual_seed."""
+    model = _TinyAttention(channels=32, dropout_p=0.5)
+
+    def fn(x, y, mask):
+        q = model.lq(x).view(1, 8, 2, 16)
+        k = model.lk(y).view(1, 12, 2, 16)
+        return dcama_attention(q, k, mask, dropout_p=0.5, impl="triton")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    x, y, mask = torch.randn(1, 8, 32), torch.randn(1, 12, 32), torch.rand(1, 12)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a, b = compiled(x, y, mask), compiled(x, y, mask)
+        torch.manual_seed(1)
+        assert torch.equal(compiled(x, y, mask), a)
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["fake", "meta"])
+def test_shape_propagation_and_saved_activations(mode):
+    """At the DCAMA Swin-B 1/8-scale 5-shot training shape, FakeTensor / meta tensors propagate shapes
+    (no kernel launch) and autograd saves only q, k, v, the per-head output, lse and the seed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    batch, n_query, n_key, heads, head_dim = 12, 2304, 5 * 2304, 8, 32
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    ctx = FakeTensorMode() if mode == "fake" else torch.device("meta")
+    with ctx, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        q = torch.randn(batch, n_query, heads, head_dim, requires_grad=True)
+        k = torch.randn(batch, n_key, heads, head_dim, requires_grad=True)
+        v = torch.rand(batch, n_key, requires_grad=True)
+        out = dcama_attention(q, k, v, dropout_p=0.5, impl="triton")
+        none = dcama_attention(q, k, v.unsqueeze(-1), head_reduction="none", impl="triton")
+        assert out.shape == (batch, n_query) and none.shape == (batch, heads, n_query, 1)
+        saved_bytes = sum(t.numel() * t.element_size() for t in saved[:6])
+        out.sum().backward()
+        assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+    assert len(saved) == 12  # 6 per call
+    per_row = batch * heads * n_query * 4  # o (C = 1) and lse, fp32
+    expected = (q.numel() + k.numel() + v.numel()) * 4 + 2 * per_row + 8
+    assert saved_bytes == expected  # beyond the inputs: 2 * B*H*Nq*4 + 8 bytes, never B*H*Nq*Nk
