@@ -1,6 +1,10 @@
 """Test session set-up: pick how Triton runs before any kernel module is imported."""
 
+import importlib.util
 import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -28,3 +32,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_cuda)
         if skip_interp is not None and "interpreter" in item.keywords:
             item.add_marker(skip_interp)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def load_cli() -> Callable[[str], ModuleType]:
+    """Loads `<name>/run.py` (train or eval) as a module, so a test can call its main(argv)."""
+
+    def load(name: str) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(f"{name}_run_cli", REPO / name / "run.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: a second thread only adds synchronisation, and much more on a shared, loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,267 @@
+"""Evaluation engine: few-shot episodes through any predictor, IoU accumulated over the whole run.
+
+The loop takes a *predictor* (a callable from a batch to a {0,1} mask) rather than a model, so the same code
+scores a DCAMA model, a trivial baseline or, in the tests, an oracle. It runs in one process or, under an
+initialised torch.distributed group, shards the episodes over the ranks and sums the accumulators.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from dcama.checkpoint import load_checkpoint_file
+from dcama.data import build_dataset, collate_episodes
+from dcama.data.common import IMAGENET_MEAN, IMAGENET_STD
+from dcama.metrics import FewShotIoU
+from dcama.model import DCAMA
+
+Batch = dict[str, Any]
+Predictor = Callable[[Batch], torch.Tensor]
+
+BASELINES = ("all-foreground", "support-mask")
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of the current torch.distributed group, (0, 1) when none is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def autocast_context(device: torch.device, amp: str):
+    """Autocast for --amp {off,bf16,fp16} on the device's type."""
+    if amp == "off":
+        return nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def move_batch(batch: Batch, device: torch.device) -> Batch:
+    """Tensors of a collated batch onto `device`, with collate_episodes' per-item query masks (original image
+    size) stacked back into one tensor: such batches hold one episode, or episodes of one size."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, list) and v and torch.is_tensor(v[0]):
+            v = torch.stack(v)
+        out[k] = v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+    return out
+
+
+def original_size(batch: Batch) -> tuple[int, int] | None:
+    """The query's original (H, W) when the data set was built with use_original_imgsize, else None.
+
+    collate_episodes gives a list of (H, W) tuples; episodes at their original size differ in shape, so such
+    batches hold one episode.
+    """
+    sizes = batch.get("org_query_size")
+    if sizes is None:
+        return None
+    if len(set(map(tuple, sizes))) != 1:
+        raise ValueError("episodes at the original image size must be evaluated with batch size 1")
+    h, w = sizes[0]
+    return int(h), int(w)
+
+
+def model_predictor(model: torch.nn.Module, *, amp: str = "off") -> Predictor:
+    """Predictor of a DCAMA model: logits resized to the original query size (if any) before the argmax."""
+
+    def predict(batch: Batch) -> torch.Tensor:
+        device = batch["query_img"].device
+        with torch.no_grad(), autocast_context(device, amp):
+            return model.predict(batch["query_img"], batch["support_imgs"], batch["support_masks"],
+                                 out_size=original_size(batch))
+
+    return predict
+
+
+def baseline_predictor(name: str) -> Predictor:
+    """Trivial predictors a trained model must beat: every pixel foreground, or the first support mask pasted."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
+
+    def predict(batch: Batch) -> torch.Tensor:
+        target = batch["query_mask"]
+        if name == "all-foreground":
+            return torch.ones_like(target, dtype=torch.long)
+        support = (batch["support_masks"][:, 0] == 1).float()
+        if support.shape[-2:] != target.shape[-2:]:
+            support = torch.nn.functional.interpolate(support[:, None], size=target.shape[-2:], mode="nearest")[:, 0]
+        return support.long()
+
+    return predict
+
+
+class ShardSampler(Sampler[int]):
+    """Indices rank, rank + world, ... in order: every episode is scored once (no padding duplicates)."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def episode_iou(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Foreground IoU (%) of one episode, pixels marked 255 ignored; 100 when both are empty."""
+    valid = target != 255
+    p, t = (pred == 1) & valid, (target == 1) & valid
+    union = (p | t).sum().item()
+    return 100.0 if union == 0 else 100.0 * (p & t).sum().item() / union
+
+
+def _to_rgb(img: torch.Tensor) -> torch.Tensor:
+    """(3,H,W) normalised float -> (H,W,3) uint8."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    rgb = (img.detach().float().cpu() * std + mean).clamp(0, 1)
+    return (rgb * 255).round().to(torch.uint8).permute(1, 2, 0)
+
+
+def _overlay(img: torch.Tensor, mask: torch.Tensor, color: tuple[int, int, int]):
+    """PIL image of `img` with `mask == 1` tinted in `color` (mask resized to the image if needed)."""
+    from PIL import Image
+
+    rgb = _to_rgb(img)
+    m = mask.detach().cpu()
+    if m.shape != rgb.shape[:2]:
+        m = torch.nn.functional.interpolate(m[None, None].float(), size=rgb.shape[:2], mode="nearest")[0, 0]
+    tint = torch.tensor(color, dtype=torch.float32)
+    out = rgb.float()
+    fg = (m == 1)[..., None]
+    out = torch.where(fg, 0.5 * out + 0.5 * tint, out)
+    return Image.fromarray(out.round().to(torch.uint8).numpy())
+
+
+def save_episode_png(path: Path, support_imgs: torch.Tensor, support_masks: torch.Tensor, query_img: torch.Tensor,
+                     query_mask: torch.Tensor, pred: torch.Tensor, title: str) -> None:
+    """One row: the K supports with their masks (red), the query with its ground truth (green), the prediction
+    (blue); the title above it."""
+    from PIL import Image, ImageDraw
+
+    tiles = [_overlay(img, m, (255, 0, 0)) for img, m in zip(support_imgs, support_masks)]
+    tiles += [_overlay(query_img, query_mask, (0, 200, 0)), _overlay(query_img, pred, (0, 80, 255))]
+    labels = [f"support {k + 1}" for k in range(len(support_imgs))] + ["query + ground truth", "prediction"]
+    w, h = tiles[0].size
+    header = 28
+    canvas = Image.new("RGB", (w * len(tiles), h + header), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 2), title, fill=(0, 0, 0))
+    for i, (tile, label) in enumerate(zip(tiles, labels)):
+        canvas.paste(tile, (i * w, header))
+        draw.text((i * w + 4, 15), label, fill=(0, 0, 0))
+    canvas.save(path)
+
+
+def evaluate(predictor: Predictor, dataset: Dataset, *, device: torch.device | str = "cpu", batch_size: int = 1,
+             workers: int = 0, progress: bool = True,
+             visualize_dir: str | Path | None = None, desc: str = "eval") -> dict[str, Any]:
+    """Score `predictor` on every episode of `dataset`; returns FewShotIoU's {"miou", "fb_iou", "per_class"}
+    plus "episodes". Under torch.distributed the episodes are split over the ranks and the counts summed, so
+    every rank returns the same numbers. With `visualize_dir`, one PNG per episode (written by its rank)."""
+    device = torch.device(device)
+    rank, world = dist_info()
+    sampler = ShardSampler(len(dataset), rank, world)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        collate_fn=collate_episodes, pin_memory=device.type == "cuda")
+    indices = sampler.indices
+    metric = FewShotIoU(dataset.class_ids, device=device)
+    if visualize_dir is not None:
+        visualize_dir = Path(visualize_dir)
+        visualize_dir.mkdir(parents=True, exist_ok=True)
+    seen = 0
+    for batch in tqdm(loader, desc=desc, disable=not progress or rank != 0, dynamic_ncols=True, leave=False):
+        batch = move_batch(batch, device)
+        pred = predictor(batch).long()
+        target = batch["query_mask"]
+        metric.update(pred, target, batch["class_id"])
+        if visualize_dir is not None:
+            for b in range(pred.shape[0]):
+                idx, iou = indices[seen + b], episode_iou(pred[b], target[b])
+                cls = int(batch["class_id"][b])
+                save_episode_png(visualize_dir / f"episode{idx:05d}_class{cls}_iou{iou:05.1f}.png",
+                                 batch["support_imgs"][b], batch["support_masks"][b], batch["query_img"][b],
+                                 target[b], pred[b], f"episode {idx}  class {cls}  IoU {iou:.1f}%")
+        seen += pred.shape[0]
+    metric.all_reduce()
+    result = metric.compute()
+    result["episodes"] = len(dataset)
+    return result
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """Per-class IoU, mIoU and FB-IoU as printable lines."""
+    lines = [f"class {c:>4}: IoU {iou:6.2f}" for c, iou in sorted(result["per_class"].items())]
+    lines.append(f"mIoU {result['miou']:.2f}   FB-IoU {result['fb_iou']:.2f}   ({result['episodes']} episodes)")
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+    """JSON written atomically (temporary file then rename), class ids as string keys."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def evaluate_checkpoint(checkpoint: str | Path | None, *, benchmark: str = "shapes", datapath: str | None = None,
+                        fold: int = 0, nshot: int = 1, episodes: int = 1000, seed: int = 0,
+                        use_original_imgsize: bool = False, img_size: int | None = None,
+                        backbone: str | None = None, attn_impl: str = "auto", amp: str = "off",
+                        baseline: str | None = None, workers: int = 0, batch_size: int = 1,
+                        device: str | None = None,
+                        json_path: str | Path | None = None, visualize_dir: str | Path | None = None,
+                        progress: bool = True) -> dict[str, Any]:
+    """Load a checkpoint (this project's or the authors' released file) and evaluate it on the test split.
+
+    `baseline` evaluates a trivial predictor instead of a checkpoint. `batch_size` must stay 1 with
+    `use_original_imgsize` (episodes of different sizes). Returns (and with `json_path` writes)
+    {"miou", "fb_iou", "per_class", "episodes", "settings"}. Same arguments, same numbers.
+    """
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if (checkpoint is None) == (baseline is None):
+        raise ValueError("give exactly one of a checkpoint or a baseline")
+    if img_size is None:  # our checkpoints remember the size they were trained at; otherwise the benchmark's
+        trained = load_checkpoint_file(checkpoint).get("train_config", {}) if checkpoint is not None else {}
+        same = trained.get("benchmark") == benchmark and trained.get("img_size")
+        img_size = trained["img_size"] if same else default_img_size(benchmark)
+    # The data set first: a missing benchmark is reported before a large model is loaded.
+    dataset = build_dataset(benchmark, datapath, fold=fold, split="test", shot=nshot, img_size=img_size,
+                            use_original_imgsize=use_original_imgsize, episodes=episodes, seed=seed)
+    if baseline is not None:
+        predictor, model_config = baseline_predictor(baseline), None
+    else:
+        model = DCAMA.from_checkpoint(str(checkpoint), backbone=backbone, attn_impl=attn_impl).to(dev).eval()
+        predictor, model_config = model_predictor(model, amp=amp), dict(model.config)
+    result = evaluate(predictor, dataset, device=dev, batch_size=batch_size, workers=workers, progress=progress,
+                      visualize_dir=visualize_dir, desc=f"{benchmark} fold {fold} {nshot}-shot")
+    result["settings"] = {
+        "checkpoint": None if checkpoint is None else str(checkpoint), "baseline": baseline,
+        "benchmark": benchmark, "datapath": datapath, "fold": fold, "nshot": nshot, "episodes": len(dataset),
+        "seed": seed, "use_original_imgsize": use_original_imgsize, "img_size": img_size, "attn_impl": attn_impl,
+        "amp": amp, "device": str(dev), "model_config": model_config,
+    }
+    if json_path is not None and dist_info()[0] == 0:
+        write_json(json_path, result)
+    return result
+
+
+def default_img_size(benchmark: str) -> int:
+    """Image side the benchmark is trained and evaluated at unless told otherwise."""
+    from dcama.train import BENCHMARK_DEFAULTS
+
+    if benchmark not in BENCHMARK_DEFAULTS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose from {', '.join(BENCHMARK_DEFAULTS)}")
+    return BENCHMARK_DEFAULTS[benchmark]["img_size"]

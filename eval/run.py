@@ -1,0 +1,81 @@
+"""Evaluate a DCAMA checkpoint (this project's or the authors' released file) on a benchmark's test split:
+prints per-class IoU, mIoU and FB-IoU. Without --benchmark it evaluates on the embedded shapes benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+# Without a GPU the Triton kernels (--attn-impl triton) can only run in the interpreter, chosen before import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import dcama  # noqa: F401  (installed with `pip install -e .`)
+except ImportError:  # run from a checkout that was not installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dcama.evaluate import BASELINES
+from dcama.train import AMP_MODES, BENCHMARK_DEFAULTS
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="a .pt/.pth file: ours (best.pt, last.pt) or the authors' release")
+    what.add_argument("--baseline", choices=BASELINES, help="score a trivial predictor instead of a model")
+    p.add_argument("--benchmark", default="shapes", choices=list(BENCHMARK_DEFAULTS))
+    p.add_argument("--datapath", default=None, help="benchmark root folder (not needed for shapes)")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--nshot", type=int, default=1)
+    p.add_argument("--episodes", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--img-size", type=int, default=None,
+                   help="default: the size the checkpoint was trained at (ours), else the benchmark's")
+    p.add_argument("--use-original-imgsize", action="store_true",
+                   help="score at each query's original size (logits resized before the argmax)")
+    p.add_argument("--backbone", default=None,
+                   help="backbone the checkpoint must have (needed for the authors' files if not inferable)")
+    p.add_argument("--attn-impl", default="auto", choices=["auto", "triton", "sdpa", "naive"])
+    p.add_argument("--amp", default="off", choices=AMP_MODES)
+    p.add_argument("--bsz", type=int, default=1, help="episodes per forward pass (1 with --use-original-imgsize)")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--json", dest="json_path", default=None, help="write the results and settings to this file")
+    p.add_argument("--visualize", dest="visualize_dir", default=None, help="write one PNG per episode here")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from dcama.checkpoint import CheckpointError
+    from dcama.data.common import DatasetFileError
+    from dcama.evaluate import evaluate_checkpoint, format_result
+
+    if args.use_original_imgsize and args.bsz != 1:
+        print("error: --use-original-imgsize needs --bsz 1 (queries differ in size)", file=sys.stderr)
+        return 2
+    try:
+        result = evaluate_checkpoint(
+            args.checkpoint, benchmark=args.benchmark, datapath=args.datapath, fold=args.fold, nshot=args.nshot,
+            episodes=args.episodes, seed=args.seed, use_original_imgsize=args.use_original_imgsize,
+            img_size=args.img_size, backbone=args.backbone, attn_impl=args.attn_impl, amp=args.amp,
+            baseline=args.baseline, workers=args.workers, batch_size=args.bsz, json_path=args.json_path,
+            visualize_dir=args.visualize_dir, progress=args.progress)
+    except (FileNotFoundError, DatasetFileError, CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    s = result["settings"]
+    print(f"{s['checkpoint'] or s['baseline']}: {s['benchmark']} fold {s['fold']} {s['nshot']}-shot, "
+          f"seed {s['seed']}")
+    print(format_result(result))
+    if args.json_path:
+        print(f"wrote {args.json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Evaluation engine and `eval/run.py` on the embedded shapes benchmark, on the CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcama.checkpoint import save_checkpoint
+from dcama.data import build_dataset
+from dcama.evaluate import baseline_predictor, episode_iou, evaluate, evaluate_checkpoint
+from dcama.model import DCAMA
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(path, DCAMA("resnet18", attn_impl="sdpa"))
+    return path
+
+
+def shapes(episodes: int = 6, **kw) -> torch.utils.data.Dataset:
+    return build_dataset("shapes", None, fold=0, split="test", img_size=64, episodes=episodes, seed=0, **kw)
+
+
+def test_oracle_scores_100_and_trivial_predictors_do_not() -> None:
+    ds = shapes(12)
+    oracle = evaluate(lambda batch: (batch["query_mask"] == 1).long(), ds, batch_size=4, progress=False)
+    assert oracle["miou"] == pytest.approx(100.0) and oracle["fb_iou"] == pytest.approx(100.0)
+    assert oracle["episodes"] == 12
+    for name in ("all-foreground", "support-mask"):
+        result = evaluate(baseline_predictor(name), ds, batch_size=4, progress=False)
+        assert 0.0 < result["miou"] < 60.0, (name, result)
+    empty = evaluate(lambda batch: torch.zeros_like(batch["query_mask"]), ds, batch_size=4, progress=False)
+    assert empty["miou"] == 0.0
+
+
+def test_episode_iou_ignores_boundary_pixels() -> None:
+    target = torch.tensor([[1, 1], [0, 255]])
+    assert episode_iou(torch.tensor([[1, 0], [0, 1]]), target) == pytest.approx(50.0)
+    assert episode_iou(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long)) == 100.0
+
+
+def test_same_seed_same_json_and_original_size(checkpoint: Path, tmp_path: Path) -> None:
+    kw = dict(episodes=4, img_size=64, attn_impl="sdpa", progress=False)
+    first = evaluate_checkpoint(checkpoint, json_path=tmp_path / "a.json", **kw)
+    evaluate_checkpoint(checkpoint, json_path=tmp_path / "b.json", **kw)
+    assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+    saved = json.loads((tmp_path / "a.json").read_text())
+    assert {"miou", "fb_iou", "per_class", "settings"} <= set(saved)
+    assert saved["settings"]["seed"] == 0 and saved["settings"]["episodes"] == 4
+    assert saved["settings"]["model_config"]["backbone"] == "resnet18"
+    assert saved["miou"] == pytest.approx(first["miou"])
+    # Shapes renders at img_size, so its "original size" path must give the same numbers.
+    original = evaluate_checkpoint(checkpoint, use_original_imgsize=True, **kw)
+    assert original["miou"] == pytest.approx(first["miou"]) and original["fb_iou"] == pytest.approx(first["fb_iou"])
+
+
+def test_cli_prints_writes_json_and_one_png_per_episode(checkpoint: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture, load_cli) -> None:
+    from PIL import Image
+
+    rc = load_cli("eval").main(["--checkpoint", str(checkpoint), "--episodes", "3", "--img-size", "64",
+                                "--attn-impl", "sdpa", "--json", str(tmp_path / "r.json"),
+                                "--visualize", str(tmp_path / "vis"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "mIoU" in out and "FB-IoU" in out and "class " in out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["settings"]["benchmark"] == "shapes" and result["settings"]["checkpoint"] == str(checkpoint)
+    pngs = sorted((tmp_path / "vis").glob("*.png"))
+    assert len(pngs) == 3 and all("_iou" in p.name for p in pngs)
+    with Image.open(pngs[0]) as img:
+        assert img.size[0] == 3 * 64  # support, query + ground truth, prediction
+
+
+def test_cli_baseline(capsys: pytest.CaptureFixture, load_cli) -> None:
+    rc = load_cli("eval").main(["--baseline", "all-foreground", "--episodes", "4", "--img-size", "64", "--no-progress"])
+    assert rc == 0 and "mIoU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "backbone", "dataset"])
+def test_cli_clear_errors(case: str, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, load_cli) -> None:
+    args = ["--checkpoint", str(checkpoint), "--episodes", "2", "--img-size", "64", "--no-progress"]
+    expect = {"missing": "not found", "corrupt": "corrupt", "backbone": "resnet18", "dataset": "nowhere"}[case]
+    if case == "missing":
+        args[1] = str(tmp_path / "absent.pt")
+    elif case == "corrupt":
+        bad = tmp_path / "bad.pt"
+        bad.write_bytes(checkpoint.read_bytes()[:5000])
+        args[1] = str(bad)
+    elif case == "backbone":
+        args += ["--backbone", "resnet34"]
+    else:
+        args += ["--benchmark", "pascal", "--datapath", str(tmp_path / "nowhere")]
+    rc = load_cli("eval").main(args)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error:") and expect in err and "Traceback" not in err

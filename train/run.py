@@ -1,0 +1,85 @@
+"""Train DCAMA: `python train/run.py` (embedded shapes benchmark on CPU) or the published recipe, e.g.
+`torchrun --nproc_per_node 4 train/run.py --benchmark coco --datapath DATA --fold 0 --backbone swin_b
+--backbone-weights swin_b.pth`. Every flag left out takes the benchmark's default (dcama/train.py)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+# Without a GPU the Triton kernels (--attn-impl triton) can only run in the interpreter, chosen before import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import dcama  # noqa: F401  (installed with `pip install -e .`)
+except ImportError:  # run from a checkout that was not installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dcama.train import AMP_MODES, BENCHMARK_DEFAULTS, OPTIMIZERS, TrainConfig
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--benchmark", default="shapes", choices=list(BENCHMARK_DEFAULTS))
+    p.add_argument("--datapath", default=None, help="benchmark root folder (not needed for shapes)")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--backbone", default=None, help="swin_b, resnet50, resnet101, resnet18, resnet34")
+    p.add_argument("--backbone-weights", default=None, help="ImageNet weights file of the backbone")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--bsz", type=int, default=None, help="episodes per step per process")
+    p.add_argument("--optimizer", default=None, choices=OPTIMIZERS)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov when > 0)")
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--fg-weight", type=float, default=None,
+                   help="cross-entropy weight of the foreground pixels (1 = the paper's loss; shapes default 4)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--nshot", type=int, default=1, help="support images per episode (K-shot training)")
+    p.add_argument("--attn-impl", default="auto", choices=["auto", "triton", "sdpa", "naive"],
+                   help="auto: fused Triton kernel on CUDA, PyTorch SDPA on CPU")
+    p.add_argument("--amp", default="off", choices=AMP_MODES)
+    p.add_argument("--logdir", default=None, help="run folder (default: logs/<benchmark>-fold<f>-...-<time>)")
+    p.add_argument("--resume", nargs="?", const="last", default=None,
+                   help="checkpoint to continue from; bare --resume continues <logdir>/last.pt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes per process")
+    p.add_argument("--episodes-per-epoch", type=int, default=None)
+    p.add_argument("--val-episodes", type=int, default=None)
+    p.add_argument("--test-episodes", type=int, default=None,
+                   help="after training, evaluate best.pt on this many test episodes (seed 0); 0 skips")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    from dcama.checkpoint import CheckpointError
+    from dcama.data.common import DatasetFileError
+    from dcama.train import ConfigError, NonFiniteLossError, train
+
+    try:
+        result = train(cfg)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, DatasetFileError, CheckpointError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
+    if result.test is not None:
+        t = result.test
+        print(f"test ({t['episodes']} episodes, novel classes, seed 0): mIoU {t['miou']:.2f}  "
+              f"FB-IoU {t['fb_iou']:.2f}")
+    print(f"best validation mIoU {result.best_val_miou:.2f} at epoch {result.best_epoch}")
+    print(f"best checkpoint: {result.best_checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
