@@ -19,7 +19,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "matplotlib"],  # matplotlib: the bench tests draw a plot
         "bench": ["matplotlib"],
     },
 )

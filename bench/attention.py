@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp32-precision", default="high", choices=["highest", "high", "medium"],
                         help="torch.set_float32_matmul_precision for the fp32 rows (high = TF32, as the floors assume)")
     args = parser.parse_args(argv)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--plot needs matplotlib: pip install -e '.[bench]'")
     torch.set_float32_matmul_precision(args.fp32_precision)
     if args.quick:
         args.backbones, args.stages, passes = ["swin_b"], ["1/8"], ["fwd+bwd"]
