@@ -172,15 +172,6 @@ def count_saved(impl: str, shape: AttentionShape, dtype: str) -> tuple[tuple[int
             return _trace_saved(impl, shape, dtype, DROPOUT_P), True, ""
     except Exception as exc:  # a peer that cannot be traced shows why, the run goes on
         error = short_error(exc)
-    if impl == "naive":
-        # The naive path draws its dropout mask with a raw Triton launch, which fake tensors cannot run.
-        # Without dropout it traces; that count is a lower bound (dropout adds the bool keep mask and the
-        # dropped copy of P, both B*H*Nq*Nk).
-        try:
-            return _trace_saved(impl, shape, dtype, 0.0), False, \
-                f"LOWER BOUND: traced without dropout; the op's keep-mask Triton launch cannot run on fake tensors ({error})"
-        except Exception as exc:
-            error = short_error(exc)
     return None, False, f"not countable on fake tensors: {error}"
 
 

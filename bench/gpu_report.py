@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available()  # the children run without TRITON_INTERPRET, compiled
     if not gpu and not args.allow_cpu:
         print("REFUSED: no CUDA device on this machine. This report needs a GPU to time anything. "
-              f"Run it on a GPU machine, or pass --allow-cpu for the CPU-measurable subset "
-              f"(saved bytes, cost model, compile report; no times).", file=sys.stderr)
+              "Run it on a GPU machine, or pass --allow-cpu for the CPU-measurable subset "
+              "(saved bytes, cost model, compile report; no times).", file=sys.stderr)
         return 2
     quick = ["--quick"] if args.quick else []
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import (IMAGE_SIZE, SavedTensorBytes, cuda_ready, device_name, fmt_num, human_bytes,
-                          markdown_table, short_error, write_json)
+                          markdown_table, write_json)
 
 BACKBONES = ("swin_b", "resnet50")
 IMPLS = ("naive", "triton")
@@ -64,27 +64,9 @@ def _saved_bytes(model: torch.nn.Module, batch: int, shots: int) -> int:
     return saved.nbytes
 
 
-def activation_bytes(model: torch.nn.Module, batch: int, shots: int) -> tuple[int, bool, str]:
-    """(bytes, exact, note) of one step's saved activations, traced on the meta device."""
-    try:
-        return _saved_bytes(model, batch, shots), True, ""
-    except Exception as exc:
-        error = short_error(exc)
-    if model.attn_impl != "naive":
-        raise RuntimeError(f"cannot trace {model.attn_impl} on the meta device: {error}")
-    # The naive path draws its dropout mask with a raw Triton launch, which meta tensors cannot run. Without
-    # the attention dropout it traces: a lower bound (dropout adds a bool keep mask and a dropped copy of P).
-    from dcama.model import StageAttention
-
-    blocks = [m for m in model.modules() if isinstance(m, StageAttention)]
-    rates = [m.dropout for m in blocks]
-    for m in blocks:
-        m.dropout = 0.0
-    try:
-        return _saved_bytes(model, batch, shots), False, f"LOWER BOUND: attention dropout off; the naive op's keep-mask Triton launch cannot run on the meta device ({error})"
-    finally:
-        for m, p in zip(blocks, rates):
-            m.dropout = p
+def activation_bytes(model: torch.nn.Module, batch: int, shots: int) -> int:
+    """Bytes of one step's saved activations, traced on the meta device."""
+    return _saved_bytes(model, batch, shots)
 
 
 def largest_batch(at_small: float, at_large: float, small: int, large: int, budget: float) -> int | None:
@@ -131,16 +113,15 @@ def run(backbones: list[str], shots_list: list[int], batch: int, impls: list[str
             model = build_model(backbone, impl, "meta")
             fixed = fixed_bytes(model)
             for shots in shots_list:
-                act, exact, note = activation_bytes(model, batch, shots)
-                act_half = activation_bytes(model, half, shots)[0]
+                act = activation_bytes(model, batch, shots)
+                act_half = activation_bytes(model, half, shots)
                 row = {"backbone": backbone, "impl": impl, "shots": shots, "batch": batch,
-                       "activation_bytes": act, "activation_exact": exact,
+                       "activation_bytes": act,
                        "activation_per_sample": (act - act_half) / (batch - half) if batch != half else act / batch,
                        "fixed_bytes": fixed, "step_ms": None, "peak_bytes": None, "budget_gb": budget_gb,
                        "max_batch": largest_batch(fixed + act_half, fixed + act, half, batch, budget),
-                       "max_batch_basis": "modelled: weights + grads + momentum + saved activations"
-                       + ("" if exact else " (an upper bound: the activations are a lower bound)"),
-                       "device": device_name() if timed else "cpu (not timed)", "note": note}
+                       "max_batch_basis": "modelled: weights + grads + momentum + saved activations",
+                       "device": device_name() if timed else "cpu (not timed)", "note": ""}
                 if timed:
                     try:
                         big = gpu_step(backbone, impl, batch, shots)
@@ -149,7 +130,7 @@ def run(backbones: list[str], shots_list: list[int], batch: int, impls: list[str
                         row["max_batch"] = largest_batch(small["peak_bytes"], big["peak_bytes"], half, batch, budget)
                         row["max_batch_basis"] = f"measured: peak GPU memory at batch {half} and {batch}"
                     except torch.cuda.OutOfMemoryError:
-                        row["note"] = "; ".join(x for x in (note, f"out of GPU memory at batch {batch}") if x)
+                        row["note"] = f"out of GPU memory at batch {batch}"
                         torch.cuda.empty_cache()
                 records.append(row)
     return records

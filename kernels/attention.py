@@ -441,6 +441,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+# A custom op (with a fake implementation below) so that impl="naive" with dropout traces under
+# torch.compile and FakeTensor/meta modes like the fused op does.
+@torch.library.custom_op("dcama::keep_mask", mutates_args=())
 def _keep_mask(seed: torch.Tensor, batch: int, heads: int, n_query: int, n_key: int,
                dropout_p: float) -> torch.Tensor:
     bits, threshold, _ = _dropout_params(dropout_p)
@@ -454,6 +457,12 @@ def _keep_mask(seed: torch.Tensor, batch: int, heads: int, n_query: int, n_key: 
         _keep_mask_kernel[grid](seed, out, n_query, n_key, threshold, DROP_BITS=bits, BLOCK_M=block_m,
                                 BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return out.view(torch.bool)
+
+
+@_keep_mask.register_fake
+def _keep_mask_fake(seed: torch.Tensor, batch: int, heads: int, n_query: int, n_key: int,
+                    dropout_p: float) -> torch.Tensor:
+    return seed.new_empty((batch, heads, n_query, n_key), dtype=torch.bool)
 
 
 def dropout_keep_mask(seed: int | None, batch: int, heads: int, n_query: int, n_key: int, dropout_p: float,

@@ -297,23 +297,24 @@ def test_keep_mask_errors():
 class _TinyAttention(torch.nn.Module):
     """A DCAMA-like layer: two Linears viewed as heads, the op over a single-channel mask."""
 
-    def __init__(self, channels: int = 64, heads: int = 2, dropout_p: float = 0.0) -> None:
+    def __init__(self, channels: int = 64, heads: int = 2, dropout_p: float = 0.0, impl: str = "triton") -> None:
         super().__init__()
-        self.heads, self.dropout_p = heads, dropout_p
+        self.heads, self.dropout_p, self.impl = heads, dropout_p, impl
         self.lq, self.lk = torch.nn.Linear(channels, channels), torch.nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         q = self.lq(x).view(*x.shape[:2], self.heads, -1)
         k = self.lk(y).view(*y.shape[:2], self.heads, -1)
-        return dcama_attention(q, k, mask, dropout_p=self.dropout_p, seed=99, impl="triton")
+        return dcama_attention(q, k, mask, dropout_p=self.dropout_p, seed=99, impl=self.impl)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dropout_p", [0.0, 0.5])
-def test_torch_compile_fullgraph(device, dropout_p):
-    """torch.compile traces the custom op without a graph break (fullgraph) and matches eager, gradients too."""
+@pytest.mark.parametrize("dropout_p,impl", [(0.0, "triton"), (0.5, "triton"), (0.5, "naive")])
+def test_torch_compile_fullgraph(device, dropout_p, impl):
+    """torch.compile traces the custom ops without a graph break (fullgraph) and matches eager, gradients too
+    (impl="naive" with dropout goes through the keep-mask op)."""
     torch.manual_seed(0)
-    model = _TinyAttention(dropout_p=dropout_p).to(device)
+    model = _TinyAttention(dropout_p=dropout_p, impl=impl).to(device)
     x, y, mask = torch.randn(2, 20, 64, device=device), torch.randn(2, 30, 64, device=device), \
         torch.rand(2, 30, device=device)
     # aot_eager runs AOTAutograd's tracing (fake tensors, the registered autograd) without Inductor's
@@ -378,3 +379,23 @@ def test_shape_propagation_and_saved_activations(mode):
     per_row = batch * heads * n_query * 4  # o (C = 1) and lse, fp32
     expected = (q.numel() + k.numel() + v.numel()) * 4 + 2 * per_row + 8
     assert saved_bytes == expected  # beyond the inputs: 2 * B*H*Nq*4 + 8 bytes, never B*H*Nq*Nk
+
+
+@pytest.mark.parametrize("mode", ["fake", "meta"])
+def test_naive_dropout_traces_without_kernel_launch(mode):
+    """The naive path's keep mask propagates shapes under FakeTensor / meta, and its saved activations
+    include P-sized tensors (the reason for the fused op)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    batch, n_query, n_key, heads, head_dim = 2, 300, 500, 8, 32
+    saved = []
+    ctx = FakeTensorMode() if mode == "fake" else torch.device("meta")
+    with ctx, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        q = torch.randn(batch, n_query, heads, head_dim, requires_grad=True)
+        k = torch.randn(batch, n_key, heads, head_dim, requires_grad=True)
+        v = torch.rand(batch, n_key, requires_grad=True)
+        out = dcama_attention(q, k, v, dropout_p=0.5, impl="naive")
+        assert out.shape == (batch, n_query)
+    scores = batch * heads * n_query * n_key
+    assert any(t.dtype == torch.bool and t.numel() == scores for t in saved)  # the keep mask
+    assert sum(t.numel() for t in saved if t.dtype == torch.float32 and t.numel() == scores) >= 2 * scores

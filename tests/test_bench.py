@@ -109,7 +109,6 @@ def test_train_step_cpu_mode(tmp_path):
     records = {r["impl"]: r for r in json.loads((tmp_path / "t.json").read_text())}
     assert set(records) == {"naive", "triton"}
     naive, fused = records["naive"], records["triton"]
-    assert fused["activation_exact"]
     assert 0 < fused["activation_bytes"] < naive["activation_bytes"]
     assert fused["max_batch"] > naive["max_batch"] > 0
     if not TIMED:
