@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from bench.common import (BACKBONE_STAGES, DROPOUT_P, DTYPES, H100_SXM, STAGES, AttentionShape, SavedTensorBytes,
                           attention_cost, attention_shape, cuda_ready, describe_peaks, device_name, fmt_num,
-                          floors_ms, human_bytes, markdown_table, shape_only, short_error, write_json)
+                          floors_ms, human_bytes, markdown_table, shape_only, short_error)
+from dcama.files import write_json
 
 IMPLS = ("triton", "naive", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "flex", "xformers")
 PASSES = ("fwd", "fwd+bwd")

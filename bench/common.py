@@ -3,7 +3,6 @@ counting the bytes autograd saves, fake (shape-only) tensors, tables, JSON and t
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -224,8 +223,3 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
     rule = "| " + " | ".join("---" for _ in columns) + " |"
     body = ["| " + " | ".join(f(r.get(k)) for k, _, f in columns) + " |" for r in rows]
     return "\n".join([head, rule, *body])
-
-
-def write_json(path: str | Path, records: Any) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(records, indent=1, sort_keys=False) + "\n")

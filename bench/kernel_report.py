@@ -32,7 +32,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import markdown_table, write_json
+from bench.common import markdown_table
+from dcama.files import write_json
 
 ARCHS = (80, 90)
 # Largest shared memory one block may use (CUDA C Programming Guide, compute capabilities table).

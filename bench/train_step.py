@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import (IMAGE_SIZE, SavedTensorBytes, cuda_ready, device_name, fmt_num, human_bytes,
-                          markdown_table, write_json)
+                          markdown_table)
+from dcama.files import write_json
 
 BACKBONES = ("swin_b", "resnet50")
 IMPLS = ("naive", "triton")

@@ -9,13 +9,13 @@ Microsoft Swin layout) and 'module.model.*' (the head, same names as `DCAMAHead`
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import torch
 from torch import nn
 
 from .backbones import BACKBONES, state_dict_mismatch
+from .files import atomic_open
 from .model import DCAMA
 
 __all__ = ["CheckpointError", "FORMAT", "VERSION", "authors_to_model_state", "infer_backbone",
@@ -45,20 +45,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, extra: dict[str, 
     if clash:
         raise ValueError(f"extra may not use the reserved keys {clash}")
     blob = {"format": FORMAT, "version": VERSION, "config": model.config, "state_dict": model.state_dict(), **extra}
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path) as f:
+        torch.save(blob, f)
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:

@@ -7,8 +7,6 @@ initialised torch.distributed group, shards the episodes over the ranks and sums
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,7 +20,8 @@ from tqdm import tqdm
 from dcama.checkpoint import load_checkpoint_file
 from dcama.data import build_dataset, collate_episodes
 from dcama.data.common import IMAGENET_MEAN, IMAGENET_STD
-from dcama.metrics import FewShotIoU
+from dcama.files import write_json
+from dcama.metrics import FewShotIoU, intersection_union
 from dcama.model import DCAMA
 
 Batch = dict[str, Any]
@@ -116,10 +115,8 @@ class ShardSampler(Sampler[int]):
 
 def episode_iou(pred: torch.Tensor, target: torch.Tensor) -> float:
     """Foreground IoU (%) of one episode, pixels marked 255 ignored; 100 when both are empty."""
-    valid = target != 255
-    p, t = (pred == 1) & valid, (target == 1) & valid
-    union = (p | t).sum().item()
-    return 100.0 if union == 0 else 100.0 * (p & t).sum().item() / union
+    inter, union = intersection_union(pred[None], target[None])[:2, 0].tolist()
+    return 100.0 if union == 0 else 100.0 * inter / union
 
 
 def _to_rgb(img: torch.Tensor) -> torch.Tensor:
@@ -205,15 +202,6 @@ def format_result(result: dict[str, Any]) -> str:
     lines = [f"class {c:>4}: IoU {iou:6.2f}" for c, iou in sorted(result["per_class"].items())]
     lines.append(f"mIoU {result['miou']:.2f}   FB-IoU {result['fb_iou']:.2f}   ({result['episodes']} episodes)")
     return "\n".join(lines)
-
-
-def write_json(path: str | Path, payload: dict[str, Any]) -> None:
-    """JSON written atomically (temporary file then rename), class ids as string keys."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def evaluate_checkpoint(checkpoint: str | Path | None, *, benchmark: str = "shapes", datapath: str | None = None,

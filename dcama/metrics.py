@@ -21,6 +21,23 @@ import torch.distributed as dist
 IGNORE_INDEX = 255
 
 
+def intersection_union(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-episode pixel counts (4, B): foreground intersection, foreground union, background intersection,
+    background union of pred (B,H,W) {0,1} against target (B,H,W) {0,1,255}; 255 pixels count in neither."""
+    target = target.to(pred.device)
+    valid = target != IGNORE_INDEX
+    p_fg = (pred == 1) & valid
+    t_fg = (target == 1) & valid
+    p_bg = (pred != 1) & valid
+    t_bg = (target == 0) & valid
+    return torch.stack([
+        (p_fg & t_fg).flatten(1).sum(1),
+        (p_fg | t_fg).flatten(1).sum(1),
+        (p_bg & t_bg).flatten(1).sum(1),
+        (p_bg | t_bg).flatten(1).sum(1),
+    ])
+
+
 class FewShotIoU:
     """Accumulates intersections and unions per class and for foreground/background over episodes."""
 
@@ -59,18 +76,7 @@ class FewShotIoU:
         if (slots < 0).any():
             raise ValueError(f"class ids {sorted(set(cls[slots < 0].tolist()))} are not among this metric's "
                              f"classes {self.class_ids}")
-        target = target.to(pred.device)
-        valid = target != IGNORE_INDEX
-        p_fg = (pred == 1) & valid
-        t_fg = (target == 1) & valid
-        p_bg = (pred != 1) & valid
-        t_bg = (target == 0) & valid
-        stats = torch.stack([
-            (p_fg & t_fg).flatten(1).sum(1),
-            (p_fg | t_fg).flatten(1).sum(1),
-            (p_bg & t_bg).flatten(1).sum(1),
-            (p_bg | t_bg).flatten(1).sum(1),
-        ]).to(self.device)
+        stats = intersection_union(pred, target).to(self.device)
         slots = slots.to(self.device)
         for acc, row in zip((self.fg_inter, self.fg_union, self.bg_inter, self.bg_union), stats):
             acc.index_add_(0, slots, row)

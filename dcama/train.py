@@ -32,8 +32,8 @@ from tqdm import tqdm
 from dcama.backbones import BACKBONES
 from dcama.checkpoint import load_checkpoint_file, save_checkpoint
 from dcama.data import build_dataset
-from dcama.evaluate import (autocast_context, dist_info, evaluate, evaluate_checkpoint, model_predictor, move_batch,
-                            write_json)
+from dcama.evaluate import autocast_context, dist_info, evaluate, evaluate_checkpoint, model_predictor, move_batch
+from dcama.files import atomic_open, write_json
 from dcama.metrics import FewShotIoU
 from dcama.model import DCAMA
 
@@ -226,9 +226,8 @@ def _check_resume_matches(blob: dict[str, Any], cfg: TrainConfig, model_config: 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     # Rewritten whole from the checkpoint's history (atomically), so it always agrees with last.pt, even when
     # a run was killed between the two writes and resumed.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
+    with atomic_open(path, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
 
 
 def _all_finite(module: torch.nn.Module) -> bool:

@@ -6,7 +6,6 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 import warnings
 from typing import Any
 
@@ -24,6 +23,7 @@ from dcama.data.common import (
     preprocess_image,
     validate_args,
 )
+from dcama.files import atomic_open
 
 N_FOLDS = 4
 N_CLASSES = 80
@@ -100,15 +100,10 @@ def load_index(ann_file: str, cache_file: str) -> dict[str, Any]:
     except (OSError, ValueError):  # absent or unreadable cache: rebuild
         pass
     index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "source": stamp, **build_index(ann_file)}
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache_file), suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
+        with atomic_open(cache_file, "w") as f:  # concurrent readers see the old or the new file
             json.dump(index, f)
-        os.replace(tmp, cache_file)  # atomic: concurrent readers see the old or the new file
     except OSError as err:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
         warnings.warn(f"cannot write the COCO index cache {cache_file} ({err}); it will be rebuilt next time",
                       stacklevel=3)
     return index
