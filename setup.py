@@ -19,7 +19,8 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest", "matplotlib"],  # matplotlib: the bench tests draw a plot
+        # matplotlib: the bench tests draw a plot; import-linter: the suite checks the layers (.importlinter)
+        "test": ["pytest", "matplotlib", "import-linter"],
         "bench": ["matplotlib"],
     },
 )

@@ -1,4 +1,4 @@
-"""Frozen timm backbones that return a feature map after every block (spec section 2)."""
+"""Frozen timm backbones that return a feature map after every block (docs/model.md, "Backbones")."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ import torch
 from timm.models.swin_transformer import checkpoint_filter_fn
 from torch import nn
 
-__all__ = ["BACKBONES", "BackboneSpec", "BlockFeatures", "build_backbone"]
+from .checkpoint import CheckpointError, load_fitting_state, load_torch_file
+from .config import PUBLISHED_IMG_SIZE
+
+__all__ = ["BACKBONES", "STAGE_STRIDES", "BackboneSpec", "BlockFeatures", "build_backbone"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,7 @@ class BackboneSpec:
     depths: tuple[int, int, int, int]  # blocks per stage
     channels: tuple[int, int, int, int]  # feature channels per stage
     weights_file: str  # the file the authors used, or a description for the demo backbones
+    published: bool = False  # one of the paper's backbones (the others are small demos for CPU runs and tests)
 
     @property
     def stack_ids(self) -> list[int]:
@@ -31,19 +35,21 @@ class BackboneSpec:
 
 
 BACKBONES: dict[str, BackboneSpec] = {
+    "swin_b": BackboneSpec("swin_base_patch4_window12_384", "swin", (2, 2, 18, 2), (128, 256, 512, 1024),
+                           "swin_base_patch4_window12_384_22kto1k.pth", published=True),
+    "resnet50": BackboneSpec("resnet50", "resnet", (3, 4, 6, 3), (256, 512, 1024, 2048),
+                             "resnet50_a1h-35c100f8.pth", published=True),
+    "resnet101": BackboneSpec("resnet101", "resnet", (3, 4, 23, 3), (256, 512, 1024, 2048),
+                              "resnet101_a1h-36d3f2aa.pth", published=True),
     "resnet18": BackboneSpec("resnet18", "resnet", (2, 2, 2, 2), (64, 128, 256, 512),
                              "a timm resnet18 state dict (.pth)"),
     "resnet34": BackboneSpec("resnet34", "resnet", (3, 4, 6, 3), (64, 128, 256, 512),
                              "a timm resnet34 state dict (.pth)"),
-    "resnet50": BackboneSpec("resnet50", "resnet", (3, 4, 6, 3), (256, 512, 1024, 2048),
-                             "resnet50_a1h-35c100f8.pth"),
-    "resnet101": BackboneSpec("resnet101", "resnet", (3, 4, 23, 3), (256, 512, 1024, 2048),
-                              "resnet101_a1h-36d3f2aa.pth"),
-    "swin_b": BackboneSpec("swin_base_patch4_window12_384", "swin", (2, 2, 18, 2), (128, 256, 512, 1024),
-                           "swin_base_patch4_window12_384_22kto1k.pth"),
 }
 
-SWIN_DEFAULT_IMG_SIZE = 384
+# Downsampling of each stage's feature maps relative to the image (stage 1: 1/4, ..., stage 4: 1/32).
+STAGE_STRIDES = (4, 8, 16, 32)
+SWIN_DEFAULT_IMG_SIZE = PUBLISHED_IMG_SIZE
 _SWIN_WINDOW = 12
 
 
@@ -56,10 +62,8 @@ class BlockFeatures(nn.Module):
 
     def __init__(self, name: str, img_size: int | None = None) -> None:
         super().__init__()
-        if name not in BACKBONES:
-            raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
         self.name = name
-        self.spec = BACKBONES[name]
+        self.spec = _spec(name)
         if self.spec.kind == "swin":
             self.img_size = SWIN_DEFAULT_IMG_SIZE if img_size is None else int(img_size)
             _check_swin_img_size(self.img_size)
@@ -97,9 +101,10 @@ class BlockFeatures(nn.Module):
 
     def _check_resnet_side(self, side: int) -> None:
         # Below the total stride stage 4 is empty; other sides make the 1/4 and 1/8 maps disagree by a pixel.
-        if side < 32 or side % 32:
-            raise ValueError(f"backbone {self.name!r} needs square images whose side is a positive multiple of 32 "
-                             f"(its total stride), got side {side}")
+        stride = STAGE_STRIDES[-1]
+        if side < stride or side % stride:
+            raise ValueError(f"backbone {self.name!r} needs square images whose side is a positive multiple of "
+                             f"{stride} (its total stride), got side {side}")
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         if self.spec.kind == "swin":
@@ -131,26 +136,16 @@ class BlockFeatures(nn.Module):
 
     def load_pretrained(self, path: str | os.PathLike) -> None:
         """Load the ImageNet weights the authors used from a local file (timm ResNet or Microsoft Swin layout)."""
-        expected = self.spec.weights_file
-        if not os.path.isfile(path):
-            raise FileNotFoundError(_weights_not_found(self.name, path))
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for unreadable files; report them all the same way
-            raise ValueError(f"cannot read backbone weights {os.fspath(path)!r} (expected {expected}): {exc}") from exc
-        if not isinstance(state, dict):
-            raise ValueError(f"backbone weights {os.fspath(path)!r} hold a {type(state).__name__}, not a state dict "
-                             f"(expected {expected})")
+        self.load_weights(_read_weights(self.name, path), path)
+
+    def load_weights(self, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+        """Load an ImageNet state dict read from `path` (named in the errors) into the network."""
+        where = f"backbone weights {os.fspath(path)!r} do not fit backbone {self.name!r} ({_expects(self.name)})"
         try:
             state = self.convert_state_dict(state)
         except Exception as exc:  # timm's converter fails on tensors of unexpected shapes
-            raise ValueError(f"backbone weights {os.fspath(path)!r} do not fit backbone {self.name!r} "
-                             f"(expected {expected}): {exc}") from exc
-        problem = state_dict_mismatch(self.net, state)
-        if problem:
-            raise ValueError(f"backbone weights {os.fspath(path)!r} do not fit backbone {self.name!r} "
-                             f"(expected {expected}): {problem}")
-        self.net.load_state_dict(state)
+            raise CheckpointError(f"{where}: {exc}") from exc
+        load_fitting_state(self.net, state, where)
 
     def convert_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map a timm/torchvision ResNet or a Microsoft Swin state dict to `self.net`'s keys.
@@ -167,43 +162,35 @@ class BlockFeatures(nn.Module):
 
 def build_backbone(name: str, weights: str | os.PathLike | None = None, img_size: int | None = None) -> BlockFeatures:
     """The frozen per-block feature extractor `name`, with ImageNet weights from the local file `weights`."""
-    if weights is not None and name in BACKBONES and not os.path.isfile(weights):
-        raise FileNotFoundError(_weights_not_found(name, weights))  # before the network is built
+    state = None if weights is None else _read_weights(name, weights)  # file errors before the network is built
     backbone = BlockFeatures(name, img_size=img_size)
-    if weights is not None:
-        backbone.load_pretrained(weights)
+    if state is not None:
+        backbone.load_weights(state, weights)
     return backbone
 
 
-def state_dict_mismatch(module: nn.Module, state: dict[str, torch.Tensor], limit: int = 5) -> str:
-    """'' when `state` fits `module` exactly, else a message naming the first missing, unexpected and
-    wrongly shaped keys."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    parts = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                         ("shape mismatches (file vs model)", shapes)):
-        if items:
-            more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
-            parts.append(f"{len(items)} {label}: {', '.join(items[:limit])}{more}")
-    return "; ".join(parts)
+def _spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    return BACKBONES[name]
 
 
-def _weights_not_found(name: str, path: str | os.PathLike) -> str:
-    return (f"backbone weights file {os.fspath(path)!r} not found; backbone {name!r} expects "
-            f"{BACKBONES[name].weights_file}")
+def _expects(name: str) -> str:
+    return f"backbone {name!r} expects {_spec(name).weights_file}"
+
+
+def _read_weights(name: str, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    return load_torch_file(path, "backbone weights", expected=_expects(name))
 
 
 def _check_swin_img_size(img_size: int) -> None:
     # Microsoft's Swin (the layout of the released weights) needs every stage's grid to be a multiple of the
     # window or no larger than it (then the window shrinks to the grid); timm would pad instead.
-    if img_size < 32 or img_size % 32:
-        raise ValueError(f"swin_b img_size must be a positive multiple of 32, got {img_size}")
-    for stage in range(4):
-        grid = img_size // 4 // 2 ** stage
+    stride = STAGE_STRIDES[-1]
+    if img_size < stride or img_size % stride:
+        raise ValueError(f"swin_b img_size must be a positive multiple of {stride}, got {img_size}")
+    for stage, stage_stride in enumerate(STAGE_STRIDES, start=1):
+        grid = img_size // stage_stride
         if grid > _SWIN_WINDOW and grid % _SWIN_WINDOW:
-            raise ValueError(f"swin_b img_size {img_size} gives a {grid}x{grid} grid in stage {stage + 1}, not a "
+            raise ValueError(f"swin_b img_size {img_size} gives a {grid}x{grid} grid in stage {stage}, not a "
                              f"multiple of the window ({_SWIN_WINDOW}); use e.g. 96, 192 or 384")

@@ -7,53 +7,29 @@ initialised torch.distributed group, shards the episodes over the ranks and sums
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dcama.checkpoint import load_checkpoint_file
-from dcama.data import build_dataset, collate_episodes
-from dcama.data.common import IMAGENET_MEAN, IMAGENET_STD
-from dcama.files import write_json
-from dcama.metrics import FewShotIoU, intersection_union
-from dcama.model import DCAMA
+from .checkpoint import load_checkpoint_file
+from .config import EVAL_EPISODES, TEST_SEED, default_img_size
+from .data import build_dataset, collate_episodes
+from .files import write_json
+from .metrics import FewShotIoU, episode_iou
+from .model import DCAMA
+from .runtime import Batch, ShardSampler, autocast_context, dist_info, move_batch
+from .visualize import save_episode_png
 
-Batch = dict[str, Any]
+__all__ = ["BASELINES", "baseline_predictor", "evaluate", "evaluate_checkpoint", "format_result", "model_predictor"]
+
 Predictor = Callable[[Batch], torch.Tensor]
 
 BASELINES = ("all-foreground", "support-mask")
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) of the current torch.distributed group, (0, 1) when none is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def autocast_context(device: torch.device, amp: str):
-    """Autocast for --amp {off,bf16,fp16} on the device's type."""
-    if amp == "off":
-        return nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def move_batch(batch: Batch, device: torch.device) -> Batch:
-    """Tensors of a collated batch onto `device`, with collate_episodes' per-item query masks (original image
-    size) stacked back into one tensor: such batches hold one episode, or episodes of one size."""
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, list) and v and torch.is_tensor(v[0]):
-            v = torch.stack(v)
-        out[k] = v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-    return out
 
 
 def original_size(batch: Batch) -> tuple[int, int] | None:
@@ -94,71 +70,10 @@ def baseline_predictor(name: str) -> Predictor:
             return torch.ones_like(target, dtype=torch.long)
         support = (batch["support_masks"][:, 0] == 1).float()
         if support.shape[-2:] != target.shape[-2:]:
-            support = torch.nn.functional.interpolate(support[:, None], size=target.shape[-2:], mode="nearest")[:, 0]
+            support = F.interpolate(support[:, None], size=target.shape[-2:], mode="nearest")[:, 0]
         return support.long()
 
     return predict
-
-
-class ShardSampler(Sampler[int]):
-    """Indices rank, rank + world, ... in order: every episode is scored once (no padding duplicates)."""
-
-    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
-        self.indices = list(range(rank, length, world_size))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def episode_iou(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Foreground IoU (%) of one episode, pixels marked 255 ignored; 100 when both are empty."""
-    inter, union = intersection_union(pred[None], target[None])[:2, 0].tolist()
-    return 100.0 if union == 0 else 100.0 * inter / union
-
-
-def _to_rgb(img: torch.Tensor) -> torch.Tensor:
-    """(3,H,W) normalised float -> (H,W,3) uint8."""
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    rgb = (img.detach().float().cpu() * std + mean).clamp(0, 1)
-    return (rgb * 255).round().to(torch.uint8).permute(1, 2, 0)
-
-
-def _overlay(img: torch.Tensor, mask: torch.Tensor, color: tuple[int, int, int]):
-    """PIL image of `img` with `mask == 1` tinted in `color` (mask resized to the image if needed)."""
-    from PIL import Image
-
-    rgb = _to_rgb(img)
-    m = mask.detach().cpu()
-    if m.shape != rgb.shape[:2]:
-        m = torch.nn.functional.interpolate(m[None, None].float(), size=rgb.shape[:2], mode="nearest")[0, 0]
-    tint = torch.tensor(color, dtype=torch.float32)
-    out = rgb.float()
-    fg = (m == 1)[..., None]
-    out = torch.where(fg, 0.5 * out + 0.5 * tint, out)
-    return Image.fromarray(out.round().to(torch.uint8).numpy())
-
-
-def save_episode_png(path: Path, support_imgs: torch.Tensor, support_masks: torch.Tensor, query_img: torch.Tensor,
-                     query_mask: torch.Tensor, pred: torch.Tensor, title: str) -> None:
-    """One row: the K supports with their masks (red), the query with its ground truth (green), the prediction
-    (blue); the title above it."""
-    from PIL import Image, ImageDraw
-
-    tiles = [_overlay(img, m, (255, 0, 0)) for img, m in zip(support_imgs, support_masks)]
-    tiles += [_overlay(query_img, query_mask, (0, 200, 0)), _overlay(query_img, pred, (0, 80, 255))]
-    labels = [f"support {k + 1}" for k in range(len(support_imgs))] + ["query + ground truth", "prediction"]
-    w, h = tiles[0].size
-    header = 28
-    canvas = Image.new("RGB", (w * len(tiles), h + header), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((4, 2), title, fill=(0, 0, 0))
-    for i, (tile, label) in enumerate(zip(tiles, labels)):
-        canvas.paste(tile, (i * w, header))
-        draw.text((i * w + 4, 15), label, fill=(0, 0, 0))
-    canvas.save(path)
 
 
 def evaluate(predictor: Predictor, dataset: Dataset, *, device: torch.device | str = "cpu", batch_size: int = 1,
@@ -205,7 +120,7 @@ def format_result(result: dict[str, Any]) -> str:
 
 
 def evaluate_checkpoint(checkpoint: str | Path | None, *, benchmark: str = "shapes", datapath: str | None = None,
-                        fold: int = 0, nshot: int = 1, episodes: int = 1000, seed: int = 0,
+                        fold: int = 0, nshot: int = 1, episodes: int = EVAL_EPISODES, seed: int = TEST_SEED,
                         use_original_imgsize: bool = False, img_size: int | None = None,
                         backbone: str | None = None, attn_impl: str = "auto", amp: str = "off",
                         baseline: str | None = None, workers: int = 0, batch_size: int = 1,
@@ -244,12 +159,3 @@ def evaluate_checkpoint(checkpoint: str | Path | None, *, benchmark: str = "shap
     if json_path is not None and dist_info()[0] == 0:
         write_json(json_path, result)
     return result
-
-
-def default_img_size(benchmark: str) -> int:
-    """Image side the benchmark is trained and evaluated at unless told otherwise."""
-    from dcama.train import BENCHMARK_DEFAULTS
-
-    if benchmark not in BENCHMARK_DEFAULTS:
-        raise ValueError(f"unknown benchmark {benchmark!r}; choose from {', '.join(BENCHMARK_DEFAULTS)}")
-    return BENCHMARK_DEFAULTS[benchmark]["img_size"]

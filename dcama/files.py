@@ -34,3 +34,9 @@ def write_json(path: str | os.PathLike, payload: Any) -> None:
     """JSON written atomically; values JSON does not know (paths, dtypes) are written as strings."""
     with atomic_open(path, "w") as f:
         f.write(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
+    """One JSON object per line, the whole file written atomically."""
+    with atomic_open(path, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))

@@ -1,4 +1,4 @@
-"""Few-shot segmentation metrics accumulated over all episodes of a run (spec section 6).
+"""Few-shot segmentation metrics accumulated over all episodes of a run (docs/data.md, "Metrics").
 
 Per class c: IoU_c = (sum of foreground intersections) / (sum of foreground unions) over the episodes of c;
 mIoU = mean of IoU_c over the split's classes. FB-IoU = mean of the foreground IoU and the background IoU,
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-IGNORE_INDEX = 255
+from .config import IGNORE_INDEX
 
 
 def intersection_union(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -36,6 +36,12 @@ def intersection_union(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor
         (p_bg & t_bg).flatten(1).sum(1),
         (p_bg | t_bg).flatten(1).sum(1),
     ])
+
+
+def episode_iou(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Foreground IoU (%) of one episode, pixels marked 255 ignored; 100 when both are empty."""
+    inter, union = intersection_union(pred[None], target[None])[:2, 0].tolist()
+    return 100.0 if union == 0 else 100.0 * inter / union
 
 
 class FewShotIoU:

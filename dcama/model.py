@@ -1,13 +1,14 @@
 """DCAMA (Shi et al., ECCV 2022) on timm backbones, its attention running as one fused op per stage.
 
-What is computed is stated in shared/dcama-spec.md sections 1-3; the head's module names follow the
-authors' checkpoints (section 4) so that their 'module.model.*' keys load with a prefix change only.
+What is computed is described in docs/model.md; the head's module names follow the authors' checkpoints, so
+`checkpoint_filter_fn` converts their 'module.model.*' keys with a prefix change only.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,13 +17,19 @@ from torch import nn
 from kernels import dcama_attention
 
 from .backbones import BACKBONES, BackboneSpec, BlockFeatures, build_backbone
+from .checkpoint import (FORMAT, CheckpointError, checkpoint_parts, is_own_checkpoint, load_checkpoint_file,
+                         load_fitting_state)
+from .config import ATTN_IMPLS
 
-__all__ = ["DCAMA", "DCAMAHead", "PositionalEncoding", "StageAttention", "ATTN_IMPLS"]
+__all__ = ["DCAMA", "DCAMAHead", "PositionalEncoding", "StageAttention", "checkpoint_filter_fn", "infer_backbone",
+           "merge_heads", "split_heads", "stage_attention"]
 
-ATTN_IMPLS = ("auto", "triton", "naive", "sdpa")
 NUM_HEADS = 8
 DROPOUT_P = 0.5
 _MID_CH = (16, 64, 128)
+# The authors' released files: a DistributedDataParallel state dict, backbone and head under these prefixes.
+_BACKBONE_PREFIX = "feature_extractor."
+_HEAD_PREFIX = "model."
 
 
 class PositionalEncoding(nn.Module):
@@ -45,6 +52,36 @@ class PositionalEncoding(nn.Module):
         return self.dropout(tokens + self.pe[:, : tokens.shape[1]].unsqueeze(2))
 
 
+def split_heads(tokens: torch.Tensor, heads: int) -> torch.Tensor:
+    """Projected tokens (B, N, L, C) of a stage's L layers -> (B, N, L * heads, C / heads), a view: the
+    layers stacked in the op's head axis, layer-major (head l * heads + h is head h of layer l)."""
+    batch, n_tokens, layers, channels = tokens.shape
+    return tokens.view(batch, n_tokens, layers * heads, channels // heads)
+
+
+def merge_heads(out: torch.Tensor, heads: int) -> torch.Tensor:
+    """Per-head outputs (B, L * heads, Nq) -> (B, L, Nq): each layer's output is the mean of its own heads."""
+    batch, stacked, n_query = out.shape
+    return out.reshape(batch, stacked // heads, heads, n_query).mean(dim=2)
+
+
+def stage_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, heads: int, dropout_p: float,
+                    impl: str) -> torch.Tensor:
+    """The attention of one stage on projected tokens: query (B, Nq, L, C), key (B, Nk, L, C), mask (B, Nk)
+    -> (B, L, Nq).
+
+    The L layers are stacked in the head axis (L * heads): every head of every layer attends with the same
+    value, the mask, which the op reads per batch entry and shares across heads, so no copy of it is made and
+    the whole stage is one op call. (Stacking the layers in the batch axis would need the mask repeated per
+    layer: the op addresses the value with one batch stride, which cannot express a layer-major (L*B) order
+    without a copy once B > 1.) The benches time exactly this function.
+    """
+    q, k = split_heads(query, heads), split_heads(key, heads)
+    # The op wants one dtype: under autocast the projections are bf16/fp16, the mask float32.
+    out = dcama_attention(q, k, mask.to(q.dtype), dropout_p=dropout_p, head_reduction="none", impl=impl)
+    return merge_heads(out, heads)
+
+
 class StageAttention(nn.Module):
     """The attention module shared by all layers of one stage: `linears[0]` projects query tokens,
     `linears[1]` support tokens; 8 heads; the support mask is the value; output = mean over heads."""
@@ -59,21 +96,9 @@ class StageAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, support: torch.Tensor, mask: torch.Tensor, impl: str) -> torch.Tensor:
         """query (B, Nq, L, C), support (B, Nk, L, C) tokens of the stage's L layers; mask (B, Nk).
-
-        Returns (B, L, Nq). The L layers are stacked in the head axis (L * 8 heads): every head of every
-        layer attends with the same value, the mask, which the op reads per batch entry and shares across
-        heads, so no copy of it is made and the whole stage is one projection per side and one op call.
-        (Stacking the layers in the batch axis would need the mask repeated per layer: the op addresses
-        the value with one batch stride, which cannot express a layer-major (L*B) order without a copy
-        once B > 1.)
-        """
-        batch, n_query, layers, channels = query.shape
-        q = self.linears[0](query).view(batch, n_query, layers * self.heads, channels // self.heads)
-        k = self.linears[1](support).view(batch, support.shape[1], layers * self.heads, channels // self.heads)
-        # The op wants one dtype: under autocast the projections are bf16/fp16, the mask float32.
-        out = dcama_attention(q, k, mask.to(q.dtype), dropout_p=self.dropout if self.training else 0.0,
-                              head_reduction="none", impl=impl)  # (B, L * heads, Nq)
-        return out.reshape(batch, layers, self.heads, n_query).mean(dim=2)
+        Returns (B, L, Nq): one projection per side and one op call for the whole stage."""
+        return stage_attention(self.linears[0](query), self.linears[1](support), mask, self.heads,
+                               self.dropout if self.training else 0.0, impl)
 
 
 def _conv_block(in_ch: int, out_chs: tuple[int, ...], kernels: tuple[int, ...]) -> nn.Sequential:
@@ -90,8 +115,8 @@ def _up(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 class DCAMAHead(nn.Module):
-    """Everything after the backbone (spec section 3). Its state-dict keys are the authors' keys after
-    'module.model.'."""
+    """Everything after the backbone (docs/model.md, "The head"). Its state-dict keys are the authors' keys
+    after 'module.model.'."""
 
     def __init__(self, spec: BackboneSpec) -> None:
         super().__init__()
@@ -245,7 +270,65 @@ class DCAMA(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, backbone: str | None = None,
                         attn_impl: str = "auto") -> "DCAMA":
-        """Load the authors' released checkpoints or this project's own (see dcama.checkpoint)."""
-        from .checkpoint import load_model
+        """DCAMA from this project's checkpoint or an authors' released file, in eval mode.
 
-        return load_model(path, backbone=backbone, attn_impl=attn_impl)
+        backbone: None infers it (from the recorded config, or from the authors' key names); if given it must
+        agree with the file.
+        """
+        path = os.fspath(path)
+        blob = load_checkpoint_file(path)
+        if is_own_checkpoint(blob):
+            config, state = checkpoint_parts(blob, path)
+            # The state dict carries the backbone weights: do not read the ImageNet file again.
+            config = {**config, "attn_impl": attn_impl, "backbone_weights": None}
+            if backbone is not None and backbone != config["backbone"]:
+                raise CheckpointError(f"checkpoint {path!r} holds a {config['backbone']} model, not {backbone}")
+            model = cls(**config)
+        else:
+            name = backbone if backbone is not None else infer_backbone(blob, path)
+            model = cls(backbone=name, attn_impl=attn_impl)
+            state = checkpoint_filter_fn(blob, model, path)
+        load_fitting_state(model, state,
+                           f"checkpoint {path!r} does not fit DCAMA(backbone={model.config['backbone']!r})")
+        return model.eval()
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: DCAMA, source: str = "<state dict>") -> dict[str, Any]:
+    """An authors' released state dict renamed to `model.state_dict()` keys (their backbone layout converted by
+    the backbone); keys it does not know are kept as they are so that the mismatch report lists them."""
+    state = _strip_module(state_dict)
+    backbone = {k[len(_BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(_BACKBONE_PREFIX)}
+    out = {f"head.{k[len(_HEAD_PREFIX):]}": v for k, v in state.items() if k.startswith(_HEAD_PREFIX)}
+    if not backbone and not out:
+        raise CheckpointError(f"{source!r} is neither a {FORMAT} checkpoint nor an authors' DCAMA state dict "
+                              f"(no 'module.feature_extractor.' or 'module.model.' keys; first keys: "
+                              f"{list(state)[:5]})")
+    try:
+        backbone = model.backbone.convert_state_dict(backbone)
+    except Exception as exc:  # timm's Swin converter fails on tensors of unexpected shapes
+        raise CheckpointError(f"the backbone weights in {source!r} do not fit {model.config['backbone']}: "
+                              f"{exc}") from exc
+    out.update({f"backbone.net.{k}": v for k, v in backbone.items()})
+    out.update({k: v for k, v in state.items() if not k.startswith((_BACKBONE_PREFIX, _HEAD_PREFIX))})
+    return out
+
+
+def infer_backbone(state_dict: dict[str, Any], source: str = "<state dict>") -> str:
+    """Backbone name of an authors' state dict, told apart by its key names: Swin has 'layers.*'; the
+    ResNets by block type (a conv3 in bottlenecks) and blocks per stage."""
+    keys = [k[len(_BACKBONE_PREFIX):] for k in _strip_module(state_dict) if k.startswith(_BACKBONE_PREFIX)]
+    if any(k.startswith("layers.") for k in keys):
+        return "swin_b"
+    depths = tuple(1 + max((int(k.split(".")[1]) for k in keys if k.startswith(f"layer{i}.")), default=-1)
+                   for i in range(1, 5))
+    bottleneck = "layer1.0.conv3.weight" in keys
+    for name, spec in BACKBONES.items():
+        if spec.kind == "resnet" and spec.depths == depths and (spec.channels[0] == 256) == bottleneck:
+            return name
+    raise CheckpointError(f"cannot tell the backbone of {source!r} from its keys (blocks per stage {depths}, "
+                          f"{'bottleneck' if bottleneck else 'basic'} blocks); pass backbone=")
+
+
+def _strip_module(state: dict[str, Any]) -> dict[str, Any]:
+    # Files saved from a DistributedDataParallel wrapper prefix every key with 'module.'.
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}

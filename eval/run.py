@@ -18,8 +18,10 @@ try:
 except ImportError:  # run from a checkout that was not installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dcama.evaluate import BASELINES
-from dcama.train import AMP_MODES, BENCHMARK_DEFAULTS
+from dcama.checkpoint import CheckpointError
+from dcama.config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, EVAL_EPISODES, TEST_SEED
+from dcama.data import DatasetFileError
+from dcama.evaluate import BASELINES, evaluate_checkpoint, format_result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,15 +33,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--datapath", default=None, help="benchmark root folder (not needed for shapes)")
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--nshot", type=int, default=1)
-    p.add_argument("--episodes", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--episodes", type=int, default=EVAL_EPISODES)
+    p.add_argument("--seed", type=int, default=TEST_SEED)
     p.add_argument("--img-size", type=int, default=None,
                    help="default: the size the checkpoint was trained at (ours), else the benchmark's")
     p.add_argument("--use-original-imgsize", action="store_true",
                    help="score at each query's original size (logits resized before the argmax)")
     p.add_argument("--backbone", default=None,
                    help="backbone the checkpoint must have (needed for the authors' files if not inferable)")
-    p.add_argument("--attn-impl", default="auto", choices=["auto", "triton", "sdpa", "naive"])
+    p.add_argument("--attn-impl", default="auto", choices=ATTN_IMPLS)
     p.add_argument("--amp", default="off", choices=AMP_MODES)
     p.add_argument("--bsz", type=int, default=1, help="episodes per forward pass (1 with --use-original-imgsize)")
     p.add_argument("--workers", type=int, default=0)
@@ -51,10 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from dcama.checkpoint import CheckpointError
-    from dcama.data.common import DatasetFileError
-    from dcama.evaluate import evaluate_checkpoint, format_result
-
     if args.use_original_imgsize and args.bsz != 1:
         print("error: --use-original-imgsize needs --bsz 1 (queries differ in size)", file=sys.stderr)
         return 2

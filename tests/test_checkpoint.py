@@ -9,8 +9,8 @@ import torch
 
 import dcama.checkpoint as ckpt
 from dcama import DCAMA
-from dcama.checkpoint import (CheckpointError, authors_to_model_state, infer_backbone, load_checkpoint_file,
-                              save_checkpoint)
+from dcama.checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint
+from dcama.model import checkpoint_filter_fn, infer_backbone
 from test_model import episode, randomise_
 
 SPEC_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3), "swin_b": (2, 2, 18, 2)}
@@ -148,7 +148,7 @@ def test_authors_resnet50_checkpoint_reproduces_logits(tmp_path):
 def test_authors_swin_layout_converts_values(swin32):
     state = authors_state(swin32)
     assert infer_backbone(state) == "swin_b"
-    converted = authors_to_model_state(state, swin32)
+    converted = checkpoint_filter_fn(state, swin32)
     own = swin32.state_dict()
     assert converted.keys() == own.keys()
     for k, v in own.items():
@@ -178,7 +178,7 @@ def test_authors_key_layout_matches_spec(name):
         assert f"layer3.{SPEC_DEPTHS[name][2] - 1}.bn3.running_var" in backbone
         assert f"layer3.{SPEC_DEPTHS[name][2]}.conv1.weight" not in backbone
     assert infer_backbone(state) == name
-    converted = authors_to_model_state(state, model)
+    converted = checkpoint_filter_fn(state, model)
     assert ckpt.state_dict_mismatch(model, converted) == ""
 
 

@@ -10,7 +10,8 @@ import torch
 
 from dcama.checkpoint import save_checkpoint
 from dcama.data import build_dataset
-from dcama.evaluate import baseline_predictor, episode_iou, evaluate, evaluate_checkpoint
+from dcama.evaluate import baseline_predictor, evaluate, evaluate_checkpoint
+from dcama.metrics import episode_iou
 from dcama.model import DCAMA
 
 REPO = Path(__file__).resolve().parents[1]

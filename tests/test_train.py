@@ -14,8 +14,9 @@ import torch
 
 from dcama.checkpoint import load_checkpoint_file
 from dcama.data import build_dataset
-from dcama.evaluate import evaluate_checkpoint, move_batch
+from dcama.evaluate import evaluate_checkpoint
 from dcama.model import DCAMA
+from dcama.runtime import move_batch
 from dcama.train import ConfigError, NonFiniteLossError, TrainConfig, train, train_step
 
 REPO = Path(__file__).resolve().parents[1]

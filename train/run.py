@@ -1,6 +1,6 @@
 """Train DCAMA: `python train/run.py` (embedded shapes benchmark on CPU) or the published recipe, e.g.
 `torchrun --nproc_per_node 4 train/run.py --benchmark coco --datapath DATA --fold 0 --backbone swin_b
---backbone-weights swin_b.pth`. Every flag left out takes the benchmark's default (dcama/train.py)."""
+--backbone-weights swin_b.pth`. Every flag left out takes the benchmark's default (dcama/config.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,11 @@ try:
 except ImportError:  # run from a checkout that was not installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dcama.train import AMP_MODES, BENCHMARK_DEFAULTS, OPTIMIZERS, TrainConfig
+from dcama.backbones import BACKBONES
+from dcama.checkpoint import CheckpointError
+from dcama.config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, OPTIMIZERS, TEST_SEED
+from dcama.data import DatasetFileError
+from dcama.train import ConfigError, NonFiniteLossError, TrainConfig, train
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -27,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--benchmark", default="shapes", choices=list(BENCHMARK_DEFAULTS))
     p.add_argument("--datapath", default=None, help="benchmark root folder (not needed for shapes)")
     p.add_argument("--fold", type=int, default=0)
-    p.add_argument("--backbone", default=None, help="swin_b, resnet50, resnet101, resnet18, resnet34")
+    p.add_argument("--backbone", default=None, help=", ".join(BACKBONES))
     p.add_argument("--backbone-weights", default=None, help="ImageNet weights file of the backbone")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--bsz", type=int, default=None, help="episodes per step per process")
@@ -39,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    help="cross-entropy weight of the foreground pixels (1 = the paper's loss; shapes default 4)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--nshot", type=int, default=1, help="support images per episode (K-shot training)")
-    p.add_argument("--attn-impl", default="auto", choices=["auto", "triton", "sdpa", "naive"],
+    p.add_argument("--attn-impl", default="auto", choices=ATTN_IMPLS,
                    help="auto: fused Triton kernel on CUDA, PyTorch SDPA on CPU")
     p.add_argument("--amp", default="off", choices=AMP_MODES)
     p.add_argument("--logdir", default=None, help="run folder (default: logs/<benchmark>-fold<f>-...-<time>)")
@@ -58,10 +62,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    from dcama.checkpoint import CheckpointError
-    from dcama.data.common import DatasetFileError
-    from dcama.train import ConfigError, NonFiniteLossError, train
-
     try:
         result = train(cfg)
     except NonFiniteLossError as err:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if result.test is not None:
         t = result.test
-        print(f"test ({t['episodes']} episodes, novel classes, seed 0): mIoU {t['miou']:.2f}  "
+        print(f"test ({t['episodes']} episodes, novel classes, seed {TEST_SEED}): mIoU {t['miou']:.2f}  "
               f"FB-IoU {t['fb_iou']:.2f}")
     print(f"best validation mIoU {result.best_val_miou:.2f} at epoch {result.best_epoch}")
     print(f"best checkpoint: {result.best_checkpoint}")

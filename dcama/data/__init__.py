@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dcama.config import EVAL_EPISODES, PUBLISHED_IMG_SIZE
 from dcama.data.coco import COCODataset
 from dcama.data.common import DatasetFileError, FewShotDataset, collate_episodes, episode_rng
 from dcama.data.fss import FSSDataset
@@ -36,9 +37,9 @@ def build_dataset(
     fold: int = 0,
     split: str = "test",
     shot: int = 1,
-    img_size: int = 384,
+    img_size: int = PUBLISHED_IMG_SIZE,
     use_original_imgsize: bool = False,
-    episodes: int = 1000,
+    episodes: int = EVAL_EPISODES,
     seed: int = 0,
     **options: Any,
 ) -> FewShotDataset:

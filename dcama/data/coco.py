@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from dcama.config import EVAL_EPISODES, PUBLISHED_IMG_SIZE
 from dcama.data.common import (
     DatasetFileError,
     FewShotDataset,
@@ -110,7 +111,7 @@ def load_index(ann_file: str, cache_file: str) -> dict[str, Any]:
 
 
 class COCODataset(FewShotDataset):
-    """COCO-20i episodes (spec section 6).
+    """COCO-20i episodes (docs/data.md, "COCO-20i from the official annotations").
 
     trn (train2014, the 60 classes outside the fold): one item per (image, class) pair, supports random.
     val/test (val2014, the fold's 20 classes): `episodes` items; class uniform, query uniform among the
@@ -118,8 +119,8 @@ class COCODataset(FewShotDataset):
     instances JSON (mask_source="json") or the release's label PNGs (mask_source="png").
     """
 
-    def __init__(self, root: str, fold: int = 0, split: str = "test", shot: int = 1, img_size: int = 384,
-                 use_original_imgsize: bool = False, episodes: int = 1000, seed: int = 0,
+    def __init__(self, root: str, fold: int = 0, split: str = "test", shot: int = 1, img_size: int = PUBLISHED_IMG_SIZE,
+                 use_original_imgsize: bool = False, episodes: int = EVAL_EPISODES, seed: int = 0,
                  mask_source: str = "json") -> None:
         validate_args(split, fold, N_FOLDS, shot, img_size, seed, episodes)
         if mask_source not in ("json", "png"):

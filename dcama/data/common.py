@@ -14,7 +14,6 @@ from torch.utils.data import Dataset, default_collate
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
 SPLITS = ("trn", "val", "test")
 
 
@@ -72,7 +71,7 @@ def normalize_array(rgb: np.ndarray) -> torch.Tensor:
 
 
 def preprocess_image(img: Image.Image, img_size: int) -> torch.Tensor:
-    """Spec section 1: resize to a square with PIL bilinear (antialiased when shrinking), scale to [0, 1],
+    """Resize to a square with PIL bilinear (antialiased when shrinking), scale to [0, 1],
     normalise with the ImageNet statistics.
 
     This is what torchvision's Resize + ToTensor + Normalize do on a PIL image (same PIL call, same float
@@ -83,7 +82,7 @@ def preprocess_image(img: Image.Image, img_size: int) -> torch.Tensor:
 
 
 def resize_mask(mask: torch.Tensor, img_size: int) -> torch.Tensor:
-    """Nearest-neighbour resize of a (H, W) integer mask with torch interpolate (spec section 1)."""
+    """Nearest-neighbour resize of a (H, W) integer mask with torch interpolate (docs/data.md, "Preprocessing")."""
     if tuple(mask.shape) == (img_size, img_size):
         return mask.long()
     # Nearest picks source pixels, so uint8 (values 0, 1, 255) gives the float result with fewer conversions.

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dcama.config import EVAL_EPISODES, PUBLISHED_IMG_SIZE
 from dcama.data.common import (
     FewShotDataset,
     check_dir,
@@ -41,8 +42,8 @@ class FSSDataset(FewShotDataset):
     """FSS-1000 episodes: every image of the split's classes is a query once (len = number of images, for
     every split; `episodes` is ignored); supports are drawn from the other images of its class."""
 
-    def __init__(self, root: str, fold: int = 0, split: str = "test", shot: int = 1, img_size: int = 384,
-                 use_original_imgsize: bool = False, episodes: int = 1000, seed: int = 0) -> None:
+    def __init__(self, root: str, fold: int = 0, split: str = "test", shot: int = 1, img_size: int = PUBLISHED_IMG_SIZE,
+                 use_original_imgsize: bool = False, episodes: int = EVAL_EPISODES, seed: int = 0) -> None:
         validate_args(split, fold, 1, shot, img_size, seed, episodes)
         super().__init__(split, shot, img_size, use_original_imgsize, seed)
         check_dir(str(root), "FSS-1000 root", LAYOUT)

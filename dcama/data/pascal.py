@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
+from dcama.config import EVAL_EPISODES, IGNORE_INDEX, PUBLISHED_IMG_SIZE
 from dcama.data.common import (
-    IGNORE_INDEX,
     FewShotDataset,
     check_dir,
     draw_others,
@@ -54,12 +54,12 @@ class PascalDataset(FewShotDataset):
     """PASCAL-5i episodes.
 
     trn: the queries are the (image, class) entries of the trn lists of the other three folds, one item each.
-    val/test: the fold's val list; `episodes` items cycle through it as queries (spec section 6).
+    val/test: the fold's val list; `episodes` items cycle through it as queries (docs/data.md).
     Supports are drawn from the entries of the same class in the same list, distinct and != the query image.
     """
 
-    def __init__(self, root: str, fold: int = 0, split: str = "test", shot: int = 1, img_size: int = 384,
-                 use_original_imgsize: bool = False, episodes: int = 1000, seed: int = 0) -> None:
+    def __init__(self, root: str, fold: int = 0, split: str = "test", shot: int = 1, img_size: int = PUBLISHED_IMG_SIZE,
+                 use_original_imgsize: bool = False, episodes: int = EVAL_EPISODES, seed: int = 0) -> None:
         validate_args(split, fold, N_FOLDS, shot, img_size, seed, episodes)
         super().__init__(split, shot, img_size, use_original_imgsize, seed)
         voc = os.path.join(str(root), "VOC2012")

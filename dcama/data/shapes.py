@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dcama.config import EVAL_EPISODES, PUBLISHED_IMG_SIZE
 from dcama.data.common import SPLITS, FewShotDataset, draw_others, normalize_array, validate_args
 
 N_HUES = 12
@@ -195,7 +196,7 @@ class ShapesDataset(FewShotDataset):
     """
 
     def __init__(self, root: str | None = None, fold: int = 0, split: str = "test", shot: int = 1,
-                 img_size: int = 384, use_original_imgsize: bool = False, episodes: int = 1000,
+                 img_size: int = PUBLISHED_IMG_SIZE, use_original_imgsize: bool = False, episodes: int = EVAL_EPISODES,
                  seed: int = 0) -> None:
         validate_args(split, fold, N_FOLDS, shot, img_size, seed, episodes)
         super().__init__(split, shot, img_size, use_original_imgsize, seed)
