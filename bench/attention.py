@@ -1,16 +1,19 @@
-"""Profile `dcama_attention` against the naive path and the peer kernels at the shapes DCAMA runs.
+"""Profile DCAMA's attention, called as the model calls it, against the naive path and the peer kernels.
 
     python bench/attention.py [--quick] [--json FILE] [--plot FILE.png] [--backbones ...] [--impls ...]
 
-Shapes: for each backbone (Swin-B, ResNet-50, ResNet-101) and attention stage (1/8, 1/16, 1/32 of a 384x384
-image: Nq = 2304, 576, 144; D = C/8), K = 1 and 5 shots (Nk = K*Nq), 12 episodes per layer with the layers of
-a stage stacked into the batch as the model runs them, 8 heads, dropout 0.5 (training), fp32 (TF32 matmuls
-by default, see --fp32-precision) and bf16.
+Shapes, all derived from the model (bench/common.py): for each published backbone (Swin-B, ResNet-50,
+ResNet-101) and attention stage (1/8, 1/16, 1/32 of the published 384x384 image: Nq = 2304, 576, 144;
+D = C/8), K = 1 and 5 shots (Nk = K*Nq), the published batch of 12 episodes, dropout 0.5 (training), fp32
+(TF32 matmuls by default, see --fp32-precision) and bf16. Every row is one call of
+`dcama.model.stage_attention`, the function the model's StageAttention runs: the L layers of the stage
+stacked in the op's head axis (L x 8 heads), one support mask per episode shared by every head.
 
 Implementations: "triton" (the fused op), "naive" (the original's math, materialising P), PyTorch SDPA per
 backend ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math") with the one-channel value zero-padded to
 what the backend needs, "flex" (FlexAttention, compiled, padded value, NO dropout: it has none) and
-"xformers" (memory_efficient_attention, padded value) when installed.
+"xformers" (memory_efficient_attention, padded value) when installed. The peers get the same stacking
+(`split_heads` / `merge_heads` of dcama.model) with their kernel in the middle.
 
 On a GPU every row is timed (triton.testing.do_bench: CUDA events, median after warm-up) with its peak extra
 memory. Everywhere, each row gets the bytes autograd saves for backward, counted with
@@ -33,14 +36,17 @@ if __package__ in (None, ""):  # run as a script
 import torch
 import torch.nn.functional as F
 
-from bench.common import (BACKBONE_STAGES, DROPOUT_P, DTYPES, H100_SXM, STAGES, AttentionShape, SavedTensorBytes,
-                          attention_cost, attention_shape, cuda_ready, describe_peaks, device_name, fmt_num,
-                          floors_ms, human_bytes, markdown_table, shape_only, short_error)
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+from bench.common import (DTYPES, H100_SXM, PUBLISHED_BACKBONES, STAGES, AttentionShape, SavedTensorBytes,
+                          attention_cost, attention_shape, cuda_ready, describe_peaks, device_name, fmt_num, floors_ms,
+                          human_bytes, markdown_table, shape_only, short_error)
 from dcama.files import write_json
+from dcama.model import DROPOUT_P, NUM_HEADS, merge_heads, split_heads, stage_attention
 
 IMPLS = ("triton", "naive", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "flex", "xformers")
 PASSES = ("fwd", "fwd+bwd")
-SEED = 0
 # Channels the one-channel value is zero-padded to per peer ("D": the query head dim, since flash and cuDNN
 # take one head dim for q, k and v; 8: 16-byte alignment of the memory-efficient kernels; 16: the smallest
 # head dim FlexAttention compiles for).
@@ -56,15 +62,22 @@ def padded_channels(impl: str, shape: AttentionShape) -> int:
 
 
 def _peer_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, channels: int) -> tuple[torch.Tensor, ...]:
-    """(B,H,N,D) views of the (B,N,H,D) Linear outputs, and the value zero-padded to `channels` and
+    """(B,H,N,D) views of the (B,N,H,D) head-split projections, and the value zero-padded to `channels` and
     broadcast over heads (stride 0, no copy): (B,H,Nk,channels)."""
     b, _, h, _ = q.shape
     vp = F.pad(v.unsqueeze(-1), (0, channels - 1)).unsqueeze(1).expand(b, h, v.shape[1], channels)
     return q.transpose(1, 2), k.transpose(1, 2), vp
 
 
-def _head_mean(o: torch.Tensor) -> torch.Tensor:
-    return o[..., 0].mean(dim=1)  # (B,H,Nq,c) -> channel 0, mean over heads -> (B,Nq)
+def _channel0(o: torch.Tensor) -> torch.Tensor:
+    return o[..., 0]  # (B,H,Nq,c) -> the real value channel (B,H,Nq); the padding channels are zero
+
+
+def _as_stage(peer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+              ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A peer kernel (q, k (B,N,H,D), v (B,Nk)) -> per-head (B,H,Nq), run on a stage's projected tokens with
+    the model's stacking: fn(q (B,Nq,L,C), k (B,Nk,L,C), v (B,Nk)) -> (B,L,Nq)."""
+    return lambda q, k, v: merge_heads(peer(split_heads(q, NUM_HEADS), split_heads(k, NUM_HEADS), v), NUM_HEADS)
 
 
 _SDPA_ATEN = {  # called directly on fake tensors, where SDPA's backend choice would need a real GPU
@@ -76,8 +89,6 @@ _SDPA_ATEN = {  # called directly on fake tensors, where SDPA's backend choice w
 
 
 def _sdpa_backend(impl: str) -> Any:
-    from torch.nn.attention import SDPBackend
-
     return {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
             "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH}[impl]
 
@@ -85,9 +96,12 @@ def _sdpa_backend(impl: str) -> Any:
 _FLEX_COMPILED: list[Callable[..., torch.Tensor]] = []
 
 
-def _flex() -> Callable[..., torch.Tensor]:
+def _flex(compiled: bool) -> Callable[..., torch.Tensor]:
+    # Imported here: FlexAttention exists from torch 2.5 on (setup.py allows 2.4, where only its rows fail).
     from torch.nn.attention.flex_attention import flex_attention
 
+    if not compiled:
+        return flex_attention
     if not _FLEX_COMPILED:  # compiled once per process: eager flex materialises the scores
         # One graph per shape and dtype; past the default limit (8) dynamo would fall back to eager silently.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
@@ -97,48 +111,42 @@ def _flex() -> Callable[..., torch.Tensor]:
 
 def make_call(impl: str, shape: AttentionShape, fake: bool,
               dropout_p: float = DROPOUT_P) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """fn(q (B,Nq,H,D), k (B,Nk,H,D), v (B,Nk)) -> (B,Nq) for one implementation. `fake`: the inputs will be
-    fake tensors (SDPA is then called per backend directly, FlexAttention eagerly: the saved tensors are the
-    same as compiled)."""
+    """fn(q (B,Nq,L,C), k (B,Nk,L,C) projected tokens, v (B,Nk) masks) -> (B,L,Nq) for one implementation:
+    "triton" and "naive" are the model's own `stage_attention`. `fake`: the inputs will be fake tensors (SDPA
+    is then called per backend directly, FlexAttention eagerly: the saved tensors are the same as compiled)."""
     if impl in ("triton", "naive"):
-        from kernels import dcama_attention
-
-        return lambda q, k, v: dcama_attention(q, k, v, dropout_p=dropout_p, seed=SEED, impl=impl)
+        return lambda q, k, v: stage_attention(q, k, v, NUM_HEADS, dropout_p, impl)
     channels = padded_channels(impl, shape)
     if impl.startswith("sdpa-"):
         if fake:
-            return lambda q, k, v: _head_mean(_SDPA_ATEN[impl](*_peer_inputs(q, k, v, channels), dropout_p))
+            return _as_stage(lambda q, k, v: _channel0(_SDPA_ATEN[impl](*_peer_inputs(q, k, v, channels), dropout_p)))
 
         def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            from torch.nn.attention import sdpa_kernel
-
             with sdpa_kernel([_sdpa_backend(impl)]):  # only this backend: it raises when it cannot run the case
-                return _head_mean(F.scaled_dot_product_attention(*_peer_inputs(q, k, v, channels), dropout_p=dropout_p))
-        return sdpa
+                return _channel0(F.scaled_dot_product_attention(*_peer_inputs(q, k, v, channels), dropout_p=dropout_p))
+        return _as_stage(sdpa)
     if impl == "flex":
-        if fake:
-            from torch.nn.attention.flex_attention import flex_attention
-
-            return lambda q, k, v: _head_mean(flex_attention(*_peer_inputs(q, k, v, channels)))
-        return lambda q, k, v: _head_mean(_flex()(*_peer_inputs(q, k, v, channels)))
+        flex = _flex(compiled=not fake)
+        return _as_stage(lambda q, k, v: _channel0(flex(*_peer_inputs(q, k, v, channels))))
     if impl == "xformers":
         if importlib.util.find_spec("xformers") is None:
             raise ModuleNotFoundError("not installed")
-        import xformers.ops as xops
+        import xformers.ops as xops  # optional: installed separately, matched to the torch build
 
         def xf(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             vp = _peer_inputs(q, k, v, channels)[2].transpose(1, 2)  # xformers takes (B,N,H,K) like our q, k
-            return xops.memory_efficient_attention(q, k, vp, p=dropout_p)[..., 0].mean(dim=2)
-        return xf
+            return xops.memory_efficient_attention(q, k, vp, p=dropout_p)[..., 0].transpose(1, 2)
+        return _as_stage(xf)
     raise ValueError(f"unknown impl {impl!r}")
 
 
 def make_inputs(shape: AttentionShape, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
-    """q and k as (B,N,H,D) leaves requiring grad (the layout of a Linear output viewed per head); the value
-    is the support mask resized to the feature map, in [0,1], no grad (as in the model)."""
-    b, h, d = shape.batch, shape.heads, shape.head_dim
-    q = torch.randn(b, shape.n_query, h, d, device=device, dtype=dtype, requires_grad=True)
-    k = torch.randn(b, shape.n_key, h, d, device=device, dtype=dtype, requires_grad=True)
+    """q and k as the stage's projected tokens (B,N,L,C), leaves requiring grad (the layout of the model's
+    Linear outputs); the value is one support mask per episode resized to the feature map, in [0,1], no grad
+    (as in the model)."""
+    b, layers, channels = shape.batch, shape.layers, shape.head_dim * NUM_HEADS
+    q = torch.randn(b, shape.n_query, layers, channels, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(b, shape.n_key, layers, channels, device=device, dtype=dtype, requires_grad=True)
     v = torch.rand(b, shape.n_key, device=device, dtype=dtype)
     return q, k, v
 
@@ -178,11 +186,9 @@ def count_saved(impl: str, shape: AttentionShape, dtype: str) -> tuple[tuple[int
 
 def time_row(impl: str, shape: AttentionShape, dtype: str, pass_: str) -> dict[str, Any]:
     """GPU timing (median ms of triton.testing.do_bench) and peak extra memory of one row."""
-    from triton.testing import do_bench
-
     fn = make_call(impl, shape, fake=False)
     q, k, v = make_inputs(shape, DTYPES[dtype], "cuda")
-    grad = torch.randn(shape.batch, shape.n_query, device="cuda", dtype=DTYPES[dtype])
+    grad = torch.randn(shape.batch, shape.layers, shape.n_query, device="cuda", dtype=DTYPES[dtype])
 
     def run() -> None:
         out = fn(q, k, v)
@@ -263,8 +269,8 @@ def model_table(records: list[dict[str, Any]]) -> str:
             rows.append(r)
     pct = lambda x: fmt_num(x, ".3g")  # noqa: E731
     return markdown_table(rows, [
-        ("backbone", "backbone", str), ("stage", "stage", str), ("shots", "K", str), ("batch", "B (12 x L)", str),
-        ("n_query", "Nq", str), ("n_key", "Nk", str), ("head_dim", "D", str), ("dtype", "dtype", str),
+        ("backbone", "backbone", str), ("stage", "stage", str), ("shots", "K", str), ("batch", "B", str),
+        ("heads", "H (8 x L)", str), ("n_query", "Nq", str), ("n_key", "Nk", str), ("head_dim", "D", str), ("dtype", "dtype", str),
         ("pass", "pass", str), ("model_tc_flops", "tensor-core GFLOP", lambda x: f"{x / 1e9:.1f}"),
         ("model_exps", "exps (G)", lambda x: f"{x / 1e9:.2f}"), ("model_bytes", "min HBM bytes", human_bytes),
         ("floor_tc_ms", "tc floor ms", pct), ("floor_exp_ms", "exp floor ms", pct),
@@ -325,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="Swin-B 1/8 only, K=1 and 5, fwd+bwd (under a minute on CPU)")
     parser.add_argument("--json", metavar="FILE", help="write every record as a JSON list")
     parser.add_argument("--plot", metavar="FILE.png", help="draw time and memory against the key tokens")
-    parser.add_argument("--backbones", nargs="+", default=list(BACKBONE_STAGES), choices=list(BACKBONE_STAGES))
+    parser.add_argument("--backbones", nargs="+", default=list(PUBLISHED_BACKBONES), choices=list(PUBLISHED_BACKBONES))
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 5])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))

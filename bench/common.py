@@ -1,11 +1,10 @@
 """Pieces shared by the benches: DCAMA's attention shapes, the cost model and the assumed device peaks,
-counting the bytes autograd saves, fake (shape-only) tensors, tables, JSON and the software versions."""
+counting the bytes autograd saves, fake (shape-only) tensors and tables."""
 
 from __future__ import annotations
 
 import math
 import os
-import platform
 import re
 import sys
 from contextlib import contextmanager
@@ -19,6 +18,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # the benches run as scripts: make `kernels` and `dcama` importable
     sys.path.insert(0, str(REPO_ROOT))
+
+from dcama.backbones import BACKBONES, STAGE_STRIDES  # noqa: E402  (needs the path above)
+from dcama.config import PUBLISHED_BATCH, PUBLISHED_IMG_SIZE  # noqa: E402
+from dcama.model import DROPOUT_P, NUM_HEADS  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -47,31 +50,29 @@ def describe_peaks(peaks: DevicePeaks = H100_SXM) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# DCAMA's attention shapes (dcama-spec.md sections 2-3): attention runs on stages 2-4 only; every block of a
-# stage is one attention layer, and the layers of a stage are stacked into the batch as the model runs them.
-IMAGE_SIZE = 384
-BATCH_PER_LAYER = 12
-HEADS = 8
-DROPOUT_P = 0.5
-STAGES = ("1/8", "1/16", "1/32")
-STAGE_STRIDE = {"1/8": 8, "1/16": 16, "1/32": 32}
-# backbone -> per attention stage (1/8, 1/16, 1/32): (blocks in the stage, channels C)
-BACKBONE_STAGES: dict[str, tuple[tuple[int, int], ...]] = {
-    "swin_b": ((2, 256), (18, 512), (2, 1024)),
-    "resnet50": ((4, 512), (6, 1024), (3, 2048)),
-    "resnet101": ((4, 512), (23, 1024), (3, 2048)),
-}
+# DCAMA's attention shapes (docs/model.md), all taken from the model: the published image side and batch, the
+# published backbones' blocks and channels per stage, 8 heads, dropout 0.5. Attention runs on stages 2-4;
+# every block of a stage is one attention layer, and the L layers of a stage are stacked in the op's head
+# axis (L x 8 heads) with one mask per episode shared by all heads, as `dcama.model.stage_attention` runs them.
+IMAGE_SIZE = PUBLISHED_IMG_SIZE
+BATCH = PUBLISHED_BATCH
+PUBLISHED_BACKBONES = tuple(name for name, spec in BACKBONES.items() if spec.published)
+ATTENTION_STAGES = (2, 3, 4)  # backbone stages (1-based) that get attention; stage 1 feeds skips only
+STAGES = tuple(f"1/{STAGE_STRIDES[s - 1]}" for s in ATTENTION_STAGES)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class AttentionShape:
+    """One op call of the model: batch episodes, heads = layers x 8 (the stage's layers stacked), the value
+    one mask per episode (B, Nk) shared by every head."""
+
     backbone: str
     stage: str
     shots: int
     layers: int
-    batch: int  # BATCH_PER_LAYER * layers
-    heads: int
+    batch: int
+    heads: int  # layers x 8
     n_query: int
     n_key: int  # shots * n_query: the K shots' tokens are concatenated
     head_dim: int  # C / 8
@@ -82,24 +83,27 @@ class AttentionShape:
         return self.batch * self.heads * self.n_query * self.n_key
 
 
-def attention_shape(backbone: str, stage: str, shots: int, batch_per_layer: int = BATCH_PER_LAYER) -> AttentionShape:
-    layers, channels = BACKBONE_STAGES[backbone][STAGES.index(stage)]
-    side = IMAGE_SIZE // STAGE_STRIDE[stage]
-    return AttentionShape(backbone=backbone, stage=stage, shots=shots, layers=layers,
-                          batch=batch_per_layer * layers, heads=HEADS, n_query=side * side,
-                          n_key=shots * side * side, head_dim=channels // HEADS)
+def attention_shape(backbone: str, stage: str, shots: int, batch: int = BATCH) -> AttentionShape:
+    spec_stage = ATTENTION_STAGES[STAGES.index(stage)] - 1  # 0-based index into the backbone's stages
+    spec = BACKBONES[backbone]
+    layers, channels = spec.depths[spec_stage], spec.channels[spec_stage]
+    side = IMAGE_SIZE // STAGE_STRIDES[spec_stage]
+    return AttentionShape(backbone=backbone, stage=stage, shots=shots, layers=layers, batch=batch,
+                          heads=NUM_HEADS * layers, n_query=side * side, n_key=shots * side * side,
+                          head_dim=channels // NUM_HEADS)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Cost model of the fused op (dcama-spec.md section 7), per pass. It is the minimal work of an implementation
-# that keeps O(B*H*Nq) memory: the backward recomputes the scores, so each pass has one exp per score.
-# The same count is used for every implementation, so TFLOP/s and the floor shares compare like with like.
+# Cost model of the fused op per pass (docs/performance.md). It is the minimal work of an implementation that
+# keeps O(B*H*Nq) memory: the backward recomputes the scores, so each pass has one exp per score. The same
+# count is used for every implementation, so TFLOP/s and the floor shares compare like with like.
 def attention_cost(shape: AttentionShape, dtype: str, pass_: str) -> dict[str, float]:
     n, d, c = shape.scores, shape.head_dim, shape.value_channels
     elt = torch.tensor([], dtype=DTYPES[dtype]).element_size()
     b, h, nq, nk = shape.batch, shape.heads, shape.n_query, shape.n_key
     q_bytes, k_bytes = elt * b * nq * h * d, elt * b * nk * h * d
-    v_bytes, o_bytes, lse_bytes = elt * b * nk * c, elt * b * nq * c, 4 * b * h * nq
+    # One mask per episode, read by every head; the output is each layer's head mean (B, L, Nq).
+    v_bytes, o_bytes, lse_bytes = elt * b * nk * c, elt * b * shape.layers * nq * c, 4 * b * h * nq
     fwd = {"tc_flops": 2.0 * d * n,  # S = Q K^T
            "other_flops": 2.0 * c * n,  # the value side is a row reduction (C = 1), not a matmul
            "exps": float(n),
@@ -191,17 +195,6 @@ def cuda_ready() -> tuple[bool, str]:
 
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def software_versions() -> dict[str, str]:
-    import triton
-
-    info = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda (torch build)": str(torch.version.cuda), "platform": platform.platform()}
-    if torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name()
-        info["compute capability"] = "sm_%d%d" % torch.cuda.get_device_capability()
-    return info
 
 
 def human_bytes(n: float | None) -> str:

@@ -31,9 +31,10 @@ if __package__ in (None, ""):  # run as a script
 
 import torch
 
-from bench.common import REPO_ROOT, describe_peaks, software_versions
+from bench.common import REPO_ROOT, describe_peaks
+from dcama.runtime import software_versions
 
-# Design targets (README "Performance"), at the Swin-B 1/8 training shape, fwd+bwd, K = 1.
+# Design targets (docs/performance.md), at the Swin-B 1/8 training shape, fwd+bwd, K = 1.
 TARGET_SHAPE = {"backbone": "swin_b", "stage": "1/8", "shots": 1, "pass": "fwd+bwd"}
 TARGET_VS_NAIVE_FP32 = 15.0
 TARGET_VS_BEST_PEER = 1.5

@@ -24,18 +24,22 @@ if __package__ in (None, ""):  # run as a script
 import torch
 import torch.nn.functional as F
 
-from bench.common import (IMAGE_SIZE, SavedTensorBytes, cuda_ready, device_name, fmt_num, human_bytes,
-                          markdown_table)
-from dcama.files import write_json
+from triton.testing import do_bench
 
-BACKBONES = ("swin_b", "resnet50")
+from bench.common import (BATCH, IMAGE_SIZE, PUBLISHED_BACKBONES, SavedTensorBytes, cuda_ready, device_name, fmt_num,
+                          human_bytes, markdown_table)
+from dcama.backbones import BACKBONES
+from dcama.files import write_json
+from dcama.model import DCAMA
+from dcama.train import TrainConfig, build_optimizer, resolve_config, trainable_parameters
+
+DEFAULT_BACKBONES = PUBLISHED_BACKBONES[:2]  # Swin-B and ResNet-50 (ResNet-101 on request)
 IMPLS = ("naive", "triton")
+PUBLISHED_RECIPE = resolve_config(TrainConfig(benchmark="coco"))  # its optimiser: SGD, Nesterov momentum
 GIB = 1024**3
 
 
 def build_model(backbone: str, impl: str, device: str | torch.device) -> torch.nn.Module:
-    from dcama import DCAMA
-
     with torch.device(device):
         model = DCAMA(backbone=backbone, attn_impl=impl)
     return model.train()
@@ -48,14 +52,10 @@ def make_batch(batch: int, shots: int, device: str | torch.device) -> tuple[torc
                 (torch.rand(batch, shots, s, s) > 0.5).float(), (torch.rand(batch, s, s) > 0.5).long())
 
 
-def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def fixed_bytes(model: torch.nn.Module) -> int:
     """Weights and buffers, plus a gradient and an SGD momentum buffer per trainable parameter."""
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-    return nbytes(model.parameters()) + nbytes(model.buffers()) + 2 * nbytes(trainable(model))
+    return nbytes(model.parameters()) + nbytes(model.buffers()) + 2 * nbytes(trainable_parameters(model))
 
 
 def _saved_bytes(model: torch.nn.Module, batch: int, shots: int) -> int:
@@ -81,10 +81,8 @@ def largest_batch(at_small: float, at_large: float, small: int, large: int, budg
 
 def gpu_step(backbone: str, impl: str, batch: int, shots: int) -> dict[str, float]:
     """Median step time (ms) and peak GPU memory (bytes) of forward + loss + backward + SGD step."""
-    from triton.testing import do_bench
-
     model = build_model(backbone, impl, "cuda")
-    opt = torch.optim.SGD(trainable(model), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    opt = build_optimizer(PUBLISHED_RECIPE, trainable_parameters(model))
     q_img, s_img, s_mask, q_mask = make_batch(batch, shots, "cuda")
 
     def step() -> None:
@@ -152,10 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="Swin-B only (a few seconds on CPU)")
     parser.add_argument("--json", metavar="FILE", help="write the records as a JSON list")
-    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES),
-                        choices=["swin_b", "resnet50", "resnet101", "resnet18", "resnet34"])
+    parser.add_argument("--backbones", nargs="+", default=list(DEFAULT_BACKBONES), choices=list(BACKBONES))
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 5])
-    parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     parser.add_argument("--budget-gb", type=float, default=80.0, help="memory budget in GiB for the largest batch")
     args = parser.parse_args(argv)

@@ -10,8 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.common import (DTYPES, SavedTensorBytes, attention_cost, attention_shape, floors_ms, shape_only)
+from bench.attention import make_call
+from bench.common import (DTYPES, AttentionShape, SavedTensorBytes, attention_cost, attention_shape, floors_ms,
+                          shape_only)
 from bench.train_step import largest_batch
+from dcama.backbones import BACKBONES
+from dcama.model import StageAttention, split_heads
+from kernels import dcama_attention
 
 REPO = Path(__file__).resolve().parents[1]
 TIMED = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
@@ -76,10 +81,56 @@ def test_fused_op_saves_O_rows_while_naive_saves_O_scores(attention_records):
             assert naive / triton >= scores / fused_bound > 10
 
 
+@pytest.mark.parametrize("backbone", ["swin_b", "resnet50", "resnet101"])
+def test_shapes_are_the_models(backbone):
+    spec = BACKBONES[backbone]
+    for stage, stride, layers, channels in zip(("1/8", "1/16", "1/32"), (8, 16, 32), spec.depths[1:],
+                                               spec.channels[1:]):
+        s = attention_shape(backbone, stage, 5)
+        side = 384 // stride
+        assert (s.layers, s.heads, s.head_dim, s.batch) == (layers, 8 * layers, channels // 8, 12)
+        assert (s.n_query, s.n_key) == (side * side, 5 * side * side)
+
+
+@pytest.mark.parametrize("impl", ["naive", "triton", "sdpa-math"])
+def test_bench_calls_the_attention_as_the_model_does(impl, one_thread):
+    """What is timed is what trains: a bench row computes the model's StageAttention output from the same
+    projected tokens (layers stacked in the head axis, one mask per episode). Peaked attention (large
+    projections) so that heads grouped with the wrong layer would give another output."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    layers, channels, n_query, shots = 2, 128, 6, 2
+    module = StageAttention(channels).to(device).eval()
+    with torch.no_grad():
+        for lin in module.linears:
+            lin.weight.mul_(8.0)
+    query = torch.randn(3, n_query, layers, channels, device=device)
+    support = torch.randn(3, shots * n_query, layers, channels, device=device)
+    mask = torch.rand(3, shots * n_query, device=device)
+    shape = AttentionShape(backbone="test", stage="1/8", shots=shots, layers=layers, batch=3, heads=8 * layers,
+                           n_query=n_query, n_key=shots * n_query, head_dim=channels // 8)
+    with torch.no_grad():
+        q, k = module.linears[0](query), module.linears[1](support)
+        expected = module(query, support, mask, "naive")
+        got = make_call(impl, shape, fake=False, dropout_p=0.0)(q, k, mask)
+        # Peaked: most of each row's weight on one support token (uniform would be 1/12).
+        scores = torch.einsum("bild,bjld->blij", q.unflatten(-1, (8, 16))[..., 0, :],
+                              k.unflatten(-1, (8, 16))[..., 0, :]) / 4.0
+        assert scores.softmax(-1).amax(-1).mean() > 0.5
+        # The heads of each layer averaged with another layer's: a different answer.
+        per_head = dcama_attention(split_heads(q, 8), split_heads(k, 8), mask, head_reduction="none", impl="naive")
+        mixed = per_head.reshape(3, 8, layers, n_query).mean(dim=1)
+        assert (mixed - expected).abs().max() > 0.05
+    assert got.shape == (3, layers, n_query)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_cost_model_counts():
     s = attention_shape("swin_b", "1/8", 5)
-    assert (s.batch, s.n_query, s.n_key, s.head_dim) == (24, 2304, 11520, 32)
-    assert attention_shape("resnet101", "1/16", 1).batch == 12 * 23
+    # 12 episodes; the stage's 2 layers stacked in the head axis: 2 x 8 heads.
+    assert (s.batch, s.heads, s.n_query, s.n_key, s.head_dim) == (12, 16, 2304, 11520, 32)
+    r101 = attention_shape("resnet101", "1/16", 1)
+    assert (r101.batch, r101.heads, r101.n_query) == (12, 8 * 23, 576)
     assert attention_shape("resnet50", "1/32", 1).head_dim == 256
     cost = attention_cost(s, "bf16", "fwd+bwd")
     assert cost["exps"] == 2 * s.scores  # one exp per score per pass
