@@ -16,6 +16,10 @@ if not torch.cuda.is_available():
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
+# After the interpreter choice above. pytest puts tests/ on sys.path (no __init__.py), hence `helpers`.
+from dcama import DCAMA  # noqa: E402
+from helpers import DEVICE, randomise_  # noqa: E402
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not torch.cuda.is_available():
@@ -48,6 +52,15 @@ def load_cli() -> Callable[[str], ModuleType]:
         return module
 
     return load
+
+
+@pytest.fixture(scope="session")
+def swin32() -> torch.nn.Module:
+    """A Swin-B DCAMA built for 32x32 inputs (the smallest side it builds for: one window per stage grid), with
+    randomised normalisation weights; the published model uses 384, the key layout is the same. Built once:
+    Swin-B takes seconds to initialise."""
+    torch.manual_seed(0)
+    return randomise_(DCAMA("swin_b", attn_impl="sdpa", img_size=32)).to(DEVICE).eval()
 
 
 @pytest.fixture

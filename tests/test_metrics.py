@@ -1,4 +1,4 @@
-"""FewShotIoU on hand-computed cases."""
+"""FewShotIoU and the per-episode IoU on hand-computed cases."""
 
 import math
 import multiprocessing as mp
@@ -6,7 +6,7 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from dcama.metrics import FewShotIoU
+from dcama.metrics import FewShotIoU, episode_iou
 
 
 def masks(*rows):
@@ -61,6 +61,12 @@ def test_class_without_episodes_is_reported_and_left_out():
         out = m.compute()
     assert math.isnan(out["per_class"][0]) and math.isnan(out["per_class"][1])
     assert out["miou"] == pytest.approx(50.0)
+
+
+def test_episode_iou_ignores_boundary_pixels():
+    target = torch.tensor([[1, 1], [0, 255]])
+    assert episode_iou(torch.tensor([[1, 0], [0, 1]]), target) == pytest.approx(50.0)
+    assert episode_iou(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long)) == 100.0
 
 
 def test_bad_inputs_raise():

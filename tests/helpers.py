@@ -1,0 +1,90 @@
+"""Builders shared by the test files: episodes, model weights that no check passes by symmetry, attention that
+is far from uniform, and files in the layouts of other projects (the authors' checkpoints, ImageNet weights)."""
+
+import re
+
+import torch
+import torch.nn.functional as F
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Gain on the attention projections: the scores grow with its square. With random weights the softmax is
+# almost uniform (mean top weight ~1.5/Nk on ResNet-18 at 64 px), so a fault that mixes heads, positions or
+# mask values changes the output by less than any tolerance; at 8 most of each row's weight sits on a few
+# support tokens (mean top weight ~0.6).
+PEAK_GAIN = 8.0
+
+
+def episode(batch=1, shots=1, size=64, seed=0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, 3, size, size, generator=g)
+    support = torch.randn(batch, shots, 3, size, size, generator=g)
+    # Blobby masks so that the bilinear resizing gives fractional values too.
+    masks = (F.avg_pool2d(torch.rand(batch * shots, 1, size, size, generator=g), 9, 1, 4) > 0.5).float()
+    # Foreground on the left edge, background on the right: every resized mask holds both values, so the
+    # attention's gradient does not vanish at the 1x1 or 2x2 stages.
+    masks[..., 0], masks[..., -1] = 1.0, 0.0
+    return query.to(device), support.to(device), masks.view(batch, shots, size, size).to(device)
+
+
+def randomise_(model, seed=0):
+    """Non-trivial normalisation weights, biases and batch-norm statistics (timm zero-initialises the last
+    BN of each block and the biases), so that no check passes by symmetry; matrices keep their random init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point() or t.dim() != 1:
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif name.endswith("weight"):
+                t.copy_(torch.rand(t.shape, generator=g) * 0.5 + 0.5)
+            else:  # biases and running means
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+    return model
+
+
+def peaked_(model, gain=PEAK_GAIN):
+    """Scale every attention projection of a DCAMA model by `gain`: the softmax becomes far from uniform."""
+    with torch.no_grad():
+        for block in model.head.DCAMA_blocks:
+            for linear in block.linears:
+                linear.weight.mul_(gain)
+                linear.bias.mul_(gain)
+    return model
+
+
+def nearest(mask, size):
+    """A (H, W) label map resized to size x size by nearest neighbour, as the data sets resize masks."""
+    return F.interpolate(torch.as_tensor(mask).float()[None, None], size=(size, size), mode="nearest")[0, 0].long()
+
+
+def microsoft_swin_state(net):
+    """timm Swin weights in Microsoft's layout: patch merging at the end of the previous stage, plus the
+    relative_position_index and attn_mask buffers and the ImageNet classifier."""
+    out = {re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k): v
+           for k, v in net.state_dict().items()}
+    for i, stage in enumerate(net.layers):
+        for j, block in enumerate(stage.blocks):
+            out[f"layers.{i}.blocks.{j}.attn.relative_position_index"] = block.attn.relative_position_index
+            if block.attn_mask is not None:
+                out[f"layers.{i}.blocks.{j}.attn_mask"] = block.attn_mask
+    out["head.weight"] = torch.zeros(1000, net.num_features, device=out["norm.weight"].device)
+    out["head.bias"] = torch.zeros(1000, device=out["norm.weight"].device)
+    return out
+
+
+def torchvision_resnet_state(net):
+    """timm ResNet weights as torchvision/timm files hold them, classifier included."""
+    out = dict(net.state_dict())
+    out["fc.weight"] = torch.zeros(1000, net.num_features, device=out["conv1.weight"].device)
+    out["fc.bias"] = torch.zeros(1000, device=out["conv1.weight"].device)
+    return out
+
+
+def authors_state(model):
+    """What the authors' DDP-wrapped training saved for this model's weights."""
+    net = model.backbone.net
+    backbone = microsoft_swin_state(net) if model.backbone.spec.kind == "swin" else torchvision_resnet_state(net)
+    out = {f"module.feature_extractor.{k}": v for k, v in backbone.items()}
+    out.update({f"module.model.{k[len('head.'):]}": v for k, v in model.state_dict().items() if k.startswith("head.")})
+    return out
