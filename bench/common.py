@@ -21,7 +21,7 @@ if str(REPO_ROOT) not in sys.path:  # the benches run as scripts: make `kernels`
 
 from dcama.backbones import BACKBONES, STAGE_STRIDES  # noqa: E402  (needs the path above)
 from dcama.config import PUBLISHED_BATCH, PUBLISHED_IMG_SIZE  # noqa: E402
-from dcama.model import DROPOUT_P, NUM_HEADS  # noqa: E402
+from dcama.model import NUM_HEADS  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------
