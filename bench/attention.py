@@ -270,8 +270,8 @@ def model_table(records: list[dict[str, Any]]) -> str:
     pct = lambda x: fmt_num(x, ".3g")  # noqa: E731
     return markdown_table(rows, [
         ("backbone", "backbone", str), ("stage", "stage", str), ("shots", "K", str), ("batch", "B", str),
-        ("heads", "H (8 x L)", str), ("n_query", "Nq", str), ("n_key", "Nk", str), ("head_dim", "D", str), ("dtype", "dtype", str),
-        ("pass", "pass", str), ("model_tc_flops", "tensor-core GFLOP", lambda x: f"{x / 1e9:.1f}"),
+        ("heads", "H (8 x L)", str), ("n_query", "Nq", str), ("n_key", "Nk", str), ("head_dim", "D", str),
+        ("dtype", "dtype", str), ("pass", "pass", str), ("model_tc_flops", "tensor-core GFLOP", lambda x: f"{x / 1e9:.1f}"),
         ("model_exps", "exps (G)", lambda x: f"{x / 1e9:.2f}"), ("model_bytes", "min HBM bytes", human_bytes),
         ("floor_tc_ms", "tc floor ms", pct), ("floor_exp_ms", "exp floor ms", pct),
         ("floor_mem_ms", "HBM floor ms", pct), ("floor_ms", "floor ms", pct)])
@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="Swin-B 1/8 only, K=1 and 5, fwd+bwd (under a minute on CPU)")
     parser.add_argument("--json", metavar="FILE", help="write every record as a JSON list")
     parser.add_argument("--plot", metavar="FILE.png", help="draw time and memory against the key tokens")
-    parser.add_argument("--backbones", nargs="+", default=list(PUBLISHED_BACKBONES), choices=list(PUBLISHED_BACKBONES))
+    parser.add_argument("--backbones", nargs="+", default=list(PUBLISHED_BACKBONES),
+                        choices=list(PUBLISHED_BACKBONES))
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 5])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
