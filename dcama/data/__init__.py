@@ -1,4 +1,5 @@
-"""Few-shot segmentation benchmarks: COCO-20i, PASCAL-5i, FSS-1000 and the embedded "shapes".
+"""Few-shot segmentation benchmarks: COCO-20i, PASCAL-5i, FSS-1000, a folder of one's own classes ("folder")
+and the embedded "shapes".
 
 `build_dataset` is the entry point; items are dicts (see FewShotDataset.assemble) and batch with torch's
 default collate, or with `collate_episodes` when use_original_imgsize is set.
@@ -11,6 +12,7 @@ from typing import Any
 from dcama.config import EVAL_EPISODES, PUBLISHED_IMG_SIZE
 from dcama.data.coco import COCODataset
 from dcama.data.common import DatasetFileError, FewShotDataset, collate_episodes, episode_rng
+from dcama.data.folder import FolderDataset, FolderLayoutError
 from dcama.data.fss import FSSDataset
 from dcama.data.pascal import PascalDataset
 from dcama.data.shapes import ShapesDataset
@@ -20,15 +22,18 @@ __all__ = [
     "collate_episodes",
     "episode_rng",
     "DatasetFileError",
+    "FolderLayoutError",
     "FewShotDataset",
     "COCODataset",
     "PascalDataset",
     "FSSDataset",
+    "FolderDataset",
     "ShapesDataset",
     "BENCHMARKS",
 ]
 
-BENCHMARKS = {"coco": COCODataset, "pascal": PascalDataset, "fss": FSSDataset, "shapes": ShapesDataset}
+BENCHMARKS = {"coco": COCODataset, "pascal": PascalDataset, "fss": FSSDataset, "folder": FolderDataset,
+              "shapes": ShapesDataset}
 
 
 def build_dataset(
@@ -43,10 +48,11 @@ def build_dataset(
     seed: int = 0,
     **options: Any,
 ) -> FewShotDataset:
-    """Build the episode dataset of a benchmark ("coco", "pascal", "fss", "shapes").
+    """Build the episode dataset of a benchmark ("coco", "pascal", "fss", "folder", "shapes").
 
-    root is the folder that holds COCO2014/, VOC2012/ or FSS-1000/ (unused, may be None, for "shapes").
-    options go to the benchmark's class (COCO: mask_source="json"|"png").
+    root is the folder that holds COCO2014/, VOC2012/ or FSS-1000/, for "folder" the folder of class folders
+    (unused, may be None, for "shapes"). options go to the benchmark's class (COCO: mask_source="json"|"png";
+    folder: split_seed).
     """
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {sorted(BENCHMARKS)}")

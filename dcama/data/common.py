@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset, default_collate
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = ("trn", "val", "test")
+# Binary masks (FSS-1000, the folder benchmark, eval/predict.py): grey value >= 128 is foreground.
+MASK_THRESHOLD = 128
+_EXIF_ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose follows
 
 
 class DatasetFileError(OSError):
@@ -35,29 +39,69 @@ def check_dir(path: str, what: str, layout: str) -> None:
         raise FileNotFoundError(f"{what} not found: {path!r} is not a directory.\n{layout}")
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB, naming the file in any error (PIL opens lazily, so force the decode here)."""
+@contextmanager
+def open_image(path: str, what: str) -> Iterator[Image.Image]:
+    """Image.open(path) whose errors name the file and `what` it is: FileNotFoundError for a missing file,
+    DatasetFileError for one PIL cannot identify or decode (errors raised inside the block included: PIL
+    decodes lazily)."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            yield img
     except FileNotFoundError:
-        raise FileNotFoundError(f"image file missing: {path}") from None
+        raise FileNotFoundError(f"{what} file missing: {path}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise DatasetFileError(f"cannot read image {path}: {err}") from err
+        raise DatasetFileError(f"cannot read {what} {path}: {err}") from err
+
+
+def load_rgb(path: str, exif_orientation: bool = False) -> Image.Image:
+    """Open an image as RGB, naming the file in any error (PIL opens lazily, so force the decode here).
+
+    exif_orientation turns the pixels the way the file's EXIF orientation tag says (as photo viewers show
+    them): the folder benchmark and eval/predict.py do, for people's photos; the published benchmarks read the
+    pixels as stored, as the original code did.
+    """
+    with open_image(path, "image") as img:
+        return (ImageOps.exif_transpose(img) if exif_orientation else img).convert("RGB")
+
+
+def image_size(path: str, exif_orientation: bool = False) -> tuple[int, int]:
+    """(height, width) of an image file from its header, without decoding the pixels (as load_rgb would
+    return it); errors as load_rgb's."""
+    with open_image(path, "image") as img:
+        turned = exif_orientation and img.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
+        return (img.width, img.height) if turned else (img.height, img.width)
 
 
 def load_label(path: str) -> np.ndarray:
     """Read a label PNG as a (H, W) uint8 array of its palette indices / grey values, naming the file on error."""
-    try:
-        with Image.open(path) as img:
-            # Palette PNGs (VOC) keep their indices; RGB/RGBA masks (some FSS-1000 files) become grey values.
-            if img.mode not in ("P", "L"):
-                img = img.convert("L")
-            return np.array(img, dtype=np.uint8)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"mask file missing: {path}") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise DatasetFileError(f"cannot read mask {path}: {err}") from err
+    # Palette PNGs (VOC) keep their indices; RGB/RGBA masks (some FSS-1000 files) become grey values.
+    with open_image(path, "mask") as img:
+        return mask_grey(img, keep_palette=True)
+
+
+def load_grey_mask(path: str) -> np.ndarray:
+    """A mask file as (H, W) uint8 grey values (mask_grey), naming the file on error."""
+    with open_image(path, "mask") as img:
+        return mask_grey(img)
+
+
+def load_binary_mask(path: str) -> np.ndarray:
+    """A binary mask file as a (H, W) uint8 {0, 1} array (grey value >= MASK_THRESHOLD is foreground)."""
+    return grey_to_binary(load_grey_mask(path))
+
+
+def mask_grey(img: Image.Image, keep_palette: bool = False) -> np.ndarray:
+    """A mask image as (H, W) uint8 grey values, every mode converted the way PIL shows it (palette entries
+    through their colours, RGB by luminance, 1-bit as 0/255, alpha dropped), so a white-on-black mask reads
+    the same whatever format it was saved in. keep_palette keeps a palette image's indices instead (VOC)."""
+    if img.mode != "L" and not (keep_palette and img.mode == "P"):
+        img = img.convert("L")
+    return np.array(img, dtype=np.uint8)
+
+
+def grey_to_binary(grey: np.ndarray) -> np.ndarray:
+    """(H, W) grey values -> {0, 1} uint8: grey >= MASK_THRESHOLD is foreground (docs/data.md, "Masks")."""
+    return (np.asarray(grey) >= MASK_THRESHOLD).astype(np.uint8)
 
 
 _MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)
@@ -70,6 +114,11 @@ def normalize_array(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
 
 
+def uint8_to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> normalised (3, H, W) float32 tensor: scaled to [0, 1], ImageNet statistics."""
+    return normalize_array(np.asarray(rgb, dtype=np.float32) / 255.0)
+
+
 def preprocess_image(img: Image.Image, img_size: int) -> torch.Tensor:
     """Resize to a square with PIL bilinear (antialiased when shrinking), scale to [0, 1],
     normalise with the ImageNet statistics.
@@ -77,8 +126,7 @@ def preprocess_image(img: Image.Image, img_size: int) -> torch.Tensor:
     This is what torchvision's Resize + ToTensor + Normalize do on a PIL image (same PIL call, same float
     ops; a test checks the equality), without importing torchvision in every data process.
     """
-    resized = img.resize((img_size, img_size), Image.Resampling.BILINEAR)
-    return normalize_array(np.asarray(resized, dtype=np.float32) / 255.0)
+    return uint8_to_tensor(np.asarray(img.resize((img_size, img_size), Image.Resampling.BILINEAR)))
 
 
 def resize_mask(mask: torch.Tensor, img_size: int) -> torch.Tensor:
@@ -141,6 +189,11 @@ class FewShotDataset(Dataset):
     def rng(self, index: int) -> np.random.Generator:
         return episode_rng(self.seed, self.epoch, index)
 
+    def describe(self) -> dict[str, Any]:
+        """What a run records about its data beyond the settings that built it (the folder benchmark: its
+        class split, with a "summary" for people); {} for the benchmarks whose classes are fixed."""
+        return {}
+
     def check_index(self, index: int) -> int:
         if not -len(self) <= index < len(self):
             raise IndexError(f"episode index {index} out of range for {len(self)} episodes")
@@ -201,3 +254,35 @@ def collate_episodes(batch: list[dict[str, Any]]) -> dict[str, Any]:
         if key in batch[0]:
             out[key] = [item[key] for item in batch]
     return out
+
+
+class ImageFilesDataset(FewShotDataset):
+    """Episodes over classes of (image, mask) files, FSS-1000's protocol: every image of the split's classes
+    is a query once (len = number of images, `episodes` is ignored), its K supports drawn from the other
+    images of its class. Masks are binary (load_binary_mask); names are the image paths relative to `base`.
+
+    Subclasses index their layout and call `set_files`.
+    """
+
+    exif_orientation = False
+
+    def set_files(self, base: str, files: dict[int, list[tuple[str, str]]]) -> None:
+        """files: class id -> (image path, mask path) of each of its images, in query order."""
+        self.base = base
+        self.files = files
+        self.queries = [(cid, j) for cid, pairs in files.items() for j in range(len(pairs))]
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def load_pair(self, image_path: str, mask_path: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+        img = preprocess_image(load_rgb(image_path, self.exif_orientation), self.img_size)
+        mask = torch.from_numpy(load_binary_mask(mask_path))
+        return img, mask, os.path.relpath(image_path, self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = self.check_index(index)
+        class_id, q = self.queries[index]
+        pairs = self.files[class_id]
+        picks = draw_others(self.rng(index), len(pairs), q, self.shot)
+        return self.assemble(class_id, self.load_pair(*pairs[q]), [self.load_pair(*pairs[j]) for j in picks])

@@ -5,22 +5,9 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from typing import Any
-
-import numpy as np
-import torch
 
 from dcama.config import EVAL_EPISODES, PUBLISHED_IMG_SIZE
-from dcama.data.common import (
-    FewShotDataset,
-    check_dir,
-    draw_others,
-    load_label,
-    load_rgb,
-    preprocess_image,
-    split_file,
-    validate_args,
-)
+from dcama.data.common import ImageFilesDataset, check_dir, split_file, validate_args
 
 LAYOUT = """Expected FSS-1000 layout (HSNet/DCAMA convention):
   <root>/FSS-1000/<class name>/<n>.jpg and <n>.png, n = 1..10 (mask: grey value >= 128 is foreground)
@@ -38,7 +25,7 @@ def read_classes(split: str) -> list[str]:
         return sorted(line.strip() for line in f if line.strip())
 
 
-class FSSDataset(FewShotDataset):
+class FSSDataset(ImageFilesDataset):
     """FSS-1000 episodes: every image of the split's classes is a query once (len = number of images, for
     every split; `episodes` is ignored); supports are drawn from the other images of its class."""
 
@@ -47,38 +34,23 @@ class FSSDataset(FewShotDataset):
         validate_args(split, fold, 1, shot, img_size, seed, episodes)
         super().__init__(split, shot, img_size, use_original_imgsize, seed)
         check_dir(str(root), "FSS-1000 root", LAYOUT)
-        self.base = os.path.join(str(root), "FSS-1000")
-        check_dir(self.base, "FSS-1000 folder", LAYOUT)
+        base = os.path.join(str(root), "FSS-1000")
+        check_dir(base, "FSS-1000 folder", LAYOUT)
         names = read_classes(split)
         self.class_ids = [CLASS_OFFSET[split] + i for i in range(len(names))]
-        self.images: dict[int, list[str]] = {}  # class id -> image paths without extension, by number
+        files: dict[int, list[tuple[str, str]]] = {}  # class id -> (n.jpg, n.png) by number n
         too_few = []
         for cid, name in zip(self.class_ids, names):
-            cdir = os.path.join(self.base, name)
+            cdir = os.path.join(base, name)
             check_dir(cdir, f"FSS-1000 class folder {name!r}", LAYOUT)
             numbers = sorted(int(m.group(1)) for f in os.listdir(cdir) if (m := _NUMBERED_JPG.match(f)))
             if len(numbers) < shot + 1:
                 too_few.append(name)
                 continue
-            self.images[cid] = [os.path.join(cdir, str(n)) for n in numbers]
+            files[cid] = [(os.path.join(cdir, f"{n}.jpg"), os.path.join(cdir, f"{n}.png")) for n in numbers]
         if too_few:
             warnings.warn(f"FSS-1000 {split}: classes {too_few} have fewer than shot+1={shot + 1} images and "
                           "are skipped", stacklevel=2)
-        self.queries = [(cid, j) for cid, paths in self.images.items() for j in range(len(paths))]
+        self.set_files(base, files)
         if not self.queries:
             raise ValueError(f"FSS-1000 {split}: no class has shot+1={shot + 1} images")
-
-    def __len__(self) -> int:
-        return len(self.queries)
-
-    def _load(self, path: str) -> tuple[torch.Tensor, torch.Tensor, str]:
-        img = preprocess_image(load_rgb(path + ".jpg"), self.img_size)
-        mask = torch.from_numpy((load_label(path + ".png") >= 128).astype(np.uint8))
-        return img, mask, os.path.relpath(path + ".jpg", self.base)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        index = self.check_index(index)
-        class_id, q = self.queries[index]
-        paths = self.images[class_id]
-        picks = draw_others(self.rng(index), len(paths), q, self.shot)
-        return self.assemble(class_id, self._load(paths[q]), [self._load(paths[j]) for j in picks])

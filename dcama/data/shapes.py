@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from dcama.config import EVAL_EPISODES, PUBLISHED_IMG_SIZE
-from dcama.data.common import SPLITS, FewShotDataset, draw_others, normalize_array, validate_args
+from dcama.data.common import SPLITS, FewShotDataset, draw_others, uint8_to_tensor, validate_args
+from dcama.data.folder import write_image_and_mask, write_splits
 
 N_HUES = 12
 N_PATTERNS = 4  # 0 solid, 1 stripes, 2 checker, 3 dots
@@ -38,6 +39,11 @@ _IMAGE_TAG = 0x5A4E  # separates the image streams from the episode streams of c
 
 def class_hue_pattern(c: int) -> tuple[int, int]:
     return c % N_HUES, c // N_HUES
+
+
+def class_name(c: int) -> str:
+    """The class's name in image names and exported folders: c00 .. c47."""
+    return f"c{c:02d}"
 
 
 def split_classes(fold: int, split: str) -> list[int]:
@@ -208,14 +214,18 @@ class ShapesDataset(FewShotDataset):
         return self.length
 
     def render(self, class_id: int, number: int) -> tuple[np.ndarray, np.ndarray]:
-        """Image `number` of a class's pool: (H, W, 3) RGB in [0, 1] and (H, W) {0, 1} mask."""
+        """Image `number` of a class's pool: (H, W, 3) uint8 RGB and (H, W) {0, 1} uint8 mask.
+
+        8-bit like a picture file, so that the images written as PNG files (export_folder) are exactly the
+        images the benchmark gives."""
         rng = np.random.default_rng(np.random.SeedSequence(
             [self.seed, _IMAGE_TAG, self.fold, SPLITS.index(self.split), class_id, number]))
-        return render_image(class_id, self.class_ids, self.img_size, rng)
+        rgb, mask = render_image(class_id, self.class_ids, self.img_size, rng)
+        return np.round(rgb * 255.0).astype(np.uint8), mask
 
     def _load(self, class_id: int, number: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         rgb, mask = self.render(class_id, number)
-        return normalize_array(rgb), torch.from_numpy(mask), f"shapes/{self.split}/c{class_id:02d}/{number:06d}"
+        return uint8_to_tensor(rgb), torch.from_numpy(mask), f"shapes/{self.split}/{class_name(class_id)}/{number:06d}"
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = self.check_index(index)
@@ -225,3 +235,22 @@ class ShapesDataset(FewShotDataset):
         q = int(rng.integers(pool))
         picks = draw_others(rng, pool, q, self.shot)
         return self.assemble(class_id, self._load(class_id, q), [self._load(class_id, j) for j in picks])
+
+
+def export_folder(root: str, fold: int = 0, images_per_class: int = 20, img_size: int = 96, seed: int = 0,
+                  splits: tuple[str, ...] = SPLITS) -> None:
+    """Write the classes of a fold's splits as a folder benchmark (docs/data.md): <root>/c<class>/<number>.png
+    with <number>.mask.png for numbers 000000 .. images_per_class - 1, and splits.json with the fold's split.
+
+    `build_dataset("folder", root, split=s, img_size=img_size)` then reads back exactly the images and masks
+    that `ShapesDataset(fold=fold, split=s, img_size=img_size, seed=seed)` renders; with all three splits
+    exported the class ids agree too (a folder class's id is its place among the sorted class folders).
+    """
+    listed = {}
+    for split in splits:
+        ds = ShapesDataset(fold=fold, split=split, img_size=img_size, seed=seed)
+        listed[split] = [class_name(c) for c in ds.class_ids]
+        for c in ds.class_ids:
+            for number in range(images_per_class):
+                write_image_and_mask(root, class_name(c), f"{number:06d}", *ds.render(c, number))
+    write_splits(root, listed)
