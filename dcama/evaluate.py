@@ -104,7 +104,8 @@ def evaluate(predictor: Predictor, dataset: Dataset, *, device: torch.device | s
                 cls = int(batch["class_id"][b])
                 save_episode_png(visualize_dir / f"episode{idx:05d}_class{cls}_iou{iou:05.1f}.png",
                                  batch["support_imgs"][b], batch["support_masks"][b], batch["query_img"][b],
-                                 target[b], pred[b], f"episode {idx}  class {cls}  IoU {iou:.1f}%")
+                                 target[b], pred[b], f"episode {idx}  ·  class {cls}  ·  {batch['query_name'][b]}",
+                                 iou=iou)
         seen += pred.shape[0]
     metric.all_reduce()
     result = metric.compute()

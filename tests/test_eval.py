@@ -12,6 +12,7 @@ from dcama.checkpoint import save_checkpoint
 from dcama.data import build_dataset
 from dcama.evaluate import baseline_predictor, evaluate, evaluate_checkpoint
 from dcama.model import DCAMA
+from dcama.visualize import GAP, MARGIN, PANEL_HEIGHT
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,8 +71,8 @@ def test_cli_prints_writes_json_and_one_png_per_episode(checkpoint: Path, tmp_pa
     assert result["settings"]["benchmark"] == "shapes" and result["settings"]["checkpoint"] == str(checkpoint)
     pngs = sorted((tmp_path / "vis").glob("*.png"))
     assert len(pngs) == 3 and all("_iou" in p.name for p in pngs)
-    with Image.open(pngs[0]) as img:
-        assert img.size[0] == 3 * 64  # support, query + ground truth, prediction
+    with Image.open(pngs[0]) as img:  # support, ground truth, prediction: three panels upscaled side by side
+        assert img.size[0] == 2 * MARGIN + 3 * PANEL_HEIGHT + 2 * GAP
 
 
 def test_cli_baseline(capsys: pytest.CaptureFixture, load_cli) -> None:
