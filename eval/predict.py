@@ -1,0 +1,74 @@
+"""Segment your own images: K support images with their masks show what to find, every query image gets a
+mask (PNG, 0/255, at the query's size) and an overlay picture. Masks are read as in the folder benchmark:
+grey value >= 128 is foreground. docs/predict.md describes the outputs.
+
+  python eval/predict.py --checkpoint best.pt --support part1.jpg part1.png --support part2.jpg part2.png \\
+      --query photos/ --out predictions/
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+# Without a GPU the Triton kernels (--attn-impl triton) can only run in the interpreter, chosen before import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import dcama  # noqa: F401  (installed with `pip install -e .`)
+except ImportError:  # run from a checkout that was not installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dcama.checkpoint import CheckpointError
+from dcama.config import AMP_MODES, ATTN_IMPLS
+from dcama.data import DatasetFileError
+from dcama.predict import RESULTS_FILE, predict_files
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a .pt/.pth file: ours (best.pt) or the authors' release")
+    p.add_argument("--support", nargs=2, action="append", required=True, metavar=("IMAGE", "MASK"),
+                   help="a support image and its mask; repeat for K shots")
+    p.add_argument("--query", nargs="+", action="extend", required=True, metavar="FILE_OR_DIR_OR_GLOB",
+                   help="query images: files, folders (their images, masks beside them left out) or glob patterns")
+    p.add_argument("--out", required=True, help="output folder, new or empty unless --overwrite")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="side the model runs at (default: the checkpoint's training size, else 384)")
+    p.add_argument("--bsz", type=int, default=8, help="queries per forward pass (queries of one size batch together)")
+    p.add_argument("--backbone", default=None, help="backbone the checkpoint must have (the authors' files)")
+    p.add_argument("--attn-impl", default="auto", choices=ATTN_IMPLS)
+    p.add_argument("--amp", default="off", choices=AMP_MODES)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a folder that holds files: same-named results are replaced, others kept")
+    p.add_argument("--no-overlays", dest="overlays", action="store_false", help="write the masks only")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = predict_files(args.checkpoint, args.support, args.query, args.out, img_size=args.img_size,
+                               batch_size=args.bsz, backbone=args.backbone, attn_impl=args.attn_impl, amp=args.amp,
+                               device=args.device, threads=args.threads, overwrite=args.overwrite,
+                               overlays=args.overlays, progress=args.progress)
+    except (FileNotFoundError, DatasetFileError, CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    n, s = len(result["queries"]), result["settings"]
+    print(f"{n} mask{'s' * (n != 1)} in {os.path.join(args.out, 'masks')}"
+          + (f", overlays in {os.path.join(args.out, 'overlays')}" if args.overlays else "")
+          + f", {RESULTS_FILE} ({len(s['supports'])}-shot at {s['img_size']} px on {s['device']}, "
+          f"{n / max(s['seconds'], 1e-9):.1f} images/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""eval/predict.py and dcama/predict.py: which files are queries, and the errors a person sees for bad input,
+each one line naming the file, with nothing written. (Predictions themselves: tests/test_own_images.py.)"""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dcama.data import DatasetFileError
+from dcama.predict import InputError, output_names, query_files, read_support, size_batches
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def predict_cli():
+    spec = importlib.util.spec_from_file_location("predict_cli", REPO / "eval" / "predict.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def image(path: Path, height: int = 8, width: int = 10) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((height, width, 3), 90, np.uint8)).save(path)
+    return path
+
+
+def mask(path: Path, height: int = 8, width: int = 10, value: int = 255) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grey = np.zeros((height, width), np.uint8)
+    grey[2:5, 3:7] = value
+    Image.fromarray(grey).save(path)
+    return path
+
+
+def test_query_files_from_files_folders_and_globs(tmp_path):
+    for name in ("img10.jpg", "img2.jpg", "pic.png", "c.PNG", "sub/deep.jpg", "other/x.jpg", "other/y.jpg"):
+        image(tmp_path / name)
+    for name in ("img2.png", "pic.mask.png"):  # masks beside their images are not queries
+        mask(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("-")
+    found = query_files([tmp_path, str(tmp_path / "other" / "*.jpg"), tmp_path / "img2.jpg", tmp_path / "img2.png"])
+    assert found == [str(tmp_path / n) for n in ("c.PNG", "img2.jpg", "img10.jpg", "pic.png", "other/x.jpg",
+                                                 "other/y.jpg", "img2.png")]  # a file named explicitly counts
+    with pytest.raises(FileNotFoundError, match="query file or folder not found: .*nowhere.jpg"):
+        query_files([tmp_path / "nowhere.jpg"])
+    with pytest.raises(InputError, match=r"query pattern '.*\*.gif' matches no file"):
+        query_files([str(tmp_path / "*.gif")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="query folder .*empty holds no image files"):
+        query_files([tmp_path / "empty"])
+
+
+def test_output_names_mirror_the_folders_and_never_collide(tmp_path):
+    assert output_names([str(tmp_path / "a" / "1.jpg"), str(tmp_path / "b" / "1.jpg")]) == ["a/1", "b/1"]
+    assert output_names([str(tmp_path / "x.jpg")]) == ["x"]
+    with pytest.raises(InputError, match=r"would write the same mask 1.png"):
+        output_names([str(tmp_path / "1.jpg"), str(tmp_path / "1.png")])
+
+
+def test_batches_hold_one_size():
+    sizes = [(5, 6), (7, 8), (5, 6), (5, 6), (7, 8)]
+    assert size_batches(sizes, 2) == [[0, 2], [3], [1, 4]]
+    assert sorted(sum(size_batches(sizes, 1), [])) == list(range(5))
+
+
+def test_support_checks(tmp_path):
+    img = image(tmp_path / "s.jpg")
+    loaded, m = read_support(img, mask(tmp_path / "s.png"))
+    assert loaded.size == (10, 8) and m.dtype == np.uint8 and m.sum() == 12
+    with pytest.raises(InputError, match=r"mask .*wide.png is 8x12 \(HxW\) but its image .*s.jpg is 8x10"):
+        read_support(img, mask(tmp_path / "wide.png", width=12))
+    with pytest.raises(InputError, match=r"mask .*ones.png has no foreground pixel \(grey value >= 128\); its "
+                                         "largest value is 1: save a 0/1 mask as 0/255"):
+        read_support(img, mask(tmp_path / "ones.png", value=1))
+    with pytest.raises(InputError, match=r"mask support mask 1 has no foreground pixel \(grey value >= 128\)$"):
+        read_support(img, np.zeros((8, 10), bool))
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    with pytest.raises(DatasetFileError, match="cannot read image .*bad.jpg"):
+        read_support(tmp_path / "bad.jpg", tmp_path / "s.png")
+
+
+@pytest.mark.parametrize("case", ["query", "support", "size", "empty", "checkpoint", "missing-checkpoint", "out",
+                                  "no-query"])
+def test_cli_errors_are_one_line_naming_the_file_and_write_nothing(case, tmp_path, capsys):
+    support, support_mask = image(tmp_path / "s.jpg"), mask(tmp_path / "s.png")
+    query = image(tmp_path / "q" / "q.jpg")
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    out = tmp_path / "out"
+    named = {"query": "q/broken.jpg", "support": "s.jpg", "size": "s2.png", "empty": "s2.png",
+             "checkpoint": "model.pt", "missing-checkpoint": "absent.pt", "out": "out", "no-query": "nowhere"}[case]
+    if case == "query":
+        (tmp_path / "q" / "broken.jpg").write_bytes(b"garbage")
+    elif case == "support":
+        support.write_bytes(b"garbage")
+    elif case in ("size", "empty"):
+        support_mask = mask(tmp_path / "s2.png", height=9 if case == "size" else 8, value=255 if case == "size" else 0)
+    elif case == "missing-checkpoint":
+        checkpoint = tmp_path / "absent.pt"
+    elif case == "out":
+        (out / "masks").mkdir(parents=True)
+    args = ["--checkpoint", str(checkpoint), "--support", str(support), str(support_mask),
+            "--query", str(tmp_path / ("nowhere" if case == "no-query" else "q")), "--out", str(out), "--no-progress"]
+    rc = predict_cli().main(args)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert os.path.join(str(tmp_path), named) in err or (case == "out" and f"--out {out}" in err), err
+    assert sorted(p.name for p in out.rglob("*")) == (["masks"] if case == "out" else [])
