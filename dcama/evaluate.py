@@ -132,7 +132,8 @@ def evaluate_checkpoint(checkpoint: str | Path | None, *, benchmark: str = "shap
 
     `baseline` evaluates a trivial predictor instead of a checkpoint. `batch_size` must stay 1 with
     `use_original_imgsize` (episodes of different sizes). Returns (and with `json_path` writes)
-    {"miou", "fb_iou", "per_class", "episodes", "settings"}. Same arguments, same numbers.
+    {"miou", "fb_iou", "per_class", "episodes", "settings"}; settings["data"] is what the data set says of
+    itself (the folder benchmark's class split). Same arguments, same numbers.
     """
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if (checkpoint is None) == (baseline is None):
@@ -155,7 +156,7 @@ def evaluate_checkpoint(checkpoint: str | Path | None, *, benchmark: str = "shap
         "checkpoint": None if checkpoint is None else str(checkpoint), "baseline": baseline,
         "benchmark": benchmark, "datapath": datapath, "fold": fold, "nshot": nshot, "episodes": len(dataset),
         "seed": seed, "use_original_imgsize": use_original_imgsize, "img_size": img_size, "attn_impl": attn_impl,
-        "amp": amp, "device": str(dev), "model_config": model_config,
+        "amp": amp, "device": str(dev), "model_config": model_config, "data": dataset.describe(),
     }
     if json_path is not None and dist_info()[0] == 0:
         write_json(json_path, result)

@@ -435,9 +435,12 @@ def _start_logs(run: _Run) -> SummaryWriter | None:
     run.logdir.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(run.logdir / "tensorboard"))
     trainable = sum(p.numel() for p in trainable_parameters(run.model))
+    data = run.trn_ds.describe()  # what the data set says of itself: the folder benchmark's class split
+    if data.get("summary"):
+        print(data["summary"], flush=True)
     run_config = {"train": dataclasses.asdict(run.cfg), "model": dict(run.model.config), "world_size": run.world,
                   "device": str(run.device), "trainable_params": trainable,
-                  "train_episodes_per_epoch": len(run.trn_ds), "versions": software_versions()}
+                  "train_episodes_per_epoch": len(run.trn_ds), "data": data, "versions": software_versions()}
     write_json(run.logdir / "config.json", run_config)
     return writer
 

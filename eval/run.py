@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what.add_argument("--checkpoint", help="a .pt/.pth file: ours (best.pt, last.pt) or the authors' release")
     what.add_argument("--baseline", choices=BASELINES, help="score a trivial predictor instead of a model")
     p.add_argument("--benchmark", default="shapes", choices=list(BENCHMARK_DEFAULTS))
-    p.add_argument("--datapath", default=None, help="benchmark root folder (not needed for shapes)")
+    p.add_argument("--datapath", default=None,
+                   help="benchmark root folder; for folder, the folder of class folders (not needed for shapes)")
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--nshot", type=int, default=1)
     p.add_argument("--episodes", type=int, default=EVAL_EPISODES)
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     s = result["settings"]
     print(f"{s['checkpoint'] or s['baseline']}: {s['benchmark']} fold {s['fold']} {s['nshot']}-shot, "
           f"seed {s['seed']}")
+    if s["data"].get("summary"):  # the folder benchmark's class split
+        print(s["data"]["summary"])
     print(format_result(result))
     if args.json_path:
         print(f"wrote {args.json_path}")

@@ -29,7 +29,8 @@ from dcama.train import ConfigError, NonFiniteLossError, TrainConfig, train
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--benchmark", default="shapes", choices=list(BENCHMARK_DEFAULTS))
-    p.add_argument("--datapath", default=None, help="benchmark root folder (not needed for shapes)")
+    p.add_argument("--datapath", default=None,
+                   help="benchmark root folder; for folder, the folder of class folders (not needed for shapes)")
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--backbone", default=None, help=", ".join(BACKBONES))
     p.add_argument("--backbone-weights", default=None, help="ImageNet weights file of the backbone")
