@@ -8,9 +8,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from dcama.data import FolderLayoutError, build_dataset
+from dcama.data.common import preprocess_image
 from dcama.data.folder import SEEDED_FRACTION, image_names, pair_files, seeded_split
 from dcama.data.fss import read_classes
 from dcama.data.shapes import ShapesDataset, export_folder
@@ -142,6 +143,9 @@ def test_masks_threshold_and_exif_orientation(tmp_path):
     write_mask(tmp_path / "c" / "0.png", height=4, width=2)
     item = build_dataset("folder", tmp_path, split="test", img_size=4, use_original_imgsize=True)[0]
     assert item["org_query_size"] == (4, 2)
+    with Image.open(tmp_path / "c" / "0.jpg") as stored:
+        turned = ImageOps.exif_transpose(stored).convert("RGB")
+        assert turned.size == (2, 4) and torch.equal(item["query_img"], preprocess_image(turned, 4))
 
 
 def test_fss1000_layout_reads_as_the_fss_benchmark(tmp_path):
@@ -184,4 +188,8 @@ def test_shapes_written_to_a_folder_come_back_exactly(tmp_path):
             assert torch.equal(item["support_imgs"], torch.stack([img for img, _, _ in loaded[1:]]))
             assert torch.equal(item["support_masks"], torch.stack([m for _, m, _ in loaded[1:]]).float())
             assert item["class_id"] == int(item["query_name"][1:3])
+            # Supports: other images of the query's class (the score test cannot see this: a model trained for
+            # seconds barely uses its supports).
+            assert {n.split("/")[0] for n in item["support_names"]} == {item["query_name"].split("/")[0]}
+            assert len({item["query_name"], *item["support_names"]}) == 3
     assert not list(tmp_path.rglob("*.tmp"))

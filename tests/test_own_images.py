@@ -22,7 +22,7 @@ from dcama.data.shapes import ShapesDataset, class_name, export_folder
 from dcama.evaluate import evaluate, model_predictor
 from dcama.metrics import episode_iou
 from dcama.model import DCAMA
-from dcama.predict import load_model, segment
+from dcama.predict import SupportSet, load_model, read_support, segment
 from dcama.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +69,9 @@ def test_folder_benchmark_scores_like_the_shapes_benchmark(model: DCAMA, tmp_pat
     # draws classes and images from pools of 1000), so the scores differ by sampling noise only. Tolerance:
     # 3 standard errors of the difference of two means of independent per-episode IoUs (a two-sided 99.7%
     # band if they come from one distribution), estimated from the episodes themselves: ~5 points here.
+    # What it sees: images, masks, resizing and scoring that differ between the two paths. What it cannot:
+    # supports of the wrong class, since a model trained this briefly scores the same with them (measured:
+    # 33.8 vs 33.7); tests/test_data_folder.py checks where the supports come from.
     export_folder(tmp_path, fold=0, images_per_class=16, img_size=SIZE, splits=("test",))
     folder = build_dataset("folder", tmp_path, split="test", img_size=SIZE)
     shapes = build_dataset("shapes", None, split="test", img_size=SIZE, episodes=len(folder), seed=0)
@@ -112,6 +115,9 @@ def test_predict_writes_exactly_what_model_predict_gives(model: DCAMA, trained: 
     assert expected.shape == (48, 88) and 0 < expected.mean() < 1  # a mask a wrong resize would change
     base = tmp_path / "data"
     supports = [(str(base / name), str(base / name).replace(".png", ".mask.png")) for name in episode["support_names"]]
+    prepared = SupportSet.build([read_support(*pair) for pair in supports], SIZE)  # what predict feeds the model
+    assert torch.equal(prepared.images, episode["support_imgs"]) and torch.equal(prepared.masks,
+                                                                                 episode["support_masks"])
     out = tmp_path / "out"
     args = ["--checkpoint", str(trained), "--query", str(base / episode["query_name"]), "--out", str(out),
             "--attn-impl", "sdpa", "--no-progress"]

@@ -37,7 +37,8 @@ def test_small_images_upscaled_with_a_light_fill_and_a_contour():
     assert (px[:scale, :scale] == 0).all() and (px[scale, scale] == 128).all()
     light = np.round((1 - FILL_ALPHA) * 128 + FILL_ALPHA * np.array(PREDICTION.colour))
     centre = px[6 * scale:10 * scale, 6 * scale:10 * scale]
-    assert (centre == light).all()  # the fill is light: the image still shows through
+    assert (centre == light).all()
+    assert np.abs(light - 128).sum() < np.abs(light - PREDICTION.colour).sum()  # light: nearer the image
     edge = 4 * scale  # the mask's left edge, in panel pixels
     row = px[8 * scale]
     assert (row[edge - 2:edge + 2] == PREDICTION.colour).all()  # a 4 px line centred on the edge

@@ -42,6 +42,7 @@ SPLITS_FILE = "splits.json"
 # A seeded split without splits.json: 20% of the classes test, 20% val (at least one each), the rest trn.
 SEEDED_FRACTION = {"test": 0.2, "val": 0.2}
 MAX_LISTED = 100  # problems named in one report (the count of the others follows)
+EXIF_ORIENTATION = True  # images are turned as their EXIF orientation says, as photo viewers show them
 _IGNORED_FOLDERS = ("__MACOSX",)  # left by zip archives made on macOS
 
 LAYOUT = f"""Expected folder benchmark layout (docs/data.md, "Your own classes: the folder benchmark"):
@@ -212,7 +213,7 @@ def _index_class(root: str, name: str, shot: int) -> tuple[list[tuple[str, str]]
     for image, mask in pairs:
         image_path, mask_path = os.path.join(folder, image), os.path.join(folder, mask)
         try:
-            sizes = image_size(image_path, exif_orientation=True), image_size(mask_path)
+            sizes = image_size(image_path, exif_orientation=EXIF_ORIENTATION), image_size(mask_path)
         except DatasetFileError as err:  # the message names the file
             problems.append(str(err))
             continue
@@ -235,7 +236,7 @@ class FolderDataset(ImageFilesDataset):
     follow their EXIF orientation (as photo viewers show them); masks must have that size.
     """
 
-    exif_orientation = True
+    exif_orientation = EXIF_ORIENTATION
 
     def __init__(self, root: str, fold: int = 0, split: str = "test", shot: int = 1,
                  img_size: int = PUBLISHED_IMG_SIZE, use_original_imgsize: bool = False,
