@@ -28,7 +28,7 @@ from .checkpoint import is_own_checkpoint, load_checkpoint_file
 from .config import PUBLISHED_IMG_SIZE
 from .data.common import (MASK_THRESHOLD, grey_to_binary, image_size, load_grey_mask, load_rgb, mask_grey,
                           preprocess_image, resize_mask)
-from .data.folder import IMAGE_SUFFIXES, image_names, natural_key
+from .data.folder import EXIF_ORIENTATION, IMAGE_SUFFIXES, image_names, natural_key
 from .files import write_json
 from .model import DCAMA
 from .runtime import autocast_context, cpu_threads
@@ -47,7 +47,7 @@ class InputError(ValueError):
 # ------------------------------------------------------------------------------------------------ inputs
 def _image(image: ImageLike) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
-        return load_rgb(os.fspath(image), exif_orientation=True)
+        return load_rgb(os.fspath(image), exif_orientation=EXIF_ORIENTATION)
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     return Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
@@ -220,7 +220,7 @@ def check_queries(queries: Sequence[str]) -> list[tuple[int, int]]:
     sizes, bad = [], []
     for q in queries:
         try:
-            sizes.append(image_size(q, exif_orientation=True))
+            sizes.append(image_size(q, exif_orientation=EXIF_ORIENTATION))
         except OSError as err:  # DatasetFileError and FileNotFoundError name the file
             bad.append(str(err))
     if bad:
@@ -255,7 +255,7 @@ def predict_files(checkpoint: str | os.PathLike, supports: Sequence[tuple[str, s
     dev = next(model.parameters()).device
     start = time.perf_counter()
     with cpu_threads(threads if dev.type == "cpu" else None):
-        load = lambda i: load_rgb(paths[i], exif_orientation=True)  # noqa: E731
+        load = lambda i: load_rgb(paths[i], exif_orientation=EXIF_ORIENTATION)  # noqa: E731
         for i, image, mask in _segment_iter(model, support_set, batches, load, side, amp, progress):
             title = names[i] + os.path.splitext(paths[i])[1]
             records[i] = _write_outputs(out, names[i], paths[i], title, image, mask, panels)
