@@ -14,9 +14,10 @@ What is counted (all static, from the SASS; nothing is typed in):
     nested inside it (a barrier wait) is counted once, as when the data is ready.
   * Lane-instructions per score = loop instructions x num_warps x 32 / (scores the loop body processes),
     times HEAD_DIM / D_SPLIT for kernels whose column splits each recompute the tile. The scores per
-    iteration are BLOCK_M x BLOCK_N x the tiles per iteration; the tiles per iteration are inferred from
-    the exponentials (every kernel evaluates one exp2 per score): round(MUFU.EX2 in the loop x threads /
-    (BLOCK_M x BLOCK_N)), at least 1, so a loop the compiler unrolled is normalised by what it processes.
+    iteration are BLOCK_M x BLOCK_N x the tiles one iteration processes by construction of the kernel
+    (`kernels.fused.main_loop_tiles`: 4 sub-tiles of 64 keys per Philox call in the forward and dq loops
+    with 1-bit dropout, else 1). Work the compiler duplicates (a tile computed by two warpgroups, or a loop
+    unrolled by ptxas) therefore counts in full, and shows as more than one MUFU.EX2 per score.
   * MUFU per score counts every MUFU instruction of the loop (EX2, RCP, ...) the same way; the opcode
     mix lists the most frequent opcodes (mnemonic without modifiers, MUFU with its function) per score.
   * The static model divides those counts by an H100 SXM's issue rate (32 lane-instructions per cycle per
@@ -143,20 +144,20 @@ def parse_sass(sass: str) -> dict[str, Any]:
             "loop_opcodes": Counter(body)}
 
 
-def loop_costs(loop_opcodes: Counter, constexprs: dict[str, Any], num_warps: int) -> dict[str, Any]:
-    """Per-score figures of the main loop (module docstring: the normalisation)."""
+def loop_costs(loop_opcodes: Counter, constexprs: dict[str, Any], num_warps: int, tiles: int) -> dict[str, Any]:
+    """Per-score figures of the main loop, which processes `tiles` score tiles per iteration by construction
+    (module docstring: the normalisation)."""
     instructions = sum(loop_opcodes.values())
     if not instructions:
         raise ValueError("no main loop found in the SASS")
     threads = num_warps * 32
-    tile = constexprs["BLOCK_M"] * constexprs["BLOCK_N"]
-    tiles = max(1, round(loop_opcodes["MUFU.EX2"] * threads / tile))
+    scores = constexprs["BLOCK_M"] * constexprs["BLOCK_N"] * tiles
     recompute = constexprs["HEAD_DIM"] // constexprs.get("D_SPLIT", constexprs["HEAD_DIM"])
-    per_score = threads * recompute / (tile * tiles)
+    per_score = threads * recompute / scores
     mufu = sum(n for op, n in loop_opcodes.items() if op.startswith("MUFU"))
     return {"loop_instructions": instructions, "tiles_per_iteration": tiles,
             "lane_instr_per_score": round(instructions * per_score, 2),
-            "mufu_per_score": round(mufu * threads / (tile * tiles), 3),
+            "mufu_per_score": round(mufu * per_score, 3),
             "mix": {op: round(n * per_score, 2) for op, n in loop_opcodes.most_common(MIX_TOP)}}
 
 
@@ -210,7 +211,8 @@ def compile_one(index: int, cc: int) -> dict[str, Any]:
     return {"kernel": spec["name"], "arch": f"sm_{cc}", "config": spec["config"],
             "registers": usage["registers"], "spill_bytes": usage["spill_bytes"],
             "shared_bytes": int(kernel.metadata.shared) + usage["static_smem"], "mma": sass["mma"],
-            "mufu_ex2": sass["mufu_ex2"], **loop_costs(sass["loop_opcodes"], spec["constexprs"], spec["num_warps"])}
+            "mufu_ex2": sass["mufu_ex2"],
+            **loop_costs(sass["loop_opcodes"], spec["constexprs"], spec["num_warps"], spec["tiles_per_iteration"])}
 
 
 def _init_worker() -> None:
