@@ -25,9 +25,9 @@ What is counted (all static, from the SASS; nothing is typed in):
     the assumed rate) at the Swin-B 1/8 training shape. It is a model of the loop's issue slots, not a
     timing: latency, memory stalls and occupancy are not in it.
 
-`--sample` compiles the DCAMA hot configurations (D = 32 and 64, every dtype, dot precision and dropout
-variant, every shipped block configuration, sm_90) plus one rotation over the remaining block
-configurations on both archs: the CI gate (`tests/test_kernel_report.py`) runs it.
+`--sample` compiles what the budget and the regression ceilings cover (`BUDGET_TOTAL`, `CEILING_TOTAL`: every
+configuration the autotuner can pick for them, sm_90) plus a rotation over the other head dims on both
+archs: the CI gate (`tests/test_kernel_report.py`) runs it. The summary line "budget:" lists every breach.
 """
 
 from __future__ import annotations
@@ -78,6 +78,20 @@ SUMMARY_VARIANTS = (("fp16, dropout 0.5", "fp16", None, 1), ("bf16, dropout 0.5"
                     ("fp32 TF32 dots, dropout 0.5", "fp32", "tf32", 1),
                     ("fp32 3xTF32 dots, dropout 0.5", "fp32", "tf32x3", 1))
 SUMMARY_HEAD_DIMS = (32, 64)
+# The budget (docs/kernels.md, "Budget"): sm_90 main-loop lane-instructions per score at D = 32 for every
+# configuration the autotuner can pick, keyed (dtype, dot precision, drop bits): the fwd+bwd total, and a
+# share per kernel (the shares add up to less than the total, so that one extra operation per score in any
+# kernel fails the gate). Every kernel of these variants: at most MAX_MUFU_PER_SCORE, no spills.
+BUDGET_TOTAL = {("fp16", None, 1): 27.0, ("bf16", None, 1): 27.0, ("fp16", None, 0): 20.0, ("bf16", None, 0): 20.0,
+                ("fp32", "tf32", 1): 45.0}
+BUDGET_SHARE = {1: {"fwd": 8.5, "bwd_dkdv": 10.0, "bwd_dq": 7.0},  # dropout 0.5
+                0: {"fwd": 6.0, "bwd_dkdv": 6.5, "bwd_dq": 5.5}}  # no dropout
+BUDGET_SHARE_TF32 = {"fwd": 11.5, "bwd_dkdv": 15.0, "bwd_dq": 11.0}
+MAX_MUFU_PER_SCORE = 1.07
+# Regression ceilings: the fwd+bwd totals the kernels before v2 (commit 84d5c0e) had on sm_90, for the variants
+# the budget does not cover; (head dim, dtype, dot precision, drop bits) -> lane-instructions per score.
+CEILING_TOTAL = {(32, "fp32", "tf32x3", 1): 172.97, (64, "fp16", None, 1): 93.69, (64, "fp16", None, 0): 59.55,
+                 (64, "fp32", "tf32x3", 1): 298.03}
 
 
 @lru_cache(maxsize=1)
@@ -220,34 +234,63 @@ def _init_worker() -> None:
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
 
 
-def _variant_free(config: dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in config.items() if k not in ("dtype", "dot_precision", "drop_bits")},
-                      sort_keys=True)
+def variant_key(config: dict[str, Any]) -> tuple[str, str | None, int]:
+    return config["dtype"], config.get("dot_precision"), config["drop_bits"]
 
 
-def is_hot(config: dict[str, Any]) -> bool:
-    """A configuration of the summary (the DCAMA training head dims)."""
-    return config["head_dim"] in SUMMARY_HEAD_DIMS
+def is_gated(config: dict[str, Any]) -> bool:
+    """A configuration the budget or a regression ceiling covers."""
+    return (config["head_dim"] == 32 and variant_key(config) in BUDGET_TOTAL) or \
+        (config["head_dim"], *variant_key(config)) in CEILING_TOTAL
 
 
 def sample_tasks(specs: list[dict[str, Any]], archs: tuple[int, ...]) -> list[tuple[int, int]]:
-    """(spec index, cc) pairs of `--sample`: every hot spec on sm_90 (the budget's arch, when asked for), and
-    each remaining block configuration once on every arch, group g taking its (g mod n)-th variant so that the
-    rotation also covers every dtype, dot precision and dropout variant."""
-    tasks = [(i, 90) for i, s in enumerate(specs) if is_hot(s["config"])] if 90 in archs else []
-    groups: dict[str, list[int]] = {}
-    for i, spec in enumerate(specs):
-        if not is_hot(spec["config"]) or 90 not in archs:
-            groups.setdefault(_variant_free(spec["config"]), []).append(i)
-    for g, members in enumerate(groups.values()):
-        tasks += [(members[g % len(members)], cc) for cc in archs]
-    if 80 in archs:  # the hot kernels on Ampere too, one variant each
-        hot_groups: dict[str, list[int]] = {}
-        for i, spec in enumerate(specs):
-            if is_hot(spec["config"]):
-                hot_groups.setdefault(_variant_free(spec["config"]), []).append(i)
-        tasks += [(members[g % len(members)], 80) for g, members in enumerate(hot_groups.values())]
+    """(spec index, cc) pairs of `--sample`, the CI gate's set: every gated spec on sm_90; for each kernel one
+    spec at one other head dim (the head dims and the variants rotate over the kernels) on every arch; and on
+    sm_80 the fp16 p = 0.5 kernels at D = 32."""
+    tasks = [(i, 90) for i, s in enumerate(specs) if is_gated(s["config"])] if 90 in archs else []
+    others = sorted({s["config"]["head_dim"] for s in specs} - {32, 64})
+    for n, kernel in enumerate(KERNELS):
+        head_dim = others[n % len(others)]
+        members = [i for i, s in enumerate(specs) if s["config"]["kernel"] == kernel and
+                   s["config"]["head_dim"] == head_dim]
+        tasks += [(members[n % len(members)], cc) for cc in archs]
+    if 80 in archs:
+        tasks += [(i, 80) for i, s in enumerate(specs) if s["config"]["head_dim"] == 32 and
+                  variant_key(s["config"]) == ("fp16", None, 1)]
     return sorted(set(tasks))
+
+
+def budget_violations(records: list[dict[str, Any]]) -> list[str]:
+    """Every breach of the budget and the regression ceilings by sm_90 records (the worst configuration of each
+    kernel counts); a gated variant with a kernel missing is a breach too."""
+    out = []
+    sm90 = [r for r in records if r["arch"] == "sm_90"]
+    gated = {(32, *k): v for k, v in BUDGET_TOTAL.items()} | CEILING_TOTAL
+    for (head_dim, *variant), limit in gated.items():
+        worst = {}
+        for kernel in KERNELS:
+            hits = [r for r in sm90 if r["config"]["kernel"] == kernel and r["config"]["head_dim"] == head_dim
+                    and list(variant_key(r["config"])) == variant]
+            if not hits:
+                out.append(f"D={head_dim} {variant}: no {kernel} record")
+                continue
+            worst[kernel] = max(hits, key=lambda r: r["lane_instr_per_score"])
+        if len(worst) < len(KERNELS):
+            continue
+        total = sum(r["lane_instr_per_score"] for r in worst.values())
+        if total > limit:
+            out.append(f"D={head_dim} {variant}: fwd+bwd {total:.2f} lane-instructions per score > {limit}")
+        if (head_dim, *variant) in CEILING_TOTAL:
+            continue
+        shares = BUDGET_SHARE_TF32 if variant[0] == "fp32" else BUDGET_SHARE[variant[2]]
+        for kernel, r in worst.items():
+            if r["lane_instr_per_score"] > shares[kernel]:
+                out.append(f"{r['kernel']}: {r['lane_instr_per_score']} lane-instructions per score > its share "
+                           f"{shares[kernel]}")
+            if r["mufu_per_score"] > MAX_MUFU_PER_SCORE:
+                out.append(f"{r['kernel']}: {r['mufu_per_score']} MUFU per score > {MAX_MUFU_PER_SCORE}")
+    return out
 
 
 def build_report(archs: tuple[int, ...] = ARCHS, jobs: int = 2, match: str | None = None,
@@ -371,7 +414,8 @@ def format_model(model: list[dict[str, Any]], shape: dict[str, int] = SWIN_B_18)
 
 
 def summary(records: list[dict[str, Any]]) -> str:
-    lines = []
+    lines = [f"budget: {'; '.join(budget_violations(records)) or 'met'}"] if any(
+        is_gated(r["config"]) for r in records) else []
     for arch in sorted({r["arch"] for r in records}):
         rs = [r for r in records if r["arch"] == arch]
         lines.append(f"{arch}: {len(rs)} configs, registers {min(r['registers'] for r in rs)}-"

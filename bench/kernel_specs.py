@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kernels.configs import GPU_CONFIGS, split_config
+from kernels.configs import GPU_CONFIGS, candidates, split_config
 from kernels.fused import main_loop_tiles
 from kernels.ops import KERNELS, Launch, dkdv_launch, dq_launch, fwd_launch, is_interpreted, value_operand
 
@@ -26,7 +26,7 @@ SPEC_SHAPE = {"batch": 12, "heads": 16, "n_query": 2304, "n_key": 2304, "channel
 VARIANTS = ((torch.float32, "highest"), (torch.float32, "high"), (torch.float16, None), (torch.bfloat16, None))
 DROPOUT_VARIANTS = (0.0, 0.5, 0.1)  # no dropout, 1-bit decisions, 16-bit slices
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-SHORT_NAMES = {"BLOCK_M": "m", "BLOCK_N": "n", "D_CHUNK": "c"}
+SHORT_NAMES = {"BLOCK_M": "m", "BLOCK_N": "n", "D_CHUNK": "c", "KEY_TILES": "t", "D_SPLIT": "x"}
 
 
 def _launches(dtype: torch.dtype, head_dim: int, dropout_p: float) -> dict[str, Launch]:
@@ -41,10 +41,11 @@ def _launches(dtype: torch.dtype, head_dim: int, dropout_p: float) -> dict[str, 
     o = torch.empty(b, h, nq, c, dtype=torch.float32, device=meta)
     dod = torch.empty(b, h, nq, vx.shape[2], dtype=dtype, device=meta)
     dv = torch.empty(b, h, nk, c, dtype=torch.float32, device=meta)
+    neg_delta = torch.empty(b, h, nq, dtype=torch.float32, device=meta)
     scale = head_dim ** -0.5
     return {"fwd": fwd_launch(q, k, vx, o, lse2, seed, dropout_p, scale),
-            "bwd_dkdv": dkdv_launch(q, k, vx, dod, lse2, torch.empty_like(k), dv, seed, dropout_p, scale),
-            "bwd_dq": dq_launch(q, k, vx, dod, lse2, torch.empty_like(q), seed, c, dropout_p, scale)}
+            "bwd_dkdv": dkdv_launch(q, k, vx, dod, lse2, neg_delta, torch.empty_like(k), dv, seed, dropout_p, scale),
+            "bwd_dq": dq_launch(q, k, vx, dod, lse2, neg_delta, torch.empty_like(q), seed, c, dropout_p, scale)}
 
 
 def bind(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict, dict, dict]:
@@ -95,7 +96,7 @@ def _specs_of(kernel: str, launch: Launch, dtype: torch.dtype) -> list[dict[str,
     tt = TRITON_DTYPES[dtype]
     precision = launch.constexprs["DOT_PRECISION"] if dtype == torch.float32 else None
     out = []
-    for entry in GPU_CONFIGS[kernel][launch.group][launch.head_dim]:
+    for entry in candidates(kernel, launch.group, launch.head_dim, launch.constexprs["DROP_BITS"]):
         meta, warps, stages = split_config(kernel, entry)
         signature, constexprs, attrs = bind(fn, launch.args, {**launch.constexprs, **meta, "num_warps": warps,
                                                                "num_stages": stages})
@@ -108,5 +109,6 @@ def _specs_of(kernel: str, launch: Launch, dtype: torch.dtype) -> list[dict[str,
                             f"w{warps}s{stages}_drop{by_name['DROP_BITS']}",
                     "fn": fn, "signature": signature, "constexprs": by_name, "attrs": attrs,
                     "num_warps": warps, "num_stages": stages, "config": config,
-                    "tiles_per_iteration": main_loop_tiles(kernel, by_name["DROP_BITS"], meta["BLOCK_N"])})
+                    "tiles_per_iteration": main_loop_tiles(kernel, by_name["DROP_BITS"], meta["BLOCK_N"],
+                                                          meta.get("KEY_TILES", 1))})
     return out

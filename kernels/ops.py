@@ -15,7 +15,7 @@ import torch
 import triton
 
 from kernels import fused
-from kernels.configs import GPU_CONFIGS, KEEP_MASK_CONFIG, config_group, interpreter_meta, split_config
+from kernels.configs import KEEP_MASK_CONFIG, candidates, config_group, interpreter_meta, split_config
 
 LOG2E = 1.4426950408889634
 FINE_DROP_BITS = 16
@@ -81,18 +81,24 @@ def dot_precision(dtype: torch.dtype) -> str:
 # The small operands: VX (value) and DOD (output gradient); docs/kernels.md, "Operands"
 # ---------------------------------------------------------------------------------------------
 def operand_width(channels: int) -> int:
-    """DV: two halves, each holding C value (or dO) columns, a 1 (or -Delta) column and a spare column."""
-    return max(16, 2 * triton.next_power_of_2(channels + 2))
+    """DV, the width of VX and DOD: C value (dO) columns twice (hi and lo), two 1 (-Delta) columns and a
+    spare one, as a power of two of at least 16 (the K of a 16-bit MMA)."""
+    return max(16, triton.next_power_of_2(2 * channels + 3))
+
+
+def dv_width(channels: int) -> int:
+    """The DOD columns the dv product reads: its 2C dO columns (hi, lo), at least 8 (the N of an MMA)."""
+    return max(8, triton.next_power_of_2(2 * channels))
 
 
 def value_operand(value: torch.Tensor) -> torch.Tensor:
-    """VX (B, Nk, DV) in the value's dtype: [v, 1, 0...] in both halves."""
+    """VX (B, Nk, DV) in the value's dtype: [v, v, 1, 1, 0...]."""
     batch, n_key, channels = value.shape
-    half = operand_width(channels) // 2
-    vx = value.new_zeros((batch, n_key, 2, half))
-    vx[..., :channels] = value.unsqueeze(2)
-    vx[..., channels] = 1
-    return vx.view(batch, n_key, 2 * half)
+    vx = value.new_zeros((batch, n_key, operand_width(channels)))
+    vx[..., :channels] = value
+    vx[..., channels:2 * channels] = value
+    vx[..., 2 * channels:2 * channels + 2] = 1
+    return vx
 
 
 def _split(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,17 +111,21 @@ def _split(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
     return hi, (x - hi.float()).to(dtype)
 
 
-def grad_operand(grad_o: torch.Tensor, o: torch.Tensor, drop_scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """DOD (B, H, Nq, DV) in `dtype`: [dO / (1 - p), -Delta, 0...] split hi (first half) + lo (second half),
-    with Delta = dO . o per row, so that DOD VX^T = dP - Delta."""
+def grad_operands(grad_o: torch.Tensor, o: torch.Tensor, drop_scale: float,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """DOD (B, H, Nq, DV) in `dtype`: [dO' hi, dO' lo, -Delta hi, -Delta lo, 0...] with dO' = dO / (1 - p)
+    and Delta = dO . o per row, so that DOD VX^T = dP - Delta; and -Delta (B, H, Nq) in fp32."""
     batch, heads, n_query, channels = grad_o.shape
-    half = operand_width(channels) // 2
     grad_o = grad_o.float()
-    cols = torch.zeros((batch, heads, n_query, half), dtype=torch.float32, device=grad_o.device)
-    cols[..., :channels] = grad_o * drop_scale
-    cols[..., channels] = -(grad_o * o).sum(-1)
-    hi, lo = _split(cols, dtype)
-    return torch.stack((hi, lo), dim=3).view(batch, heads, n_query, 2 * half)
+    neg_delta = -(grad_o * o).sum(-1)
+    do_hi, do_lo = _split(grad_o * drop_scale, dtype)
+    nd_hi, nd_lo = _split(neg_delta, dtype)
+    dod = torch.zeros((batch, heads, n_query, operand_width(channels)), dtype=dtype, device=grad_o.device)
+    dod[..., :channels] = do_hi
+    dod[..., channels:2 * channels] = do_lo
+    dod[..., 2 * channels] = nd_hi
+    dod[..., 2 * channels + 1] = nd_lo
+    return dod, neg_delta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,39 +160,46 @@ def fwd_launch(query: torch.Tensor, key: torch.Tensor, vx: torch.Tensor, o: torc
 
 
 def dkdv_launch(query: torch.Tensor, key: torch.Tensor, vx: torch.Tensor, dod: torch.Tensor, lse2: torch.Tensor,
-                dk: torch.Tensor, dv_heads: torch.Tensor, seed: torch.Tensor, dropout_p: float,
-                scale: float) -> Launch:
+                neg_delta: torch.Tensor, dk: torch.Tensor, dv_heads: torch.Tensor, seed: torch.Tensor,
+                dropout_p: float, scale: float) -> Launch:
     batch, n_query, heads, head_dim = query.shape
     n_key = key.shape[1]
     bits, threshold, _ = dropout_params(dropout_p)
-    return Launch("bwd_dkdv", lambda meta: (triton.cdiv(n_key, meta["BLOCK_N"]), batch * heads),
-                  (query, key, vx, dod, lse2, dk, dv_heads, seed, *query.stride(), *key.stride(), vx.stride(0),
+    # A program owns KEY_TILES key sub-tiles of BLOCK_N keys.
+    return Launch("bwd_dkdv", lambda meta: (triton.cdiv(n_key, meta["BLOCK_N"] * meta["KEY_TILES"]), batch * heads,
+                                            head_dim // meta["D_SPLIT"]),
+                  (query, key, vx, dod, lse2, neg_delta, dk, dv_heads, seed, *query.stride(), *key.stride(), vx.stride(0),
                    vx.stride(1), *dk.stride(), heads, n_query, n_key, scale * LOG2E, scale, threshold, 0.0),
-                  dict(HEAD_DIM=head_dim, C=dv_heads.shape[3], DV=vx.shape[2], DROP_BITS=bits,
-                       DOT_PRECISION=dot_precision(query.dtype)))
+                  dict(HEAD_DIM=head_dim, C=dv_heads.shape[3], DV=vx.shape[2], DVW=dv_width(dv_heads.shape[3]),
+                       DROP_BITS=bits, DOT_PRECISION=dot_precision(query.dtype)))
 
 
 def dq_launch(query: torch.Tensor, key: torch.Tensor, vx: torch.Tensor, dod: torch.Tensor, lse2: torch.Tensor,
-              dq: torch.Tensor, seed: torch.Tensor, channels: int, dropout_p: float, scale: float) -> Launch:
+              neg_delta: torch.Tensor, dq: torch.Tensor, seed: torch.Tensor, channels: int, dropout_p: float,
+              scale: float) -> Launch:
     batch, n_query, heads, head_dim = query.shape
     bits, threshold, _ = dropout_params(dropout_p)
-    return Launch("bwd_dq", lambda meta: (triton.cdiv(n_query, meta["BLOCK_M"]), batch * heads),
-                  (query, key, vx, dod, lse2, dq, seed, *query.stride(), *key.stride(), vx.stride(0), vx.stride(1),
+    return Launch("bwd_dq", lambda meta: (triton.cdiv(n_query, meta["BLOCK_M"]), batch * heads,
+                                          head_dim // meta["D_SPLIT"]),
+                  (query, key, vx, dod, lse2, neg_delta, dq, seed, *query.stride(), *key.stride(), vx.stride(0), vx.stride(1),
                    *dq.stride(), heads, n_query, key.shape[1], scale * LOG2E, scale, threshold, 0.0),
                   dict(HEAD_DIM=head_dim, C=channels, DV=vx.shape[2], DROP_BITS=bits,
                        DOT_PRECISION=dot_precision(query.dtype)))
 
 
-_AUTOTUNED: dict[tuple[str, str, int], Any] = {}
+_AUTOTUNED: dict[tuple[str, str, int, bool], Any] = {}
 
 
-def _autotuned(kernel: str, group: str, head_dim: int) -> Any:
-    """triton.autotune over GPU_CONFIGS[kernel][group][head_dim], built once per such list."""
-    if (kernel, group, head_dim) not in _AUTOTUNED:
+def _autotuned(launch: Launch) -> Any:
+    """triton.autotune over the launch's candidate configs (kernels/configs.py), built once per list."""
+    slices = launch.constexprs["DROP_BITS"] > 1
+    key = (launch.kernel, launch.group, launch.head_dim, slices)
+    if key not in _AUTOTUNED:
+        entries = candidates(launch.kernel, launch.group, launch.head_dim, launch.constexprs["DROP_BITS"])
         configs = [triton.Config(meta, num_warps=warps, num_stages=stages)
-                   for meta, warps, stages in (split_config(kernel, e) for e in GPU_CONFIGS[kernel][group][head_dim])]
-        _AUTOTUNED[kernel, group, head_dim] = triton.autotune(configs=configs, key=AUTOTUNE_KEY)(KERNELS[kernel])
-    return _AUTOTUNED[kernel, group, head_dim]
+                   for meta, warps, stages in (split_config(launch.kernel, e) for e in entries)]
+        _AUTOTUNED[key] = triton.autotune(configs=configs, key=AUTOTUNE_KEY)(KERNELS[launch.kernel])
+    return _AUTOTUNED[key]
 
 
 def run(launch: Launch) -> None:
@@ -192,7 +209,7 @@ def run(launch: Launch) -> None:
         KERNELS[launch.kernel][launch.grid(meta)](*launch.args, **launch.constexprs, **meta)
     else:
         with torch.cuda.device(launch.args[0].device):
-            _autotuned(launch.kernel, launch.group, launch.head_dim)[launch.grid](*launch.args, **launch.constexprs)
+            _autotuned(launch)[launch.grid](*launch.args, **launch.constexprs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,11 +245,11 @@ def attention_bwd(grad_o: torch.Tensor, query: torch.Tensor, key: torch.Tensor, 
     batch, n_query, heads, _ = query.shape
     n_key, channels = key.shape[1], value.shape[2]
     vx = value_operand(value)
-    dod = grad_operand(grad_o, o, 1.0 / (1.0 - dropout_params(dropout_p)[2]), query.dtype)
+    dod, neg_delta = grad_operands(grad_o, o, 1.0 / (1.0 - dropout_params(dropout_p)[2]), query.dtype)
     dq, dk = query.new_empty(query.shape), key.new_empty(key.shape)
     dv_heads = torch.empty((batch, heads, n_key, channels), dtype=torch.float32, device=query.device)
-    run(dkdv_launch(query, key, vx, dod, lse2, dk, dv_heads, seed, dropout_p, scale))
-    run(dq_launch(query, key, vx, dod, lse2, dq, seed, channels, dropout_p, scale))
+    run(dkdv_launch(query, key, vx, dod, lse2, neg_delta, dk, dv_heads, seed, dropout_p, scale))
+    run(dq_launch(query, key, vx, dod, lse2, neg_delta, dq, seed, channels, dropout_p, scale))
     return dq, dk, dv_heads.sum(1).to(value.dtype)  # deterministic head sum of dv (no atomics)
 
 
