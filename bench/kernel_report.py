@@ -82,16 +82,15 @@ SUMMARY_HEAD_DIMS = (32, 64)
 # configuration the autotuner can pick, keyed (dtype, dot precision, drop bits): the fwd+bwd total, and a
 # share per kernel (the shares add up to less than the total, so that one extra operation per score in any
 # kernel fails the gate). Every kernel of these variants: at most MAX_MUFU_PER_SCORE, no spills.
-BUDGET_TOTAL = {("fp16", None, 1): 27.0, ("bf16", None, 1): 27.0, ("fp16", None, 0): 20.0, ("bf16", None, 0): 20.0,
-                ("fp32", "tf32", 1): 45.0}
+BUDGET_TOTAL = {("fp16", None, 1): 27.0, ("bf16", None, 1): 27.0, ("bf16", None, 0): 20.0, ("fp32", "tf32", 1): 45.0}
 BUDGET_SHARE = {1: {"fwd": 8.5, "bwd_dkdv": 10.0, "bwd_dq": 7.0},  # dropout 0.5
                 0: {"fwd": 6.0, "bwd_dkdv": 6.5, "bwd_dq": 5.5}}  # no dropout
 BUDGET_SHARE_TF32 = {"fwd": 11.5, "bwd_dkdv": 15.0, "bwd_dq": 11.0}
 MAX_MUFU_PER_SCORE = 1.07
-# Regression ceilings: the fwd+bwd totals the kernels before v2 (commit 84d5c0e) had on sm_90, for the variants
-# the budget does not cover; (head dim, dtype, dot precision, drop bits) -> lane-instructions per score.
-CEILING_TOTAL = {(32, "fp32", "tf32x3", 1): 172.97, (64, "fp16", None, 1): 93.69, (64, "fp16", None, 0): 59.55,
-                 (64, "fp32", "tf32x3", 1): 298.03}
+# Regression ceilings: the fwd+bwd totals the kernels before v2 (commit 84d5c0e) had on sm_90 for two variants
+# the budget does not cover; (head dim, dtype, dot precision, drop bits) -> lane-instructions per score. The
+# full report's summary table shows every other variant (fp16 equals bf16 there).
+CEILING_TOTAL = {(32, "fp32", "tf32x3", 1): 172.97, (64, "fp16", None, 1): 93.69}
 
 
 @lru_cache(maxsize=1)
@@ -246,15 +245,15 @@ def is_gated(config: dict[str, Any]) -> bool:
 
 def sample_tasks(specs: list[dict[str, Any]], archs: tuple[int, ...]) -> list[tuple[int, int]]:
     """(spec index, cc) pairs of `--sample`, the CI gate's set: every gated spec on sm_90; for each kernel one
-    spec at one other head dim (the head dims and the variants rotate over the kernels) on every arch; and on
-    sm_80 the fp16 p = 0.5 kernels at D = 32."""
+    spec at one other head dim on sm_90 (the head dims and the variants rotate over the kernels); and on sm_80
+    the fp16 p = 0.5 kernels at D = 32."""
     tasks = [(i, 90) for i, s in enumerate(specs) if is_gated(s["config"])] if 90 in archs else []
     others = sorted({s["config"]["head_dim"] for s in specs} - {32, 64})
     for n, kernel in enumerate(KERNELS):
         head_dim = others[n % len(others)]
         members = [i for i, s in enumerate(specs) if s["config"]["kernel"] == kernel and
                    s["config"]["head_dim"] == head_dim]
-        tasks += [(members[n % len(members)], cc) for cc in archs]
+        tasks += [(members[n % len(members)], 90)] if 90 in archs else []
     if 80 in archs:
         tasks += [(i, 80) for i, s in enumerate(specs) if s["config"]["head_dim"] == 32 and
                   variant_key(s["config"]) == ("fp16", None, 1)]
