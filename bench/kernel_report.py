@@ -95,6 +95,8 @@ CEILING_TOTAL = {(32, "fp32", "tf32x3", 1): 172.97, (64, "fp16", None, 1): 93.69
 
 @lru_cache(maxsize=1)
 def _specs() -> list[dict[str, Any]]:
+    # Imported here, not at the top: importing the kernels decorates them, which must happen after main()
+    # (or _init_worker) removed TRITON_INTERPRET from the environment.
     from bench.kernel_specs import kernel_compile_specs
 
     return kernel_compile_specs()

@@ -14,6 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
 
 from kernels.configs import GPU_CONFIGS, candidates, split_config
 from kernels.fused import main_loop_tiles
@@ -49,11 +52,8 @@ def _launches(dtype: torch.dtype, head_dim: int, dropout_p: float) -> dict[str, 
 
 
 def bind(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict, dict, dict]:
-    """(signature, constexprs, attrs) of fn(*args, **kwargs) as Triton's launcher computes them."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
-
+    """(signature, constexprs, attrs) of fn(*args, **kwargs) as Triton's launcher computes them
+    (triton/runtime/jit.py: JITFunction.run's binder and _pack_args)."""
     backend = make_backend(GPUTarget("cuda", 90, 32))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*args, **kwargs)

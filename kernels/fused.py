@@ -11,8 +11,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Columns of one Philox call's stream with 1-bit decisions: 4 words x 32 bits serve 2 rows x 64 columns
-# of a stream (docs/kernels.md, "Dropout"); a 64-column sub-tile reads one word of it.
+# With 1-bit decisions one Philox call (4 words x 32 bits) serves a stream's 2 rows x 64 columns of 256
+# consecutive keys, CALL_COLUMNS; the kernels tile keys in sub-tiles of SUB_TILE = 64 columns
+# (docs/kernels.md, "Dropout: the RNG scheme").
 SUB_TILE = tl.constexpr(64)
 CALL_COLUMNS = tl.constexpr(256)
 
@@ -112,12 +113,15 @@ def _slice_keep(seed, bh, start_m, start_n, threshold, BLOCK_M: tl.constexpr, BL
 @triton.jit
 def _tile_keep(seed, bh, start_m, start_n, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                DROP_BITS: tl.constexpr):
-    """Keep decisions of one tile, computing the Philox calls it needs (any tile position)."""
+    """Keep decisions of a tile, computing the Philox calls it needs (any tile position; BLOCK_N <= 256 and
+    the tile within one call's 256 columns); 0 without dropout."""
     if DROP_BITS == 1:
         r0, r1, r2, r3 = _bit_words(seed, bh, start_m, start_n // CALL_COLUMNS, BLOCK_M)
         return _bit_keep(r0, r1, r2, r3, (start_n // SUB_TILE) % 4, BLOCK_M, BLOCK_N)
-    else:
+    elif DROP_BITS > 0:
         return _slice_keep(seed, bh, start_m, start_n, threshold, BLOCK_M, BLOCK_N)
+    else:
+        return 0
 
 
 @triton.jit
@@ -158,6 +162,26 @@ def _scores(q, k, q_rows, k_rows, q_mask, k_mask, stride_qd, stride_kd,
 
 
 @triton.jit
+def _key_scores(q, q_rows, K_bh, offs_m, start_n, Nq, Nk, stride_qd, stride_kn, stride_kd,
+                HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr):
+    """(offs_n, k row pointers, the k tile (0 when chunked), scores) of the key tile at start_n against the query
+    tile, for the loops over keys. In the MASKED (last) tile keys past Nk get -inf, so P = 0 there: their k
+    rows read as 0, but P = exp2(-lse2) could overflow."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_rows = K_bh + offs_n[:, None] * stride_kn
+    if D_CHUNK == HEAD_DIM:
+        k = _load_rows(k_rows + tl.arange(0, HEAD_DIM)[None, :] * stride_kd, offs_n, Nk, MASKED)
+    else:
+        k = 0
+    s = _scores(q, k, q_rows, k_rows, offs_m[:, None] < Nq, offs_n[:, None] < Nk, stride_qd, stride_kd,
+                BLOCK_M, BLOCK_N, HEAD_DIM, D_CHUNK, DOT_PRECISION)
+    if MASKED:
+        s = tl.where(offs_n[None, :] < Nk, s, float("-inf"))
+    return offs_n, k_rows, k, s
+
+
+@triton.jit
 def _load_rows(ptrs, offs, n, MASKED: tl.constexpr):
     """A [len(offs), ...] tile of rows offs; rows >= n read as 0 when MASKED (only the last tile is)."""
     if MASKED:
@@ -194,27 +218,56 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, SPLIT_A: tl.constexpr = True, S
         return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
+@triton.jit
+def _key_loop(state, tile: tl.constexpr, ctx, META: tl.constexpr, seed, bh, start_m, Nk, drop_threshold,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr):
+    """state = tile(state, ctx, start_n, keep, META, MASKED) over the key tiles of [0, Nk), for the forward and
+    dq kernels: a main loop whose step is the CALL_COLUMNS keys of one Philox call per stream with 1-bit
+    dropout (SUB sub-tiles, the call computed once), else one tile; then the full tiles left over; then the
+    last, partial tile, the only one with MASKED set."""
+    SUB: tl.constexpr = CALL_COLUMNS // BLOCK_N if DROP_BITS == 1 else 1
+    n_full = Nk // BLOCK_N * BLOCK_N
+    n_main = Nk // (SUB * BLOCK_N) * (SUB * BLOCK_N)
+    for start_n in range(0, n_main, SUB * BLOCK_N):
+        if DROP_BITS == 1:
+            r0, r1, r2, r3 = _bit_words(seed, bh, start_m, start_n // CALL_COLUMNS, BLOCK_M)
+        else:
+            r0, r1, r2, r3 = 0, 0, 0, 0
+        for sub in tl.static_range(SUB):
+            keep = _sub_keep(r0, r1, r2, r3, seed, bh, start_m, start_n, sub, drop_threshold, BLOCK_M, BLOCK_N,
+                             DROP_BITS)
+            state = tile(state, ctx, start_n + sub * BLOCK_N, keep, META, False)
+    for start_n in range(n_main, n_full, BLOCK_N):
+        keep = _tile_keep(seed, bh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS)
+        state = tile(state, ctx, start_n, keep, META, False)
+    if n_full < Nk:
+        keep = _tile_keep(seed, bh, start_m, n_full, drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS)
+        state = tile(state, ctx, n_full, keep, META, True)
+    return state
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_tile(acc, m_i, q, q_rows, K_bh, VX_b, offs_m, start_n, keep, ones, Nq, Nk,
-              stride_qd, stride_kn, stride_kd, stride_vn, qk_scale, zero,
-              HEAD_DIM: tl.constexpr, C: tl.constexpr, DV: tl.constexpr, L_COL: tl.constexpr,
-              DROP: tl.constexpr, VALUE_MMA: tl.constexpr, MASKED: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr):
-    """One key tile of the online softmax: acc[:, :C] += P~ v, acc[:, L_COL] += P 1 (P~: dropped P)."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    k_rows = K_bh + offs_n[:, None] * stride_kn
-    if D_CHUNK == HEAD_DIM:
-        k = _load_rows(k_rows + tl.arange(0, HEAD_DIM)[None, :] * stride_kd, offs_n, Nk, MASKED)
-    else:
-        k = 0
-    s = _scores(q, k, q_rows, k_rows, offs_m[:, None] < Nq, offs_n[:, None] < Nk, stride_qd, stride_kd,
-                BLOCK_M, BLOCK_N, HEAD_DIM, D_CHUNK, DOT_PRECISION)
+def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of the online softmax: acc[:, :C] += P~ v, acc[:, L_COL] += P 1 (P~: dropped P);
+    state = (acc, m_i), ctx and META as _fwd_kernel packs them."""
+    acc, m_i = state
+    q, q_rows, K_bh, VX_b, offs_m, ones, Nq, Nk, stride_qd, stride_kn, stride_kd, stride_vn, qk_scale, zero = ctx
+    HEAD_DIM: tl.constexpr = META[0]
+    C: tl.constexpr = META[1]
+    DV: tl.constexpr = META[2]
+    L_COL: tl.constexpr = META[3]
+    DROP: tl.constexpr = META[4]
+    VALUE_MMA: tl.constexpr = META[5]
+    DOT_PRECISION: tl.constexpr = META[6]
+    BLOCK_M: tl.constexpr = META[7]
+    BLOCK_N: tl.constexpr = META[8]
+    D_CHUNK: tl.constexpr = META[9]
+    offs_n, k_rows, k, s = _key_scores(q, q_rows, K_bh, offs_m, start_n, Nq, Nk, stride_qd, stride_kn, stride_kd,
+                                       HEAD_DIM, MASKED, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK)
     vx = _load_rows(VX_b + offs_n[:, None] * stride_vn + tl.arange(0, DV)[None, :], offs_n, Nk, MASKED)
-    if MASKED:
-        s = tl.where(offs_n[None, :] < Nk, s, float("-inf"))
     # log2 domain: x = scale * log2(e) * s - m, one FFMA per score (qk_scale > 0, so max commutes with it).
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.exp2(m_i - m_new)
@@ -262,36 +315,11 @@ def _fwd_kernel(Q, K, VX, O, LSE, SEED,
     VALUE_MMA: tl.constexpr = Q.dtype.element_ty != tl.float32
     ones = tl.zeros([BLOCK_N, DV], dtype=VX.dtype.element_ty) + (offs_v[None, :] == L_COL).to(VX.dtype.element_ty)
     seed = tl.load(SEED) if DROP_BITS > 0 else 0
-    # 1-bit decisions: one Philox call per stream serves four 64-column sub-tiles, so the main loop steps
-    # over CALL_COLUMNS keys; otherwise over one tile.
-    SUB: tl.constexpr = CALL_COLUMNS // BLOCK_N if DROP_BITS == 1 else 1
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
-    n_full = Nk // BLOCK_N * BLOCK_N
-    n_main = Nk // (SUB * BLOCK_N) * (SUB * BLOCK_N)
-    for start_n in range(0, n_main, SUB * BLOCK_N):
-        if DROP_BITS == 1:
-            r0, r1, r2, r3 = _bit_words(seed, bh, start_m, start_n // CALL_COLUMNS, BLOCK_M)
-        else:
-            r0, r1, r2, r3 = 0, 0, 0, 0
-        for sub in tl.static_range(SUB):
-            keep = _sub_keep(r0, r1, r2, r3, seed, bh, start_m, start_n, sub, drop_threshold, BLOCK_M, BLOCK_N,
-                             DROP_BITS)
-            acc, m_i = _fwd_tile(acc, m_i, q, q_rows, K_bh, VX_b, offs_m, start_n + sub * BLOCK_N, keep, ones,
-                                 Nq, Nk, stride_qd, stride_kn, stride_kd, stride_vn, qk_scale, zero, HEAD_DIM, C, DV, L_COL,
-                                 DROP_BITS > 0, VALUE_MMA, False, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK)
-    for start_n in range(n_main, n_full, BLOCK_N):  # the full tiles left over by the main loop
-        keep = _tile_keep(seed, bh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS) \
-            if DROP_BITS > 0 else 0
-        acc, m_i = _fwd_tile(acc, m_i, q, q_rows, K_bh, VX_b, offs_m, start_n, keep, ones, Nq, Nk,
-                             stride_qd, stride_kn, stride_kd, stride_vn, qk_scale, zero, HEAD_DIM, C, DV, L_COL,
-                             DROP_BITS > 0, VALUE_MMA, False, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK)
-    if n_full < Nk:  # the last, partial key tile: the only one masked
-        keep = _tile_keep(seed, bh, start_m, n_full, drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS) \
-            if DROP_BITS > 0 else 0
-        acc, m_i = _fwd_tile(acc, m_i, q, q_rows, K_bh, VX_b, offs_m, n_full, keep, ones, Nq, Nk,
-                             stride_qd, stride_kn, stride_kd, stride_vn, qk_scale, zero, HEAD_DIM, C, DV, L_COL,
-                             DROP_BITS > 0, VALUE_MMA, True, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK)
+    state = (tl.zeros([BLOCK_M, DV], dtype=tl.float32), tl.full([BLOCK_M], float("-inf"), dtype=tl.float32))
+    ctx = (q, q_rows, K_bh, VX_b, offs_m, ones, Nq, Nk, stride_qd, stride_kn, stride_kd, stride_vn, qk_scale, zero)
+    meta: tl.constexpr = (HEAD_DIM, C, DV, L_COL, DROP_BITS > 0, VALUE_MMA, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK)
+    acc, m_i = _key_loop(state, _fwd_tile, ctx, meta, seed, bh, start_m, Nk, drop_threshold, BLOCK_M, BLOCK_N,
+                         DROP_BITS)
 
     l_i = tl.sum(tl.where(offs_v[None, :] == L_COL, acc, 0.0), 1)
     o = acc * (drop_scale / l_i)[:, None]
@@ -315,17 +343,24 @@ def _ds_tile(s, lse2, dpd, neg_delta, keep, qk_scale, zero, DROP: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_sub(dk, dv, k, vx, q, q_split, dod, dod_v, lse2, neg_delta, keep, q_rows, q_mask, K_bh, start_n, Nk,
-              stride_qd, stride_kn, stride_kd, qk_scale, zero,
-              DROP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr):
-    """One query tile x one key sub-tile: dv += P~^T DOD[:, :DVW], dk += dS^T q (P~^T and dS^T pass through shared
-    memory: the tile rows are queries, so that the dropout streams match the forward's)."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+def _dkdv_sub(dk, dv, k, vx, sub: tl.constexpr, ctx, META: tl.constexpr):
+    """One query tile x key sub-tile `sub` of the program: dv += P~^T DOD[:, :DVW], dk += dS^T q (P~^T and dS^T
+    pass through shared memory: the tile rows are queries, so that the dropout streams match the forward's);
+    ctx and META as _dkdv_rows packs them."""
+    q, q_split, dod, dod_v, lse2, neg_delta, q_rows, q_mask, K_bh, Nk, stride_qd, stride_kn, stride_kd, \
+        qk_scale, zero, r0, r1, r2, r3, seed, bh, start_m, start_n, drop_threshold = ctx
+    DROP_BITS: tl.constexpr = META[0]
+    DOT_PRECISION: tl.constexpr = META[1]
+    BLOCK_M: tl.constexpr = META[2]
+    BLOCK_N: tl.constexpr = META[3]
+    HEAD_DIM: tl.constexpr = META[4]
+    D_CHUNK: tl.constexpr = META[5]
+    keep = _sub_keep(r0, r1, r2, r3, seed, bh, start_m, start_n, sub, drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS)
+    offs_n = start_n + sub * BLOCK_N + tl.arange(0, BLOCK_N)
     s = _scores(q, k, q_rows, K_bh + offs_n[:, None] * stride_kn, q_mask, offs_n[:, None] < Nk, stride_qd, stride_kd,
                 BLOCK_M, BLOCK_N, HEAD_DIM, D_CHUNK, DOT_PRECISION)
     dpd = _mma(dod, tl.trans(vx), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION, SPLIT_A=False)
-    p, p_drop, ds = _ds_tile(s, lse2, dpd, neg_delta, keep, qk_scale, zero, DROP)
+    p, p_drop, ds = _ds_tile(s, lse2, dpd, neg_delta, keep, qk_scale, zero, DROP_BITS > 0)
     dv = _mma(tl.trans(p_drop.to(dod.dtype)), dod_v, dv, DOT_PRECISION, SPLIT_B=False)
     dk = _mma(tl.trans(ds.to(q_split.dtype)), q_split, dk, DOT_PRECISION)
     return dk, dv
@@ -377,29 +412,15 @@ def _dkdv_rows(dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2
         r0, r1, r2, r3 = _bit_words(seed, bh, start_m, start_n // CALL_COLUMNS, BLOCK_M)
     else:
         r0, r1, r2, r3 = 0, 0, 0, 0
-    DROP: tl.constexpr = DROP_BITS > 0
-    keep = _sub_keep(r0, r1, r2, r3, seed, bh, start_m, start_n, 0, drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS)
-    dk0, dv0 = _dkdv_sub(dk0, dv0, k0, vx0, q, q_split, dod, dod_v, lse2, neg_delta, keep, q_rows, q_mask, K_bh,
-                             start_n + 0 * BLOCK_N, Nk, stride_qd, stride_kn, stride_kd, qk_scale, zero, DROP,
-                             DOT_PRECISION,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, D_CHUNK)
+    ctx = (q, q_split, dod, dod_v, lse2, neg_delta, q_rows, q_mask, K_bh, Nk, stride_qd, stride_kn, stride_kd,
+           qk_scale, zero, r0, r1, r2, r3, seed, bh, start_m, start_n, drop_threshold)
+    meta: tl.constexpr = (DROP_BITS, DOT_PRECISION, BLOCK_M, BLOCK_N, HEAD_DIM, D_CHUNK)
+    dk0, dv0 = _dkdv_sub(dk0, dv0, k0, vx0, 0, ctx, meta)
     if SUB > 1:
-        keep = _sub_keep(r0, r1, r2, r3, seed, bh, start_m, start_n, 1, drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS)
-        dk1, dv1 = _dkdv_sub(dk1, dv1, k1, vx1, q, q_split, dod, dod_v, lse2, neg_delta, keep, q_rows, q_mask, K_bh,
-                             start_n + 1 * BLOCK_N, Nk, stride_qd, stride_kn, stride_kd, qk_scale, zero, DROP,
-                             DOT_PRECISION,
-                             BLOCK_M, BLOCK_N, HEAD_DIM, D_CHUNK)
+        dk1, dv1 = _dkdv_sub(dk1, dv1, k1, vx1, 1, ctx, meta)
     if SUB > 2:
-        keep = _sub_keep(r0, r1, r2, r3, seed, bh, start_m, start_n, 2, drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS)
-        dk2, dv2 = _dkdv_sub(dk2, dv2, k2, vx2, q, q_split, dod, dod_v, lse2, neg_delta, keep, q_rows, q_mask, K_bh,
-                             start_n + 2 * BLOCK_N, Nk, stride_qd, stride_kn, stride_kd, qk_scale, zero, DROP,
-                             DOT_PRECISION,
-                             BLOCK_M, BLOCK_N, HEAD_DIM, D_CHUNK)
-        keep = _sub_keep(r0, r1, r2, r3, seed, bh, start_m, start_n, 3, drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS)
-        dk3, dv3 = _dkdv_sub(dk3, dv3, k3, vx3, q, q_split, dod, dod_v, lse2, neg_delta, keep, q_rows, q_mask, K_bh,
-                             start_n + 3 * BLOCK_N, Nk, stride_qd, stride_kn, stride_kd, qk_scale, zero, DROP,
-                             DOT_PRECISION,
-                             BLOCK_M, BLOCK_N, HEAD_DIM, D_CHUNK)
+        dk2, dv2 = _dkdv_sub(dk2, dv2, k2, vx2, 2, ctx, meta)
+        dk3, dv3 = _dkdv_sub(dk3, dv3, k3, vx3, 3, ctx, meta)
     return dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3
 
 
@@ -497,27 +518,26 @@ def _bwd_dkdv_kernel(Q, K, VX, DOD, LSE, NEGD, DK, DV_OUT, SEED,
 
 
 @triton.jit
-def _dq_tile(dq, q, q_rows, K_bh, VX_b, dod, lse2, neg_delta, offs_m, start_n, keep, d0, Nq, Nk,
-             stride_qd, stride_kn, stride_kd, stride_vn, qk_scale, zero,
-             HEAD_DIM: tl.constexpr, DV: tl.constexpr, DROP: tl.constexpr, MASKED: tl.constexpr,
-             DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr,
-             D_SPLIT: tl.constexpr):
-    """One key tile: dq[:, d0 : d0 + D_SPLIT] += dS k[:, d0 : d0 + D_SPLIT]."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    k_rows = K_bh + offs_n[:, None] * stride_kn
-    if D_CHUNK == HEAD_DIM:
-        k = _load_rows(k_rows + tl.arange(0, HEAD_DIM)[None, :] * stride_kd, offs_n, Nk, MASKED)
-    else:
-        k = 0
+def _dq_tile(dq, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile: dq[:, d0 : d0 + D_SPLIT] += dS k[:, d0 : d0 + D_SPLIT]; ctx and META as _bwd_dq_kernel
+    packs them."""
+    q, q_rows, K_bh, VX_b, dod, lse2, neg_delta, offs_m, d0, Nq, Nk, stride_qd, stride_kn, stride_kd, stride_vn, \
+        qk_scale, zero = ctx
+    HEAD_DIM: tl.constexpr = META[0]
+    DV: tl.constexpr = META[1]
+    DROP: tl.constexpr = META[2]
+    DOT_PRECISION: tl.constexpr = META[3]
+    BLOCK_M: tl.constexpr = META[4]
+    BLOCK_N: tl.constexpr = META[5]
+    D_CHUNK: tl.constexpr = META[6]
+    D_SPLIT: tl.constexpr = META[7]
+    offs_n, k_rows, k, s = _key_scores(q, q_rows, K_bh, offs_m, start_n, Nq, Nk, stride_qd, stride_kn, stride_kd,
+                                       HEAD_DIM, MASKED, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK)
     if D_SPLIT == HEAD_DIM and D_CHUNK == HEAD_DIM:
         k_split = k
     else:
         k_split = _load_rows(k_rows + (d0 + tl.arange(0, D_SPLIT))[None, :] * stride_kd, offs_n, Nk, MASKED)
     vx = _load_rows(VX_b + offs_n[:, None] * stride_vn + tl.arange(0, DV)[None, :], offs_n, Nk, MASKED)
-    s = _scores(q, k, q_rows, k_rows, offs_m[:, None] < Nq, offs_n[:, None] < Nk, stride_qd, stride_kd,
-                BLOCK_M, BLOCK_N, HEAD_DIM, D_CHUNK, DOT_PRECISION)
-    if MASKED:  # keys past Nk: P = 0 (their k rows are 0, but P could overflow)
-        s = tl.where(offs_n[None, :] < Nk, s, float("-inf"))
     dpd = _mma(dod, tl.trans(vx), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION, SPLIT_A=False)
     p, p_drop, ds = _ds_tile(s, lse2, dpd, neg_delta, keep, qk_scale, zero, DROP)
     return _mma(ds.to(k_split.dtype), k_split, dq, DOT_PRECISION)
@@ -555,33 +575,11 @@ def _bwd_dq_kernel(Q, K, VX, DOD, LSE, NEGD, DQ, SEED,
     K_bh = K + b * stride_kb + h * stride_kh
     VX_b = VX + b * stride_vb
     seed = tl.load(SEED) if DROP_BITS > 0 else 0
-    SUB: tl.constexpr = CALL_COLUMNS // BLOCK_N if DROP_BITS == 1 else 1
-    dq = tl.zeros([BLOCK_M, D_SPLIT], dtype=tl.float32)
-    n_full = Nk // BLOCK_N * BLOCK_N
-    n_main = Nk // (SUB * BLOCK_N) * (SUB * BLOCK_N)
-    for start_n in range(0, n_main, SUB * BLOCK_N):
-        if DROP_BITS == 1:
-            r0, r1, r2, r3 = _bit_words(seed, bh, start_m, start_n // CALL_COLUMNS, BLOCK_M)
-        else:
-            r0, r1, r2, r3 = 0, 0, 0, 0
-        for sub in tl.static_range(SUB):
-            keep = _sub_keep(r0, r1, r2, r3, seed, bh, start_m, start_n, sub, drop_threshold, BLOCK_M, BLOCK_N,
-                             DROP_BITS)
-            dq = _dq_tile(dq, q, q_rows, K_bh, VX_b, dod, lse2, neg_delta, offs_m, start_n + sub * BLOCK_N, keep,
-                          d0, Nq, Nk, stride_qd, stride_kn, stride_kd, stride_vn, qk_scale, zero, HEAD_DIM, DV,
-                          DROP_BITS > 0, False, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK, D_SPLIT)
-    for start_n in range(n_main, n_full, BLOCK_N):
-        keep = _tile_keep(seed, bh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS) \
-            if DROP_BITS > 0 else 0
-        dq = _dq_tile(dq, q, q_rows, K_bh, VX_b, dod, lse2, neg_delta, offs_m, start_n, keep, d0, Nq, Nk,
-                      stride_qd, stride_kn, stride_kd, stride_vn, qk_scale, zero, HEAD_DIM, DV,
-                      DROP_BITS > 0, False, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK, D_SPLIT)
-    if n_full < Nk:
-        keep = _tile_keep(seed, bh, start_m, n_full, drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS) \
-            if DROP_BITS > 0 else 0
-        dq = _dq_tile(dq, q, q_rows, K_bh, VX_b, dod, lse2, neg_delta, offs_m, n_full, keep, d0, Nq, Nk,
-                      stride_qd, stride_kn, stride_kd, stride_vn, qk_scale, zero, HEAD_DIM, DV,
-                      DROP_BITS > 0, True, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK, D_SPLIT)
+    ctx = (q, q_rows, K_bh, VX_b, dod, lse2, neg_delta, offs_m, d0, Nq, Nk, stride_qd, stride_kn, stride_kd,
+           stride_vn, qk_scale, zero)
+    meta: tl.constexpr = (HEAD_DIM, DV, DROP_BITS > 0, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK, D_SPLIT)
+    dq = _key_loop(tl.zeros([BLOCK_M, D_SPLIT], dtype=tl.float32), _dq_tile, ctx, meta, seed, bh, start_m, Nk,
+                   drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS)
     dq = dq * scale
     offs_split = d0 + tl.arange(0, D_SPLIT)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_split[None, :] * stride_dqd,
