@@ -1,14 +1,33 @@
-"""Compile report of the fused DCAMA attention kernels, no GPU needed.
+"""Compile report of the fused DCAMA attention kernels, read from the SASS, no GPU needed.
 
-    python bench/kernel_report.py [--json FILE] [--archs 80 90] [--jobs 2]
+    python bench/kernel_report.py [--sample] [--json FILE] [--archs 80 90] [--match REGEX] [--jobs 2]
 
-Compiles every kernel configuration the op can launch (`kernels.attention.kernel_compile_specs()`)
-for sm_80 (Ampere) and sm_90 (Hopper) with `triton.compile(..., target=GPUTarget("cuda", cc, 32))`, then
-reads the cubin with the CUDA tools bundled in the triton wheel: `ptxas -v` (run again on the PTX with the
-flags Triton uses, so it builds the same cubin) for registers and spills, and `cuobjdump -sass` for the
-tensor-core instructions (HMMA on Ampere, HGMMA on Hopper) and the count of MUFU.EX2 (the exponential unit).
-Shared memory is the dynamic shared memory Triton launches the kernel with, plus any static shared memory.
-Exits with status 1 when a configuration fails to compile.
+Compiles every kernel configuration the op can launch (`bench/kernel_specs.py`) for sm_80 (Ampere) and
+sm_90 (Hopper) with `triton.compile(..., target=GPUTarget("cuda", cc, 32))` and reads each cubin with the
+CUDA tools bundled in the triton wheel: `ptxas -v` for registers and spills, `cuobjdump -sass` for the
+instructions. Exits with status 1 when a configuration fails to compile or to analyse.
+
+What is counted (all static, from the SASS; nothing is typed in):
+  * The main loop is the longest backward branch: a branch instruction whose target lies before it
+    (a branch to itself, the trap at the end of every kernel, is not a loop). Its body is every
+    instruction from the target to the branch, both included, as laid out in the binary; a retry loop
+    nested inside it (a barrier wait) is counted once, as when the data is ready.
+  * Lane-instructions per score = loop instructions x num_warps x 32 / (scores the loop body processes),
+    times HEAD_DIM / D_SPLIT for kernels whose column splits each recompute the tile. The scores per
+    iteration are BLOCK_M x BLOCK_N x the tiles one iteration processes by construction of the kernel
+    (`kernels.fused.main_loop_tiles`: 4 sub-tiles of 64 keys per Philox call in the forward and dq loops
+    with 1-bit dropout, else 1). Work the compiler duplicates (a tile computed by two warpgroups, or a loop
+    unrolled by ptxas) therefore counts in full, and shows as more than one MUFU.EX2 per score.
+  * MUFU per score counts every MUFU instruction of the loop (EX2, RCP, ...) the same way; the opcode
+    mix lists the most frequent opcodes (mnemonic without modifiers, MUFU with its function) per score.
+  * The static model divides those counts by an H100 SXM's issue rate (32 lane-instructions per cycle per
+    sub-partition) and exponential rate (4 MUFU.EX2 per cycle per sub-partition; `bench/common.py` holds
+    the assumed rate) at the Swin-B 1/8 training shape. It is a model of the loop's issue slots, not a
+    timing: latency, memory stalls and occupancy are not in it.
+
+`--sample` compiles what the budget and the regression ceilings cover (`BUDGET_TOTAL`, `CEILING_TOTAL`: every
+configuration the autotuner can pick for them, sm_90) plus a rotation over the other head dims on both
+archs: the CI gate (`tests/test_kernel_report.py`) runs it. The summary line "budget:" lists every breach.
 """
 
 from __future__ import annotations
@@ -22,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import redirect_stdout
 from functools import lru_cache
@@ -32,32 +52,54 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import markdown_table
+from bench.common import H100_SXM, markdown_table
 from dcama.files import write_json
 
 ARCHS = (80, 90)
 # Largest shared memory one block may use (CUDA C Programming Guide, compute capabilities table).
 MAX_SHARED_BYTES = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
-RECORD_KEYS = ("kernel", "arch", "config", "registers", "spill_bytes", "shared_bytes", "mma", "mufu_ex2")
+RECORD_KEYS = ("kernel", "arch", "config", "registers", "spill_bytes", "shared_bytes", "mma", "mufu_ex2",
+               "loop_instructions", "tiles_per_iteration", "lane_instr_per_score", "mufu_per_score", "mix")
 MMA_RE = re.compile(r"\b((?:HGMMA|HMMA|UTCHMMA|UTCQMMA)\.[\w.]+)")
+SASS_RE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;")
+BRANCH_RE = re.compile(r"\b(?:BRA|JMP)(?:\.[\w.]+)?\s+(?:\S+,\s*)?(0x[0-9a-f]+)")
+GUARD_RE = re.compile(r"^@!?U?P[T\d]+\s+")
+MIX_TOP = 12
+# One H100 SXM sub-partition issues 32 lane-instructions per cycle and completes 4 MUFU.EX2 per cycle, so
+# its lane-instruction rate is 8x the exponential rate that bench/common.py assumes.
+LANES_PER_EXP_SLOT = 32 / 4
+# The Swin-B 1/8 training shape the model is evaluated at: 12 episodes, 2 attention layers stacked in the
+# head axis (L * 8 = 16 heads, as dcama/model.py runs them), Nq = 48 * 48 tokens, K = 1 shot, D = 256 / 8.
+SWIN_B_18 = {"batch": 12, "heads": 16, "n_query": 2304, "n_key": 2304, "head_dim": 32}
+KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+# The variants of the summary at the DCAMA training shapes: (label, dtype, dot precision, drop bits).
+SUMMARY_VARIANTS = (("fp16, dropout 0.5", "fp16", None, 1), ("bf16, dropout 0.5", "bf16", None, 1),
+                    ("fp16, no dropout", "fp16", None, 0), ("bf16, no dropout", "bf16", None, 0),
+                    ("fp32 TF32 dots, dropout 0.5", "fp32", "tf32", 1),
+                    ("fp32 3xTF32 dots, dropout 0.5", "fp32", "tf32x3", 1))
+SUMMARY_HEAD_DIMS = (32, 64)
+# The budget (docs/kernels.md, "Budget"): sm_90 main-loop lane-instructions per score at D = 32 for every
+# configuration the autotuner can pick, keyed (dtype, dot precision, drop bits): the fwd+bwd total, and a
+# share per kernel (the shares add up to less than the total, so that one extra operation per score in any
+# kernel fails the gate). Every kernel of these variants: at most MAX_MUFU_PER_SCORE, no spills.
+BUDGET_TOTAL = {("fp16", None, 1): 27.0, ("bf16", None, 1): 27.0, ("bf16", None, 0): 20.0, ("fp32", "tf32", 1): 45.0}
+BUDGET_SHARE = {1: {"fwd": 8.5, "bwd_dkdv": 10.0, "bwd_dq": 7.0},  # dropout 0.5
+                0: {"fwd": 6.0, "bwd_dkdv": 6.5, "bwd_dq": 5.5}}  # no dropout
+BUDGET_SHARE_TF32 = {"fwd": 11.5, "bwd_dkdv": 15.0, "bwd_dq": 11.0}
+MAX_MUFU_PER_SCORE = 1.07
+# Regression ceilings: the fwd+bwd totals the kernels before v2 (commit 84d5c0e) had on sm_90 for two variants
+# the budget does not cover; (head dim, dtype, dot precision, drop bits) -> lane-instructions per score. The
+# full report's summary table shows every other variant (fp16 equals bf16 there).
+CEILING_TOTAL = {(32, "fp32", "tf32x3", 1): 172.97, (64, "fp16", None, 1): 93.69}
 
 
 @lru_cache(maxsize=1)
 def _specs() -> list[dict[str, Any]]:
-    from kernels.attention import kernel_compile_specs
+    # Imported here, not at the top: importing the kernels decorates them, which must happen after main()
+    # (or _init_worker) removed TRITON_INTERPRET from the environment.
+    from bench.kernel_specs import kernel_compile_specs
 
-    specs = list(kernel_compile_specs())
-    for spec in specs:
-        if not hasattr(spec["fn"], "src") or type(spec["fn"]).__name__ == "InterpretedFunction":
-            raise RuntimeError("kernels were decorated under TRITON_INTERPRET=1; run this report without it")
-    return specs
-
-
-def _config(spec: dict[str, Any]) -> dict[str, Any]:
-    config = dict(spec["config"])
-    config.setdefault("num_warps", spec["num_warps"])
-    config.setdefault("num_stages", spec["num_stages"])
-    return config
+    return kernel_compile_specs()
 
 
 def _tool(name: str) -> str:
@@ -69,6 +111,9 @@ def _tool(name: str) -> str:
     return str(path)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Parsing ptxas and SASS
+# ---------------------------------------------------------------------------------------------------------
 def parse_ptxas(log: str) -> dict[str, int]:
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
@@ -79,10 +124,61 @@ def parse_ptxas(log: str) -> dict[str, int]:
             "static_smem": int(smem.group(1)) if smem else 0}
 
 
+def parse_instructions(sass: str) -> list[tuple[int, str]]:
+    """(address, instruction text without the trailing ';') for every SASS instruction, in order."""
+    return [(int(addr, 16), text) for addr, text in SASS_RE.findall(sass)]
+
+
+def opcode(text: str) -> str:
+    """The mnemonic without its predicate guard and modifiers; MUFU keeps its function (MUFU.EX2)."""
+    words = GUARD_RE.sub("", text).split()
+    op = words[0] if words else ""
+    return ".".join(op.split(".")[:2]) if op.startswith("MUFU.") else op.split(".")[0]
+
+
+def main_loop(instructions: list[tuple[int, str]]) -> tuple[int, int] | None:
+    """(first, last) indices of the longest backward branch's body, or None for a loop-free kernel."""
+    index = {addr: i for i, (addr, _) in enumerate(instructions)}
+    best = None
+    for i, (addr, text) in enumerate(instructions):
+        hit = BRANCH_RE.search(text)
+        if hit is None:
+            continue
+        target = int(hit.group(1), 16)
+        if target < addr and target in index and (best is None or i - index[target] > best[1] - best[0]):
+            best = (index[target], i)
+    return best
+
+
 def parse_sass(sass: str) -> dict[str, Any]:
-    return {"mma": sorted(set(MMA_RE.findall(sass))), "mufu_ex2": len(re.findall(r"\bMUFU\.EX2\b", sass))}
+    """Whole-kernel tensor-core instructions and MUFU.EX2 count, and the main loop's opcode counts."""
+    instructions = parse_instructions(sass)
+    loop = main_loop(instructions)
+    body = [] if loop is None else [opcode(t) for _, t in instructions[loop[0]:loop[1] + 1]]
+    return {"mma": sorted(set(MMA_RE.findall(sass))), "mufu_ex2": len(re.findall(r"\bMUFU\.EX2\b", sass)),
+            "loop_opcodes": Counter(body)}
 
 
+def loop_costs(loop_opcodes: Counter, constexprs: dict[str, Any], num_warps: int, tiles: int) -> dict[str, Any]:
+    """Per-score figures of the main loop, which processes `tiles` score tiles per iteration by construction
+    (module docstring: the normalisation)."""
+    instructions = sum(loop_opcodes.values())
+    if not instructions:
+        raise ValueError("no main loop found in the SASS")
+    threads = num_warps * 32
+    scores = constexprs["BLOCK_M"] * constexprs["BLOCK_N"] * tiles
+    recompute = constexprs["HEAD_DIM"] // constexprs.get("D_SPLIT", constexprs["HEAD_DIM"])
+    per_score = threads * recompute / scores
+    mufu = sum(n for op, n in loop_opcodes.items() if op.startswith("MUFU"))
+    return {"loop_instructions": instructions, "tiles_per_iteration": tiles,
+            "lane_instr_per_score": round(instructions * per_score, 2),
+            "mufu_per_score": round(mufu * per_score, 3),
+            "mix": {op: round(n * per_score, 2) for op, n in loop_opcodes.most_common(MIX_TOP)}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compiling
+# ---------------------------------------------------------------------------------------------------------
 def _ptxas_log(kernel: Any, cc: int, captured: str) -> str:
     """The `ptxas -v` log of this cubin: the one Triton printed while compiling (TRITON_DUMP_PTXAS_LOG), or,
     when the cubin came from Triton's cache, ptxas run again on the PTX with the flags Triton uses
@@ -100,27 +196,38 @@ def _ptxas_log(kernel: Any, cc: int, captured: str) -> str:
                               capture_output=True, text=True, check=True).stderr
 
 
-def compile_one(index: int, cc: int) -> dict[str, Any]:
-    """Compile spec `index` for compute capability `cc`; return its report record."""
+def compile_spec(spec: dict[str, Any], cc: int) -> Any:
+    """The CompiledKernel of one spec for compute capability cc (Triton prints the ptxas log to stdout)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    spec = _specs()[index]
-    src = ASTSource(spec["fn"], spec["signature"], spec["constexprs"])
-    captured = io.StringIO()
-    with redirect_stdout(captured):  # Triton prints the ptxas log to stdout
-        kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                                options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
-    usage = parse_ptxas(_ptxas_log(kernel, cc, captured.getvalue()))
+    src = ASTSource(spec["fn"], spec["signature"], spec["constexprs"], spec.get("attrs"))
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                          options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
+
+
+def sass_of(kernel: Any) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)],
-                              capture_output=True, text=True, check=True).stdout
-    return {"kernel": spec["name"], "arch": f"sm_{cc}", "config": _config(spec),
+        return subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def compile_one(index: int, cc: int) -> dict[str, Any]:
+    """Compile spec `index` for compute capability `cc`; return its report record."""
+    spec = _specs()[index]
+    captured = io.StringIO()
+    with redirect_stdout(captured):
+        kernel = compile_spec(spec, cc)
+    usage = parse_ptxas(_ptxas_log(kernel, cc, captured.getvalue()))
+    sass = parse_sass(sass_of(kernel))
+    return {"kernel": spec["name"], "arch": f"sm_{cc}", "config": spec["config"],
             "registers": usage["registers"], "spill_bytes": usage["spill_bytes"],
-            "shared_bytes": int(kernel.metadata.shared) + usage["static_smem"], **parse_sass(sass)}
+            "shared_bytes": int(kernel.metadata.shared) + usage["static_smem"], "mma": sass["mma"],
+            "mufu_ex2": sass["mufu_ex2"],
+            **loop_costs(sass["loop_opcodes"], spec["constexprs"], spec["num_warps"], spec["tiles_per_iteration"])}
 
 
 def _init_worker() -> None:
@@ -128,24 +235,72 @@ def _init_worker() -> None:
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
 
 
-def sample_indices(specs: list[dict[str, Any]]) -> list[int]:
-    """A subset that compiles every block configuration once: specs are grouped by everything but the
-    variant (dtype, dot precision, dropout bits); group g takes its (g mod n)-th variant, so the subset
-    also covers every variant. Kernels without variants (one spec per group) are all kept."""
-    groups: dict[str, list[int]] = {}
-    for i, spec in enumerate(specs):
-        key = {k: v for k, v in _config(spec).items() if k not in ("dtype", "dot_precision", "drop_bits")}
-        groups.setdefault(json.dumps(key, sort_keys=True), []).append(i)
-    return sorted(members[g % len(members)] for g, members in enumerate(groups.values()))
+def variant_key(config: dict[str, Any]) -> tuple[str, str | None, int]:
+    return config["dtype"], config.get("dot_precision"), config["drop_bits"]
+
+
+def is_gated(config: dict[str, Any]) -> bool:
+    """A configuration the budget or a regression ceiling covers."""
+    return (config["head_dim"] == 32 and variant_key(config) in BUDGET_TOTAL) or \
+        (config["head_dim"], *variant_key(config)) in CEILING_TOTAL
+
+
+def sample_tasks(specs: list[dict[str, Any]], archs: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(spec index, cc) pairs of `--sample`, the CI gate's set: every gated spec on sm_90; for each kernel one
+    spec at one other head dim on sm_90 (the head dims and the variants rotate over the kernels); and on sm_80
+    the fp16 p = 0.5 kernels at D = 32."""
+    tasks = [(i, 90) for i, s in enumerate(specs) if is_gated(s["config"])] if 90 in archs else []
+    others = sorted({s["config"]["head_dim"] for s in specs} - {32, 64})
+    for n, kernel in enumerate(KERNELS):
+        head_dim = others[n % len(others)]
+        members = [i for i, s in enumerate(specs) if s["config"]["kernel"] == kernel and
+                   s["config"]["head_dim"] == head_dim]
+        tasks += [(members[n % len(members)], 90)] if 90 in archs else []
+    if 80 in archs:
+        tasks += [(i, 80) for i, s in enumerate(specs) if s["config"]["head_dim"] == 32 and
+                  variant_key(s["config"]) == ("fp16", None, 1)]
+    return sorted(set(tasks))
+
+
+def budget_violations(records: list[dict[str, Any]]) -> list[str]:
+    """Every breach of the budget and the regression ceilings by sm_90 records (the worst configuration of each
+    kernel counts); a gated variant with a kernel missing is a breach too."""
+    out = []
+    sm90 = [r for r in records if r["arch"] == "sm_90"]
+    gated = {(32, *k): v for k, v in BUDGET_TOTAL.items()} | CEILING_TOTAL
+    for (head_dim, *variant), limit in gated.items():
+        worst = {}
+        for kernel in KERNELS:
+            hits = [r for r in sm90 if r["config"]["kernel"] == kernel and r["config"]["head_dim"] == head_dim
+                    and list(variant_key(r["config"])) == variant]
+            if not hits:
+                out.append(f"D={head_dim} {variant}: no {kernel} record")
+                continue
+            worst[kernel] = max(hits, key=lambda r: r["lane_instr_per_score"])
+        if len(worst) < len(KERNELS):
+            continue
+        total = sum(r["lane_instr_per_score"] for r in worst.values())
+        if total > limit:
+            out.append(f"D={head_dim} {variant}: fwd+bwd {total:.2f} lane-instructions per score > {limit}")
+        if (head_dim, *variant) in CEILING_TOTAL:
+            continue
+        shares = BUDGET_SHARE_TF32 if variant[0] == "fp32" else BUDGET_SHARE[variant[2]]
+        for kernel, r in worst.items():
+            if r["lane_instr_per_score"] > shares[kernel]:
+                out.append(f"{r['kernel']}: {r['lane_instr_per_score']} lane-instructions per score > its share "
+                           f"{shares[kernel]}")
+            if r["mufu_per_score"] > MAX_MUFU_PER_SCORE:
+                out.append(f"{r['kernel']}: {r['mufu_per_score']} MUFU per score > {MAX_MUFU_PER_SCORE}")
+    return out
 
 
 def build_report(archs: tuple[int, ...] = ARCHS, jobs: int = 2, match: str | None = None,
                  sample: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
-    """Records of every (spec, arch) whose kernel name matches the regex `match` (of the `sample_indices`
+    """Records of every (spec, arch) whose kernel name matches the regex `match` (of the `sample_tasks`
     subset when `sample`), and the failures as messages."""
-    pool_ids = sample_indices(_specs()) if sample else range(len(_specs()))
-    chosen = [i for i in pool_ids if match is None or re.search(match, _specs()[i]["name"])]
-    tasks = [(i, cc) for i in chosen for cc in archs]
+    specs = _specs()
+    tasks = sample_tasks(specs, archs) if sample else [(i, cc) for i in range(len(specs)) for cc in archs]
+    tasks = [(i, cc) for i, cc in tasks if match is None or re.search(match, specs[i]["name"])]
     records, failures = [], []
     # Spawned workers: each imports the kernels afresh; compiles of distinct configs are independent.
     with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=get_context("spawn"),
@@ -156,23 +311,112 @@ def build_report(archs: tuple[int, ...] = ARCHS, jobs: int = 2, match: str | Non
                 records.append(fut.result())
             except Exception as exc:  # report every failing config, not only the first
                 detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else exc
-                failures.append(f"{_specs()[i]['name']} {_config(_specs()[i])} sm_{cc}: {type(exc).__name__}: {detail}")
+                failures.append(f"{specs[i]['name']} sm_{cc}: {type(exc).__name__}: {detail}")
     return records, failures
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------------------
+def _mix(mix: dict[str, float], top: int = 6) -> str:
+    return ", ".join(f"{op} {n:g}" for op, n in list(mix.items())[:top])
 
 
 def format_report(records: list[dict[str, Any]]) -> str:
     def cfg(c: dict[str, Any]) -> str:
-        return " ".join(f"{k}={v}" for k, v in c.items())
+        return " ".join(f"{k}={v}" for k, v in c.items() if k not in ("kernel", "channels"))
 
     return markdown_table(records, [
         ("kernel", "kernel", str), ("arch", "arch", str), ("config", "config", cfg),
-        ("registers", "registers", str), ("spill_bytes", "spill bytes", str),
-        ("shared_bytes", "shared bytes", str), ("mma", "tensor-core instructions", lambda m: ", ".join(m) or "NONE"),
-        ("mufu_ex2", "MUFU.EX2", str)])
+        ("registers", "regs", str), ("spill_bytes", "spill B", str), ("shared_bytes", "shared B", str),
+        ("mma", "tensor-core instructions", lambda m: ", ".join(m) or "NONE"),
+        ("lane_instr_per_score", "lane-instr/score", str), ("mufu_per_score", "MUFU/score", str),
+        ("mix", "top opcodes per score", _mix)])
+
+
+def summary_rows(records: list[dict[str, Any]], arch: str = "sm_90") -> list[dict[str, Any]]:
+    """Per (head dim, variant): for each kernel the best (fewest lane-instructions per score) and the worst
+    shipped configuration compiled for `arch`, the fwd+bwd totals of both, the largest MUFU per score and the
+    largest spill of any of those configurations. Variants with a kernel missing are left out."""
+    rows = []
+    for head_dim in SUMMARY_HEAD_DIMS:
+        for label, dtype, precision, bits in SUMMARY_VARIANTS:
+            row: dict[str, Any] = {"head_dim": head_dim, "variant": label, "mufu_max": 0.0, "spill_max": 0}
+            for kernel in KERNELS:
+                hits = [r for r in records if r["arch"] == arch and r["config"]["kernel"] == kernel
+                        and r["config"]["head_dim"] == head_dim and r["config"]["dtype"] == dtype
+                        and r["config"].get("dot_precision") == precision and r["config"]["drop_bits"] == bits]
+                if not hits:
+                    break
+                best = min(hits, key=lambda r: r["lane_instr_per_score"])
+                row[kernel] = best["lane_instr_per_score"]
+                row[f"{kernel}_worst"] = max(r["lane_instr_per_score"] for r in hits)
+                row[f"{kernel}_best_record"] = best
+                row["mufu_max"] = max(row["mufu_max"], *(r["mufu_per_score"] for r in hits))
+                row["spill_max"] = max(row["spill_max"], *(r["spill_bytes"] for r in hits))
+            else:
+                row["total"] = round(sum(row[k] for k in KERNELS), 2)
+                row["total_worst"] = round(sum(row[f"{k}_worst"] for k in KERNELS), 2)
+                rows.append(row)
+    return rows
+
+
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    return markdown_table(rows, [
+        ("head_dim", "D", str), ("variant", "sm_90, lane-instr per score", str), ("fwd", "fwd", str),
+        ("bwd_dkdv", "bwd dk/dv", str), ("bwd_dq", "bwd dq", str), ("total", "total", str),
+        ("total_worst", "total, worst configs", str), ("mufu_max", "max MUFU/score", str),
+        ("spill_max", "max spill B", str)])
+
+
+def format_mix(rows: list[dict[str, Any]], head_dim: int = 32) -> str:
+    """Where the slots go: the best configuration's top opcodes per score, per kernel, at `head_dim`."""
+    out = []
+    for row in rows:
+        if row["head_dim"] != head_dim:
+            continue
+        for kernel in KERNELS:
+            r = row[f"{kernel}_best_record"]
+            out.append({"variant": row["variant"], "kernel": kernel, "name": r["kernel"],
+                        "total": r["lane_instr_per_score"], "mix": _mix(r["mix"], MIX_TOP)})
+    return markdown_table(out, [("variant", "variant", str), ("kernel", "kernel", str), ("name", "config", str),
+                                ("total", "lane-instr/score", str), ("mix", "top opcodes per score", str)])
+
+
+def static_model(rows: list[dict[str, Any]], shape: dict[str, int] = SWIN_B_18) -> list[dict[str, Any]]:
+    """Issue-bound and exp-bound time of each kernel's main loop at `shape` on an H100 SXM: a STATIC MODEL."""
+    scores = shape["batch"] * shape["heads"] * shape["n_query"] * shape["n_key"]
+    exp_rate = H100_SXM.exp_per_s
+    issue_rate = exp_rate * LANES_PER_EXP_SLOT
+    out = []
+    for row in rows:
+        if row["head_dim"] != shape["head_dim"]:
+            continue
+        issue = {k: row[k] * scores / issue_rate * 1e3 for k in KERNELS}
+        exp = {k: row[f"{k}_best_record"]["mufu_per_score"] * scores / exp_rate * 1e3 for k in KERNELS}
+        bound = {k: max(issue[k], exp[k]) for k in KERNELS}
+        out.append({"variant": row["variant"], **{f"{k}_ms": bound[k] for k in KERNELS},
+                    "issue_ms": sum(issue.values()), "exp_ms": sum(exp.values()), "model_ms": sum(bound.values()),
+                    "floor_ms": 2 * scores / exp_rate * 1e3,
+                    "bound": ", ".join("issue" if issue[k] >= exp[k] else "exp" for k in KERNELS)})
+    return out
+
+
+def format_model(model: list[dict[str, Any]], shape: dict[str, int] = SWIN_B_18) -> str:
+    ms = lambda x: f"{x:.3f}"  # noqa: E731
+    head = (f"STATIC MODEL (not a timing), H100 SXM ({H100_SXM.exp_per_s:.2g} exp/s assumed, "
+            f"{LANES_PER_EXP_SLOT:g} lane-instructions per exp slot): B={shape['batch']}, H={shape['heads']}, "
+            f"Nq={shape['n_query']}, Nk={shape['n_key']}, D={shape['head_dim']}; each kernel costs "
+            "max(issue-bound, exp-bound) of its main loop")
+    return head + "\n\n" + markdown_table(model, [
+        ("variant", "variant", str), ("fwd_ms", "fwd ms", ms), ("bwd_dkdv_ms", "bwd dk/dv ms", ms),
+        ("bwd_dq_ms", "bwd dq ms", ms), ("model_ms", "fwd+bwd ms", ms), ("issue_ms", "issue-bound sum", ms),
+        ("exp_ms", "exp-bound sum", ms), ("floor_ms", "2-exp floor ms", ms), ("bound", "bound by (per kernel)", str)])
 
 
 def summary(records: list[dict[str, Any]]) -> str:
-    lines = []
+    lines = [f"budget: {'; '.join(budget_violations(records)) or 'met'}"] if any(
+        is_gated(r["config"]) for r in records) else []
     for arch in sorted({r["arch"] for r in records}):
         rs = [r for r in records if r["arch"] == arch]
         lines.append(f"{arch}: {len(rs)} configs, registers {min(r['registers'] for r in rs)}-"
@@ -195,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", type=int, nargs="+", default=list(ARCHS), help="compute capabilities")
     parser.add_argument("--match", metavar="REGEX", help="only the kernel configurations whose name matches")
     parser.add_argument("--sample", action="store_true",
-                        help="compile each block configuration once, rotating dtype/dropout variants (fast check)")
+                        help="the hot configurations plus one rotation over the others (the CI gate's set)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compile processes")
     args = parser.parse_args(argv)
     # Compiling needs real JITFunctions; kernels decorated under the interpreter cannot be compiled.
@@ -205,7 +449,15 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(records))
     print()
     print(summary(records))
-    print(f"compiled {len(records)} kernel/arch pairs in {time.perf_counter() - start:.1f} s with {args.jobs} processes")
+    rows = summary_rows(records)
+    if rows:
+        print("\nBudget table (main loop, static count from the sm_90 SASS; best shipped config per kernel):\n")
+        print(format_summary(rows))
+        print("\nWhere the slots go at D = 32 (best config per kernel):\n")
+        print(format_mix(rows))
+        print()
+        print(format_model(static_model(rows)))
+    print(f"\ncompiled {len(records)} kernel/arch pairs in {time.perf_counter() - start:.1f} s with {args.jobs} processes")
     if args.json:
         write_json(args.json, records)
     for msg in failures:

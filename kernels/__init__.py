@@ -1,6 +1,9 @@
-"""Fused Triton kernels for DCAMA attention (see kernels/attention.py)."""
+"""Fused Triton kernels for DCAMA attention. Layers, one concern each (docs/kernels.md):
+kernels/fused.py (the Triton kernels), kernels/configs.py (block sizes), kernels/ops.py (operands,
+launches, custom ops with fakes and autograd), kernels/naive.py (the torch paths), kernels/attention.py
+(the public op and its validation), kernels/reference.py (the float64 reference of the tests)."""
 
-from kernels.attention import dcama_attention, dropout_keep_mask, effective_dropout_p
-from kernels.attention import IMPLS  # noqa: F401  the attention implementations, the one list (dcama.config re-exports it)
+from kernels.attention import IMPLS, dcama_attention, dropout_keep_mask
+from kernels.ops import effective_dropout_p
 
-__all__ = ["dcama_attention", "dropout_keep_mask", "effective_dropout_p"]
+__all__ = ["IMPLS", "dcama_attention", "dropout_keep_mask", "effective_dropout_p"]

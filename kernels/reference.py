@@ -1,4 +1,4 @@
-"""Plain PyTorch reference of DCAMA attention (section 7 of the spec); run it in float64 to test kernels."""
+"""Plain PyTorch reference of DCAMA attention (the math: docs/kernels.md); run it in float64 to test kernels."""
 
 from __future__ import annotations
 

@@ -1,0 +1,114 @@
+"""Every GPU kernel configuration the fused op can launch, as `triton.compile` inputs, for the compile
+report (bench/kernel_report.py).
+
+Nothing here lists argument names or types: for each configuration the op's own launch builders
+(`kernels.ops.fwd_launch`, `dkdv_launch`, `dq_launch`) are called on meta tensors laid out as dcama/model.py
+passes them (q and k views of Linear outputs, a contiguous mask as the value) at a DCAMA training shape,
+and Triton's own binder turns those arguments into the signature, constexprs and specialisation
+attributes (integers equal to 1 become constexprs, 16-divisible ones get divisibility hints) exactly as
+a launch on a GPU would. Needs the kernels imported without TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from kernels.configs import GPU_CONFIGS, candidates, split_config
+from kernels.fused import main_loop_tiles
+from kernels.ops import KERNELS, Launch, dkdv_launch, dq_launch, fwd_launch, is_interpreted, value_operand
+
+# The shape the specialisation is taken at: Swin-B's 1/8 stage (12 episodes, 2 layers stacked in the head
+# axis, 48 x 48 tokens, K = 1), any head dim. Nq, Nk and the strides are multiples of 16 at every DCAMA
+# shape, so the divisibility hints are the ones a real launch gets.
+SPEC_SHAPE = {"batch": 12, "heads": 16, "n_query": 2304, "n_key": 2304, "channels": 1}
+VARIANTS = ((torch.float32, "highest"), (torch.float32, "high"), (torch.float16, None), (torch.bfloat16, None))
+DROPOUT_VARIANTS = (0.0, 0.5, 0.1)  # no dropout, 1-bit decisions, 16-bit slices
+TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+SHORT_NAMES = {"BLOCK_M": "m", "BLOCK_N": "n", "D_CHUNK": "c", "KEY_TILES": "t", "D_SPLIT": "x"}
+
+
+def _launches(dtype: torch.dtype, head_dim: int, dropout_p: float) -> dict[str, Launch]:
+    """The op's three launches at SPEC_SHAPE, on meta tensors."""
+    b, h, nq, nk, c = (SPEC_SHAPE[k] for k in ("batch", "heads", "n_query", "n_key", "channels"))
+    meta = torch.device("meta")
+    linear = lambda n: torch.empty(b, n, h * head_dim, dtype=dtype, device=meta).view(b, n, h, head_dim)  # noqa: E731
+    q, k = linear(nq), linear(nk)
+    vx = value_operand(torch.empty(b, nk, c, dtype=dtype, device=meta))
+    seed = torch.empty(1, dtype=torch.int64, device=meta)
+    lse2 = torch.empty(b, h, nq, dtype=torch.float32, device=meta)
+    o = torch.empty(b, h, nq, c, dtype=torch.float32, device=meta)
+    dod = torch.empty(b, h, nq, vx.shape[2], dtype=dtype, device=meta)
+    dv = torch.empty(b, h, nk, c, dtype=torch.float32, device=meta)
+    neg_delta = torch.empty(b, h, nq, dtype=torch.float32, device=meta)
+    scale = head_dim ** -0.5
+    return {"fwd": fwd_launch(q, k, vx, o, lse2, seed, dropout_p, scale),
+            "bwd_dkdv": dkdv_launch(q, k, vx, dod, lse2, neg_delta, torch.empty_like(k), dv, seed, dropout_p, scale),
+            "bwd_dq": dq_launch(q, k, vx, dod, lse2, neg_delta, torch.empty_like(q), seed, c, dropout_p, scale)}
+
+
+def bind(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of fn(*args, **kwargs) as Triton's launcher computes them
+    (triton/runtime/jit.py: JITFunction.run's binder and _pack_args)."""
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return signature, constexprs, attrs
+
+
+def kernel_compile_specs() -> list[dict[str, Any]]:
+    """One record per GPU kernel configuration the op can launch.
+
+    Each record: name, fn (JITFunction), signature, constexprs (by argument name), attrs, num_warps,
+    num_stages, config (a JSON-able description) and tiles_per_iteration (score tiles per main-loop
+    iteration, by construction of the kernel), such that ``triton.compile(ASTSource(fn, signature,
+    constexprs, attrs), target=GPUTarget("cuda", cc, 32), options={"num_warps": .., "num_stages": ..})``
+    builds it. Covers kernel x dtype (fp32 with both dot precisions, fp16, bf16) x head dim x autotune
+    config x dropout variant (off, 1-bit, 16-bit), with C = 1 (DCAMA's single-channel value). The keep-mask
+    kernel behind dropout_keep_mask (tests and impl="naive") is not part of the fused op and is not listed.
+    """
+    if is_interpreted():
+        raise RuntimeError("kernel_compile_specs() needs the kernels imported without TRITON_INTERPRET=1: "
+                           "run the compile report in a process where that variable is unset")
+    saved = torch.get_float32_matmul_precision()
+    specs = []
+    try:
+        for dtype, precision in VARIANTS:
+            if precision is not None:
+                torch.set_float32_matmul_precision(precision)
+            for head_dim in GPU_CONFIGS["fwd"]["16bit"]:
+                for dropout_p in DROPOUT_VARIANTS:
+                    for kernel, launch in _launches(dtype, head_dim, dropout_p).items():
+                        specs += _specs_of(kernel, launch, dtype)
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    return specs
+
+
+def _specs_of(kernel: str, launch: Launch, dtype: torch.dtype) -> list[dict[str, Any]]:
+    fn = KERNELS[kernel]
+    names = [p.name for p in fn.params]
+    tt = TRITON_DTYPES[dtype]
+    precision = launch.constexprs["DOT_PRECISION"] if dtype == torch.float32 else None
+    out = []
+    for entry in candidates(kernel, launch.group, launch.head_dim, launch.constexprs["DROP_BITS"]):
+        meta, warps, stages = split_config(kernel, entry)
+        signature, constexprs, attrs = bind(fn, launch.args, {**launch.constexprs, **meta, "num_warps": warps,
+                                                               "num_stages": stages})
+        by_name = {names[path[0]]: value for path, value in constexprs.items()}
+        config = {"kernel": kernel, "dtype": tt, "dot_precision": precision, "head_dim": launch.head_dim,
+                  "channels": by_name["C"], "drop_bits": by_name["DROP_BITS"],
+                  **{k.lower(): v for k, v in meta.items()}, "num_warps": warps, "num_stages": stages}
+        blocks = "".join(f"{SHORT_NAMES[k]}{v}" for k, v in meta.items())
+        out.append({"name": f"{kernel}_{tt}{'_' + precision if precision else ''}_d{launch.head_dim}_{blocks}"
+                            f"w{warps}s{stages}_drop{by_name['DROP_BITS']}",
+                    "fn": fn, "signature": signature, "constexprs": by_name, "attrs": attrs,
+                    "num_warps": warps, "num_stages": stages, "config": config,
+                    "tiles_per_iteration": main_loop_tiles(kernel, by_name["DROP_BITS"], meta["BLOCK_N"],
+                                                          meta.get("KEY_TILES", 1))})
+    return out

@@ -1,0 +1,586 @@
+"""The Triton kernels of DCAMA attention: forward, the two backward passes, and the dropout keep mask.
+
+The math, the tiling, the operand layouts (VX, DOD) and the dropout counter scheme are documented in
+docs/kernels.md; the host side that builds the operands and launches these kernels is kernels/ops.py.
+Every kernel works on score tiles with the query rows as tile rows, so that the dropout decisions are
+generated directly in the register layout of the score accumulator (see `_bit_keep`).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# With 1-bit decisions one Philox call (4 words x 32 bits) serves a stream's 2 rows x 64 columns of 256
+# consecutive keys, CALL_COLUMNS; the kernels tile keys in sub-tiles of SUB_TILE = 64 columns
+# (docs/kernels.md, "Dropout: the RNG scheme").
+SUB_TILE = tl.constexpr(64)
+CALL_COLUMNS = tl.constexpr(256)
+
+
+def main_loop_tiles(kernel: str, drop_bits: int, block_n: int, key_tiles: int = 1) -> int:
+    """Score tiles [BLOCK_M, BLOCK_N] one iteration of a kernel's main loop processes: a dk/dv program's
+    KEY_TILES key sub-tiles; in the forward and dq loops CALL_COLUMNS // BLOCK_N with 1-bit dropout (the
+    keys one Philox call per stream serves), else one tile."""
+    if kernel == "bwd_dkdv":
+        return key_tiles
+    return CALL_COLUMNS.value // block_n if drop_bits == 1 else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout decisions. A tile [BLOCK_M, BLOCK_N] (BLOCK_M % 16 == 0, BLOCK_N % 64 == 0) is viewed as
+# [BLOCK_M // 16, 2 (r), 8 (a), ..., 4 (q), 2 (e)] with row i = 16 g + 8 r + a and column
+# j = ... + 2 q + e: (g, a, q) index a stream, held by one thread in every MMA accumulator layout, and the
+# reshape back to 2-D lands in the accumulator layout without any data movement.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _philox(seed, c0, c1, c2, c3):
+    """Philox-4x32-10 (Salmon et al., SC 2011) of the counter (c0, c1, c2, c3) (uint32 tensors) under the
+    64-bit key `seed` (low word first), the same function as tl.philox(seed, c0, c1, c2, c3): each round's
+    32 x 32 -> 64-bit products are one widening multiply (IMAD.WIDE.U32) instead of separate high and
+    low halves."""
+    seed = seed.to(tl.uint64, bitcast=True)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    for _ in tl.static_range(10):
+        prod0 = c0.to(tl.uint64) * 0xD2511F53
+        prod2 = c2.to(tl.uint64) * 0xCD9E8D57
+        c0 = (prod2 >> 32).to(tl.uint32) ^ c1 ^ k0
+        c2 = (prod0 >> 32).to(tl.uint32) ^ c3 ^ k1
+        c1 = prod2.to(tl.uint32)
+        c3 = prod0.to(tl.uint32)
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _stream_ids(start_m, BLOCK_M: tl.constexpr, SHAPE: tl.constexpr):
+    """(pair, q) of the streams of rows start_m .. start_m + BLOCK_M as uint32 tensors broadcast to SHAPE,
+    a 7-D shape whose dims 0, 2 and 5 are (g, a, q)."""
+    g = tl.arange(0, BLOCK_M // 16)[:, None, None, None, None, None, None]
+    a = tl.arange(0, 8)[None, None, :, None, None, None, None]
+    q = tl.arange(0, 4)[None, None, None, None, None, :, None]
+    zero = tl.zeros(SHAPE, dtype=tl.uint32)
+    pair = ((start_m // 16 + g) * 8 + a).to(tl.uint32) + zero
+    return pair, q.to(tl.uint32) + zero
+
+
+@triton.jit
+def _bit_words(seed, bh, start_m, call, BLOCK_M: tl.constexpr):
+    """The 4 Philox words of call number `call` of every stream of the row tile (1-bit decisions)."""
+    shape: tl.constexpr = [BLOCK_M // 16, 1, 8, 1, 1, 4, 1]
+    pair, q = _stream_ids(start_m, BLOCK_M, shape)
+    zero = tl.zeros(shape, dtype=tl.uint32)
+    return _philox(seed, pair, zero + call, zero + bh, q)
+
+
+@triton.jit
+def _bit_keep(r0, r1, r2, r3, first, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep decisions [BLOCK_M, BLOCK_N] (p = 1/2) of BLOCK_N // 64 consecutive 64-column sub-tiles of a
+    call's 256 columns, the first being sub-tile `first` (r0..r3 from `_bit_words`): row 8 r + a and column
+    64 k + 8 c + 2 q + e of the call are bit 4 c + k of word 2 r + e. A runtime `first` costs one shift per
+    word, not a select."""
+    r = tl.arange(0, 2)[None, :, None, None, None, None, None]
+    k = tl.arange(0, BLOCK_N // 64)[None, None, None, :, None, None, None]
+    c = tl.arange(0, 8)[None, None, None, None, :, None, None]
+    e = tl.arange(0, 2)[None, None, None, None, None, None, :]
+    shift = tl.zeros([1, 1, 1, BLOCK_N // 64, 1, 1, 1], dtype=tl.uint32) + first + k
+    w = tl.where(r == 0, tl.where(e == 0, r0, r1), tl.where(e == 0, r2, r3)) >> shift
+    bit = tl.full([1, 1, 1, 1, 8, 1, 1], 1, tl.uint32) << (4 * c).to(tl.uint32)
+    return tl.reshape((w & bit) != 0, [BLOCK_M, BLOCK_N])
+
+
+@triton.jit
+def _slice_keep(seed, bh, start_m, start_n, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep decisions [BLOCK_M, BLOCK_N] with 16-bit slices (any p but 1/2): the view is
+    [g, r, a, kc, cw, q, e] with column j = 32 kc + 8 cw + 2 q + e; the decision is slice e of word cw of
+    call (start_n // 64 + kc // 2) * 4 + 2 r + kc % 2 of its stream, kept when the slice >= threshold."""
+    shape: tl.constexpr = [BLOCK_M // 16, 2, 8, BLOCK_N // 32, 1, 4, 1]
+    pair, q = _stream_ids(start_m, BLOCK_M, shape)
+    r = tl.arange(0, 2)[None, :, None, None, None, None, None]
+    kc = tl.arange(0, BLOCK_N // 32)[None, None, None, :, None, None, None]
+    cw = tl.arange(0, 4)[None, None, None, None, :, None, None]
+    e = tl.arange(0, 2)[None, None, None, None, None, None, :]
+    zero = tl.zeros(shape, dtype=tl.uint32)
+    call = ((start_n // 64 + kc // 2) * 4 + 2 * r + kc % 2).to(tl.uint32) + zero
+    w0, w1, w2, w3 = _philox(seed, pair, call, zero + bh, q)
+    w = tl.where(cw == 0, w0, tl.where(cw == 1, w1, tl.where(cw == 2, w2, w3)))
+    slices = (w >> (16 * e).to(tl.uint32)) & 0xFFFF
+    return tl.reshape(slices >= threshold.to(tl.uint32), [BLOCK_M, BLOCK_N])
+
+
+@triton.jit
+def _tile_keep(seed, bh, start_m, start_n, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               DROP_BITS: tl.constexpr):
+    """Keep decisions of a tile, computing the Philox calls it needs (any tile position; BLOCK_N <= 256 and
+    the tile within one call's 256 columns); 0 without dropout."""
+    if DROP_BITS == 1:
+        r0, r1, r2, r3 = _bit_words(seed, bh, start_m, start_n // CALL_COLUMNS, BLOCK_M)
+        return _bit_keep(r0, r1, r2, r3, (start_n // SUB_TILE) % 4, BLOCK_M, BLOCK_N)
+    elif DROP_BITS > 0:
+        return _slice_keep(seed, bh, start_m, start_n, threshold, BLOCK_M, BLOCK_N)
+    else:
+        return 0
+
+
+@triton.jit
+def _keep_mask_kernel(SEED, OUT, Nq, Nk, threshold,
+                      DROP_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dropout_keep_mask: the decisions of a [BLOCK_M, BLOCK_N] tile of head bh as uint8."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _tile_keep(tl.load(SEED), bh, pid_m * BLOCK_M, pid_n * BLOCK_N, threshold, BLOCK_M, BLOCK_N, DROP_BITS)
+    row = bh.to(tl.int64) * Nq + offs_m  # int64: B*H*Nq*Nk can exceed 2**31
+    tl.store(OUT + row[:, None] * Nk + offs_n[None, :], keep.to(tl.uint8),
+             mask=(offs_m[:, None] < Nq) & (offs_n[None, :] < Nk))
+
+
+# ---------------------------------------------------------------------------------------------
+# Score tiles
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _scores(q, k, q_rows, k_rows, q_mask, k_mask, stride_qd, stride_kd,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
+    """q k^T [BLOCK_M, BLOCK_N] in fp32. With D_CHUNK == HEAD_DIM from the q and k tiles given; otherwise
+    q and k are read (masked) from q_rows / k_rows D_CHUNK columns at a time: this bounds the registers of
+    3xTF32 dots at large D, at the price of reading the tiles again."""
+    if D_CHUNK == HEAD_DIM:
+        return _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION)
+    else:
+        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        offs_c = tl.arange(0, D_CHUNK)
+        for d0 in tl.static_range(0, HEAD_DIM, D_CHUNK):
+            q_c = tl.load(q_rows + (d0 + offs_c)[None, :] * stride_qd, mask=q_mask, other=0.0)
+            k_c = tl.load(k_rows + (d0 + offs_c)[None, :] * stride_kd, mask=k_mask, other=0.0)
+            s = _mma(q_c, tl.trans(k_c), s, DOT_PRECISION)
+        return s
+
+
+@triton.jit
+def _key_scores(q, q_rows, K_bh, offs_m, start_n, Nq, Nk, stride_qd, stride_kn, stride_kd,
+                HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr):
+    """(offs_n, k row pointers, the k tile (0 when chunked), scores) of the key tile at start_n against the query
+    tile, for the loops over keys. In the MASKED (last) tile keys past Nk get -inf, so P = 0 there: their k
+    rows read as 0, but P = exp2(-lse2) could overflow."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_rows = K_bh + offs_n[:, None] * stride_kn
+    if D_CHUNK == HEAD_DIM:
+        k = _load_rows(k_rows + tl.arange(0, HEAD_DIM)[None, :] * stride_kd, offs_n, Nk, MASKED)
+    else:
+        k = 0
+    s = _scores(q, k, q_rows, k_rows, offs_m[:, None] < Nq, offs_n[:, None] < Nk, stride_qd, stride_kd,
+                BLOCK_M, BLOCK_N, HEAD_DIM, D_CHUNK, DOT_PRECISION)
+    if MASKED:
+        s = tl.where(offs_n[None, :] < Nk, s, float("-inf"))
+    return offs_n, k_rows, k, s
+
+
+@triton.jit
+def _load_rows(ptrs, offs, n, MASKED: tl.constexpr):
+    """A [len(offs), ...] tile of rows offs; rows >= n read as 0 when MASKED (only the last tile is)."""
+    if MASKED:
+        return tl.load(ptrs, mask=offs[:, None] < n, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _tf32_hi(x):
+    """x with its 13 low mantissa bits cleared: exact in TF32, and x - _tf32_hi(x) is exact in fp32."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, SPLIT_A: tl.constexpr = True, SPLIT_B: tl.constexpr = True):
+    """acc + a @ b on the tensor cores. For fp32 operands at "tf32x3" it is the TF32 products of the
+    hi / lo split (hi = TF32 truncation, lo = the exact rest), dropping lo @ lo: about 2**-20 relative
+    per product (docs/kernels.md, "Precision"). SPLIT_A / SPLIT_B = False for an operand that is already
+    a hi / lo pair (DOD): one product fewer."""
+    if DOT_PRECISION == "tf32x3":
+        if SPLIT_A:
+            a_hi = _tf32_hi(a)
+            acc = tl.dot(a - a_hi, _tf32_hi(b) if SPLIT_B else b, acc, input_precision="tf32")
+        else:
+            a_hi = a
+        if SPLIT_B:
+            b_hi = _tf32_hi(b)
+            acc = tl.dot(a_hi, b - b_hi, acc, input_precision="tf32")
+        else:
+            b_hi = b
+        return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _key_loop(state, tile: tl.constexpr, ctx, META: tl.constexpr, seed, bh, start_m, Nk, drop_threshold,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr):
+    """state = tile(state, ctx, start_n, keep, META, MASKED) over the key tiles of [0, Nk), for the forward and
+    dq kernels: a main loop whose step is the CALL_COLUMNS keys of one Philox call per stream with 1-bit
+    dropout (SUB sub-tiles, the call computed once), else one tile; then the full tiles left over; then the
+    last, partial tile, the only one with MASKED set."""
+    SUB: tl.constexpr = CALL_COLUMNS // BLOCK_N if DROP_BITS == 1 else 1
+    n_full = Nk // BLOCK_N * BLOCK_N
+    n_main = Nk // (SUB * BLOCK_N) * (SUB * BLOCK_N)
+    for start_n in range(0, n_main, SUB * BLOCK_N):
+        if DROP_BITS == 1:
+            r0, r1, r2, r3 = _bit_words(seed, bh, start_m, start_n // CALL_COLUMNS, BLOCK_M)
+        else:
+            r0, r1, r2, r3 = 0, 0, 0, 0
+        for sub in tl.static_range(SUB):
+            keep = _sub_keep(r0, r1, r2, r3, seed, bh, start_m, start_n, sub, drop_threshold, BLOCK_M, BLOCK_N,
+                             DROP_BITS)
+            state = tile(state, ctx, start_n + sub * BLOCK_N, keep, META, False)
+    for start_n in range(n_main, n_full, BLOCK_N):
+        keep = _tile_keep(seed, bh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS)
+        state = tile(state, ctx, start_n, keep, META, False)
+    if n_full < Nk:
+        keep = _tile_keep(seed, bh, start_m, n_full, drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS)
+        state = tile(state, ctx, n_full, keep, META, True)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of the online softmax: acc[:, :C] += P~ v, acc[:, L_COL] += P 1 (P~: dropped P);
+    state = (acc, m_i), ctx and META as _fwd_kernel packs them."""
+    acc, m_i = state
+    q, q_rows, K_bh, VX_b, offs_m, ones, Nq, Nk, stride_qd, stride_kn, stride_kd, stride_vn, qk_scale, zero = ctx
+    HEAD_DIM: tl.constexpr = META[0]
+    C: tl.constexpr = META[1]
+    DV: tl.constexpr = META[2]
+    L_COL: tl.constexpr = META[3]
+    DROP: tl.constexpr = META[4]
+    VALUE_MMA: tl.constexpr = META[5]
+    DOT_PRECISION: tl.constexpr = META[6]
+    BLOCK_M: tl.constexpr = META[7]
+    BLOCK_N: tl.constexpr = META[8]
+    D_CHUNK: tl.constexpr = META[9]
+    offs_n, k_rows, k, s = _key_scores(q, q_rows, K_bh, offs_m, start_n, Nq, Nk, stride_qd, stride_kn, stride_kd,
+                                       HEAD_DIM, MASKED, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK)
+    vx = _load_rows(VX_b + offs_n[:, None] * stride_vn + tl.arange(0, DV)[None, :], offs_n, Nk, MASKED)
+    # log2 domain: x = scale * log2(e) * s - m, one FFMA per score (qk_scale > 0, so max commutes with it).
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    acc = acc * alpha[:, None]
+    p_drop = tl.where(keep, p, zero) if DROP else p
+    if VALUE_MMA:
+        # `zero` is a runtime 0.0: the select stays in fp32 instead of being pushed past the fp16 rounding.
+        acc = tl.dot(p_drop.to(vx.dtype), vx, acc)
+        if DROP:
+            acc = tl.dot(p.to(vx.dtype), ones, acc)
+    else:  # fp32 inputs: exact fp32 row reductions (an fp32 P operand would need a register shuffle)
+        offs_v = tl.arange(0, DV)
+        for c in tl.static_range(C):
+            v_c = tl.sum(tl.where(offs_v[None, :] == c, vx, 0.0), 1)
+            acc += tl.where(offs_v[None, :] == c, tl.sum(p_drop * v_c[None, :], 1)[:, None], 0.0)
+        acc += tl.where(offs_v[None, :] == L_COL, tl.sum(p, 1)[:, None], 0.0)
+    return acc, m_new
+
+
+@triton.jit
+def _fwd_kernel(Q, K, VX, O, LSE, SEED,
+                stride_qb, stride_qn, stride_qh, stride_qd,
+                stride_kb, stride_kn, stride_kh, stride_kd,
+                stride_vb, stride_vn,
+                H, Nq, Nk, qk_scale, drop_threshold, drop_scale, zero,
+                HEAD_DIM: tl.constexpr, C: tl.constexpr, DV: tl.constexpr,
+                DROP_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr):
+    """One program per (query tile, b*H + h): streams over the key tiles with an online softmax."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
+    q = tl.load(q_rows + tl.arange(0, D_CHUNK)[None, :] * stride_qd, mask=offs_m[:, None] < Nq, other=0.0)
+    K_bh = K + b * stride_kb + h * stride_kh
+    VX_b = VX + b * stride_vb
+    offs_v = tl.arange(0, DV)
+    # The denominator column: VX's first "1" column 2C without dropout; with dropout, a zero column of VX
+    # (2C + 2) fed by the undropped P.
+    L_COL: tl.constexpr = 2 * C + 2 if DROP_BITS > 0 else 2 * C
+    VALUE_MMA: tl.constexpr = Q.dtype.element_ty != tl.float32
+    ones = tl.zeros([BLOCK_N, DV], dtype=VX.dtype.element_ty) + (offs_v[None, :] == L_COL).to(VX.dtype.element_ty)
+    seed = tl.load(SEED) if DROP_BITS > 0 else 0
+    state = (tl.zeros([BLOCK_M, DV], dtype=tl.float32), tl.full([BLOCK_M], float("-inf"), dtype=tl.float32))
+    ctx = (q, q_rows, K_bh, VX_b, offs_m, ones, Nq, Nk, stride_qd, stride_kn, stride_kd, stride_vn, qk_scale, zero)
+    meta: tl.constexpr = (HEAD_DIM, C, DV, L_COL, DROP_BITS > 0, VALUE_MMA, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK)
+    acc, m_i = _key_loop(state, _fwd_tile, ctx, meta, seed, bh, start_m, Nk, drop_threshold, BLOCK_M, BLOCK_N,
+                         DROP_BITS)
+
+    l_i = tl.sum(tl.where(offs_v[None, :] == L_COL, acc, 0.0), 1)
+    o = acc * (drop_scale / l_i)[:, None]
+    row = bh.to(tl.int64) * Nq + offs_m
+    tl.store(LSE + row, m_i + tl.log2(l_i), mask=offs_m < Nq)  # lse of the log2-scaled scores
+    tl.store(O + row[:, None] * C + offs_v[None, :], o, mask=(offs_m[:, None] < Nq) & (offs_v[None, :] < C))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: dS = P * (dP - Delta) with dP - Delta = DOD VX^T from one small MMA (docs/kernels.md)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _ds_tile(s, lse2, dpd, neg_delta, keep, qk_scale, zero, DROP: tl.constexpr):
+    """(P, P~, dS) of a tile from the scores, the log2 lse, dP - Delta and the keep decisions; P~ is the
+    dropped P (P without dropout)."""
+    p = tl.exp2(s * qk_scale - lse2[:, None])
+    if DROP:
+        return p, tl.where(keep, p, zero), p * tl.where(keep, dpd, neg_delta[:, None])
+    else:
+        return p, p, p * dpd
+
+
+@triton.jit
+def _dkdv_sub(dk, dv, k, vx, sub: tl.constexpr, ctx, META: tl.constexpr):
+    """One query tile x key sub-tile `sub` of the program: dv += P~^T DOD[:, :DVW], dk += dS^T q (P~^T and dS^T
+    pass through shared memory: the tile rows are queries, so that the dropout streams match the forward's);
+    ctx and META as _dkdv_rows packs them."""
+    q, q_split, dod, dod_v, lse2, neg_delta, q_rows, q_mask, K_bh, Nk, stride_qd, stride_kn, stride_kd, \
+        qk_scale, zero, r0, r1, r2, r3, seed, bh, start_m, start_n, drop_threshold = ctx
+    DROP_BITS: tl.constexpr = META[0]
+    DOT_PRECISION: tl.constexpr = META[1]
+    BLOCK_M: tl.constexpr = META[2]
+    BLOCK_N: tl.constexpr = META[3]
+    HEAD_DIM: tl.constexpr = META[4]
+    D_CHUNK: tl.constexpr = META[5]
+    keep = _sub_keep(r0, r1, r2, r3, seed, bh, start_m, start_n, sub, drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS)
+    offs_n = start_n + sub * BLOCK_N + tl.arange(0, BLOCK_N)
+    s = _scores(q, k, q_rows, K_bh + offs_n[:, None] * stride_kn, q_mask, offs_n[:, None] < Nk, stride_qd, stride_kd,
+                BLOCK_M, BLOCK_N, HEAD_DIM, D_CHUNK, DOT_PRECISION)
+    dpd = _mma(dod, tl.trans(vx), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION, SPLIT_A=False)
+    p, p_drop, ds = _ds_tile(s, lse2, dpd, neg_delta, keep, qk_scale, zero, DROP_BITS > 0)
+    dv = _mma(tl.trans(p_drop.to(dod.dtype)), dod_v, dv, DOT_PRECISION, SPLIT_B=False)
+    dk = _mma(tl.trans(ds.to(q_split.dtype)), q_split, dk, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _sub_keep(r0, r1, r2, r3, seed, bh, start_m, start_n, sub: tl.constexpr, drop_threshold,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr):
+    """Keep decisions of sub-tile `sub` of a main-loop step whose keys start at start_n; with 1-bit decisions
+    the step computed the words r0..r3 of call start_n // CALL_COLUMNS once, and its sub-tiles stay in it."""
+    if DROP_BITS == 1:
+        return _bit_keep(r0, r1, r2, r3, (start_n // SUB_TILE) % 4 + sub * (BLOCK_N // SUB_TILE), BLOCK_M, BLOCK_N)
+    elif DROP_BITS > 0:
+        return _slice_keep(seed, bh, start_m, start_n + sub * BLOCK_N, drop_threshold, BLOCK_M, BLOCK_N)
+    else:
+        return 0
+
+
+@triton.jit
+def _dkdv_rows(dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2, k3, vx3,
+               Q_bh, DOD, LSE, NEGD, row0, start_m, start_n, d0, seed, bh, Nq, stride_qn, stride_qd,
+               K_bh, Nk, stride_kn, stride_kd, qk_scale, drop_threshold, zero,
+               HEAD_DIM: tl.constexpr, DV: tl.constexpr, DVW: tl.constexpr, DROP_BITS: tl.constexpr,
+               SUB: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr, D_SPLIT: tl.constexpr):
+    """One query tile against the program's SUB key sub-tiles (slots 0 .. SUB-1; the others pass through)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row = row0 + offs_m
+    # Query rows past Nq read as 0 (q, DOD, lse, -Delta): P = 1 but dP - Delta = 0, so they add nothing.
+    q_rows = Q_bh + offs_m[:, None] * stride_qn
+    q_mask = offs_m[:, None] < Nq
+    if D_CHUNK == HEAD_DIM:
+        q = _load_rows(q_rows + tl.arange(0, HEAD_DIM)[None, :] * stride_qd, offs_m, Nq, MASKED)
+    else:
+        q = 0
+    if D_SPLIT == HEAD_DIM and D_CHUNK == HEAD_DIM:
+        q_split = q
+    else:
+        q_split = _load_rows(q_rows + (d0 + tl.arange(0, D_SPLIT))[None, :] * stride_qd, offs_m, Nq, MASKED)
+    dod = _load_rows(DOD + row[:, None] * DV + tl.arange(0, DV)[None, :], offs_m, Nq, MASKED)
+    dod_v = _load_rows(DOD + row[:, None] * DV + tl.arange(0, DVW)[None, :], offs_m, Nq, MASKED)
+    if MASKED:
+        lse2 = tl.load(LSE + row, mask=offs_m < Nq, other=0.0)
+        neg_delta = tl.load(NEGD + row, mask=offs_m < Nq, other=0.0)
+    else:
+        lse2 = tl.load(LSE + row)
+        neg_delta = tl.load(NEGD + row)
+    if DROP_BITS == 1:  # one Philox call per stream serves the SUB sub-tiles
+        r0, r1, r2, r3 = _bit_words(seed, bh, start_m, start_n // CALL_COLUMNS, BLOCK_M)
+    else:
+        r0, r1, r2, r3 = 0, 0, 0, 0
+    ctx = (q, q_split, dod, dod_v, lse2, neg_delta, q_rows, q_mask, K_bh, Nk, stride_qd, stride_kn, stride_kd,
+           qk_scale, zero, r0, r1, r2, r3, seed, bh, start_m, start_n, drop_threshold)
+    meta: tl.constexpr = (DROP_BITS, DOT_PRECISION, BLOCK_M, BLOCK_N, HEAD_DIM, D_CHUNK)
+    dk0, dv0 = _dkdv_sub(dk0, dv0, k0, vx0, 0, ctx, meta)
+    if SUB > 1:
+        dk1, dv1 = _dkdv_sub(dk1, dv1, k1, vx1, 1, ctx, meta)
+    if SUB > 2:
+        dk2, dv2 = _dkdv_sub(dk2, dv2, k2, vx2, 2, ctx, meta)
+        dk3, dv3 = _dkdv_sub(dk3, dv3, k3, vx3, 3, ctx, meta)
+    return dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3
+
+
+@triton.jit
+def _key_tile(K_bh, VX_b, start_n, Nk, stride_kn, stride_kd, stride_vn,
+              HEAD_DIM: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The resident k and VX rows of a key sub-tile; keys past Nk read as 0 (their dk / dv rows are never
+    stored and touch no other row)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = tl.load(K_bh + offs_n[:, None] * stride_kn + tl.arange(0, HEAD_DIM)[None, :] * stride_kd,
+                mask=offs_n[:, None] < Nk, other=0.0)
+    vx = tl.load(VX_b + offs_n[:, None] * stride_vn + tl.arange(0, DV)[None, :], mask=offs_n[:, None] < Nk, other=0.0)
+    return k, vx
+
+
+@triton.jit
+def _store_dkdv(dk, dv, DK_bh, DV_OUT, bh, start_n, d0, Nk, scale, stride_dkn, stride_dkd,
+                C: tl.constexpr, DVW: tl.constexpr, BLOCK_N: tl.constexpr, D_SPLIT: tl.constexpr):
+    """dk columns d0 .. d0 + D_SPLIT; dv (fp32, this head's) by the first column split only."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    tl.store(DK_bh + offs_n[:, None] * stride_dkn + (d0 + tl.arange(0, D_SPLIT))[None, :] * stride_dkd,
+             (dk * scale).to(DK_bh.dtype.element_ty), mask=offs_n[:, None] < Nk)
+    # dv channel c: the sum of its hi and lo dO columns, c and C + c.
+    col = tl.arange(0, DVW)
+    offs_c = tl.arange(0, DVW // 2)
+    pick = (col[:, None] == offs_c[None, :]) | (col[:, None] == C + offs_c[None, :])
+    dv = tl.sum(dv[:, :, None] * pick[None, :, :].to(tl.float32), 1)
+    tl.store(DV_OUT + (bh.to(tl.int64) * Nk + offs_n)[:, None] * C + offs_c[None, :], dv,
+             mask=(offs_n[:, None] < Nk) & (offs_c[None, :] < C) & (d0 == 0))
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, VX, DOD, LSE, NEGD, DK, DV_OUT, SEED,
+                     stride_qb, stride_qn, stride_qh, stride_qd,
+                     stride_kb, stride_kn, stride_kh, stride_kd,
+                     stride_vb, stride_vn,
+                     stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+                     H, Nq, Nk, qk_scale, scale, drop_threshold, zero,
+                     HEAD_DIM: tl.constexpr, C: tl.constexpr, DV: tl.constexpr, DVW: tl.constexpr,
+                     DROP_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_TILES: tl.constexpr,
+                     D_CHUNK: tl.constexpr, D_SPLIT: tl.constexpr):
+    """One program per (KEY_TILES key sub-tiles, b*H + h): loops over the query tiles, accumulates dk and this
+    head's dv. KEY_TILES * BLOCK_N divides CALL_COLUMNS: with 1-bit dropout one Philox call per stream then
+    serves all the program's sub-tiles (all its words when KEY_TILES * BLOCK_N == CALL_COLUMNS)."""
+    SUB: tl.constexpr = KEY_TILES
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    d0 = tl.program_id(2) * D_SPLIT  # this program's D_SPLIT columns of dk (each split recomputes P)
+    b = bh // H
+    h = bh % H
+    start_n = pid_n * SUB * BLOCK_N
+    K_bh = K + b * stride_kb + h * stride_kh
+    VX_b = VX + b * stride_vb
+    k0, vx0 = _key_tile(K_bh, VX_b, start_n, Nk, stride_kn, stride_kd, stride_vn, HEAD_DIM, DV, BLOCK_N)
+    dk0 = tl.zeros([BLOCK_N, D_SPLIT], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, DVW], dtype=tl.float32)
+    # Unused slots are placeholders that the loop carries unchanged (and the compiler drops).
+    k1, vx1, k2, vx2, k3, vx3 = k0, vx0, k0, vx0, k0, vx0
+    dk1, dv1, dk2, dv2, dk3, dv3 = dk0, dv0, dk0, dv0, dk0, dv0
+    if SUB > 1:
+        k1, vx1 = _key_tile(K_bh, VX_b, start_n + BLOCK_N, Nk, stride_kn, stride_kd, stride_vn, HEAD_DIM, DV, BLOCK_N)
+    if SUB > 2:
+        k2, vx2 = _key_tile(K_bh, VX_b, start_n + 2 * BLOCK_N, Nk, stride_kn, stride_kd, stride_vn, HEAD_DIM, DV,
+                            BLOCK_N)
+        k3, vx3 = _key_tile(K_bh, VX_b, start_n + 3 * BLOCK_N, Nk, stride_kn, stride_kd, stride_vn, HEAD_DIM, DV,
+                            BLOCK_N)
+    Q_bh = Q + b * stride_qb + h * stride_qh
+    row0 = bh.to(tl.int64) * Nq
+    seed = tl.load(SEED) if DROP_BITS > 0 else 0
+    n_full = Nq // BLOCK_M * BLOCK_M
+    for start_m in range(0, n_full, BLOCK_M):
+        dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3 = _dkdv_rows(
+            dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2, k3, vx3, Q_bh, DOD, LSE, NEGD, row0,
+            start_m, start_n, d0, seed, bh, Nq, stride_qn, stride_qd, K_bh, Nk, stride_kn, stride_kd, qk_scale,
+            drop_threshold, zero, HEAD_DIM, DV, DVW, DROP_BITS, SUB, False, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK,
+            D_SPLIT)
+    if n_full < Nq:  # the last, partial query tile: the only one with masked loads
+        dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3 = _dkdv_rows(
+            dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2, k3, vx3, Q_bh, DOD, LSE, NEGD, row0,
+            n_full, start_n, d0, seed, bh, Nq, stride_qn, stride_qd, K_bh, Nk, stride_kn, stride_kd, qk_scale,
+            drop_threshold, zero, HEAD_DIM, DV, DVW, DROP_BITS, SUB, True, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK,
+            D_SPLIT)
+
+    DK_bh = DK + b * stride_dkb + h * stride_dkh
+    _store_dkdv(dk0, dv0, DK_bh, DV_OUT, bh, start_n, d0, Nk, scale, stride_dkn, stride_dkd, C, DVW, BLOCK_N, D_SPLIT)
+    if SUB > 1:
+        _store_dkdv(dk1, dv1, DK_bh, DV_OUT, bh, start_n + BLOCK_N, d0, Nk, scale, stride_dkn, stride_dkd, C, DVW,
+                    BLOCK_N, D_SPLIT)
+    if SUB > 2:
+        _store_dkdv(dk2, dv2, DK_bh, DV_OUT, bh, start_n + 2 * BLOCK_N, d0, Nk, scale, stride_dkn, stride_dkd, C,
+                    DVW, BLOCK_N, D_SPLIT)
+        _store_dkdv(dk3, dv3, DK_bh, DV_OUT, bh, start_n + 3 * BLOCK_N, d0, Nk, scale, stride_dkn, stride_dkd, C,
+                    DVW, BLOCK_N, D_SPLIT)
+
+
+@triton.jit
+def _dq_tile(dq, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile: dq[:, d0 : d0 + D_SPLIT] += dS k[:, d0 : d0 + D_SPLIT]; ctx and META as _bwd_dq_kernel
+    packs them."""
+    q, q_rows, K_bh, VX_b, dod, lse2, neg_delta, offs_m, d0, Nq, Nk, stride_qd, stride_kn, stride_kd, stride_vn, \
+        qk_scale, zero = ctx
+    HEAD_DIM: tl.constexpr = META[0]
+    DV: tl.constexpr = META[1]
+    DROP: tl.constexpr = META[2]
+    DOT_PRECISION: tl.constexpr = META[3]
+    BLOCK_M: tl.constexpr = META[4]
+    BLOCK_N: tl.constexpr = META[5]
+    D_CHUNK: tl.constexpr = META[6]
+    D_SPLIT: tl.constexpr = META[7]
+    offs_n, k_rows, k, s = _key_scores(q, q_rows, K_bh, offs_m, start_n, Nq, Nk, stride_qd, stride_kn, stride_kd,
+                                       HEAD_DIM, MASKED, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK)
+    if D_SPLIT == HEAD_DIM and D_CHUNK == HEAD_DIM:
+        k_split = k
+    else:
+        k_split = _load_rows(k_rows + (d0 + tl.arange(0, D_SPLIT))[None, :] * stride_kd, offs_n, Nk, MASKED)
+    vx = _load_rows(VX_b + offs_n[:, None] * stride_vn + tl.arange(0, DV)[None, :], offs_n, Nk, MASKED)
+    dpd = _mma(dod, tl.trans(vx), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION, SPLIT_A=False)
+    p, p_drop, ds = _ds_tile(s, lse2, dpd, neg_delta, keep, qk_scale, zero, DROP)
+    return _mma(ds.to(k_split.dtype), k_split, dq, DOT_PRECISION)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, VX, DOD, LSE, NEGD, DQ, SEED,
+                   stride_qb, stride_qn, stride_qh, stride_qd,
+                   stride_kb, stride_kn, stride_kh, stride_kd,
+                   stride_vb, stride_vn,
+                   stride_dqb, stride_dqn, stride_dqh, stride_dqd,
+                   H, Nq, Nk, qk_scale, scale, drop_threshold, zero,
+                   HEAD_DIM: tl.constexpr, C: tl.constexpr, DV: tl.constexpr,
+                   DROP_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr, D_SPLIT: tl.constexpr):
+    """One program per (query tile, b*H + h, D_SPLIT columns of dq): loops over the key tiles, accumulates
+    its dq columns (D_SPLIT < D bounds the accumulator; each split recomputes P)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    d0 = tl.program_id(2) * D_SPLIT
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row = bh.to(tl.int64) * Nq + offs_m
+    q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
+    if D_CHUNK == HEAD_DIM:  # the q tile stays resident
+        q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=offs_m[:, None] < Nq, other=0.0)
+    else:
+        q = 0
+    dod = tl.load(DOD + row[:, None] * DV + tl.arange(0, DV)[None, :], mask=offs_m[:, None] < Nq, other=0.0)
+    lse2 = tl.load(LSE + row, mask=offs_m < Nq, other=0.0)
+    neg_delta = tl.load(NEGD + row, mask=offs_m < Nq, other=0.0)
+    K_bh = K + b * stride_kb + h * stride_kh
+    VX_b = VX + b * stride_vb
+    seed = tl.load(SEED) if DROP_BITS > 0 else 0
+    ctx = (q, q_rows, K_bh, VX_b, dod, lse2, neg_delta, offs_m, d0, Nq, Nk, stride_qd, stride_kn, stride_kd,
+           stride_vn, qk_scale, zero)
+    meta: tl.constexpr = (HEAD_DIM, DV, DROP_BITS > 0, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK, D_SPLIT)
+    dq = _key_loop(tl.zeros([BLOCK_M, D_SPLIT], dtype=tl.float32), _dq_tile, ctx, meta, seed, bh, start_m, Nk,
+                   drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS)
+    dq = dq * scale
+    offs_split = d0 + tl.arange(0, D_SPLIT)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_split[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < Nq)

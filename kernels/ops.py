@@ -1,0 +1,302 @@
+"""Host side of the fused kernels: the dropout parameters and seeds, the small operands the kernels read
+(VX, DOD), the launches, and the torch.library custom ops with their fakes and autograd.
+
+Each `*_launch` function returns a `Launch` (kernel name, grid, positional arguments, constexprs) without
+launching it, so that the compile report (bench/kernel_specs.py) derives every argument type from the
+very arguments the op passes. The operand layouts are documented in docs/kernels.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import triton
+
+from kernels import fused
+from kernels.configs import KEEP_MASK_CONFIG, candidates, config_group, interpreter_meta, split_config
+
+LOG2E = 1.4426950408889634
+FINE_DROP_BITS = 16
+KERNELS = {"fwd": fused._fwd_kernel, "bwd_dkdv": fused._bwd_dkdv_kernel, "bwd_dq": fused._bwd_dq_kernel}
+AUTOTUNE_KEY = ["Nq", "Nk", "HEAD_DIM", "C", "DROP_BITS", "DOT_PRECISION"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout parameters and seeds
+# ---------------------------------------------------------------------------------------------
+def dropout_params(dropout_p: float) -> tuple[int, int, float]:
+    """(DROP_BITS, threshold T, effective p = T / 2**DROP_BITS); DROP_BITS = 0 means no dropout."""
+    if dropout_p == 0.0:
+        return 0, 0, 0.0
+    bits = 1 if dropout_p == 0.5 else FINE_DROP_BITS
+    threshold = min(round(dropout_p * 2**bits), 2**bits - 1)
+    if threshold == 0:  # p < 2**-17 rounds to "keep everything"
+        return 0, 0, 0.0
+    return bits, threshold, threshold / 2**bits
+
+
+def effective_dropout_p(dropout_p: float) -> float:
+    """The drop probability the kernels really apply (and scale by): round(p * 2**bits) / 2**bits.
+
+    Equal to dropout_p whenever dropout_p is a multiple of 2**-16 (0.5, 0.25, 0.125, ...); otherwise
+    within 2**-17 of it.
+    """
+    return dropout_params(float(dropout_p))[2]
+
+
+def seed_tensor(seed: int | None, device: torch.device) -> torch.Tensor:
+    """The 64-bit Philox key as a 1-element int64 tensor on `device`.
+
+    seed=None draws it from torch's generator of that device (so torch.manual_seed repeats runs);
+    keeping it a tensor avoids a host sync and lets torch.compile trace the draw.
+    """
+    if seed is None:
+        return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=device)
+    return torch.tensor([(int(seed) + 2**63) % 2**64 - 2**63], dtype=torch.int64, device=device)
+
+
+def is_interpreted() -> bool:
+    """True when the kernels were decorated under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
+    return not isinstance(fused._fwd_kernel, triton.runtime.JITFunction)
+
+
+def check_triton_device(device: torch.device) -> None:
+    if is_interpreted():
+        if device.type != "cpu":
+            raise ValueError(f"TRITON_INTERPRET=1 runs the kernels on CPU tensors only, got device {device}")
+    elif device.type != "cuda":
+        raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 with CPU tensors), got {device}")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision for fp32 inputs following torch.get_float32_matmul_precision()."""
+    if dtype != torch.float32:
+        return "tf32"  # ignored by fp16/bf16 dots
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+# ---------------------------------------------------------------------------------------------
+# The small operands: VX (value) and DOD (output gradient); docs/kernels.md, "Operands"
+# ---------------------------------------------------------------------------------------------
+def operand_width(channels: int) -> int:
+    """DV, the width of VX and DOD: C value (dO) columns twice (hi and lo), two 1 (-Delta) columns and a
+    spare one, as a power of two of at least 16 (the K of a 16-bit MMA)."""
+    return max(16, triton.next_power_of_2(2 * channels + 3))
+
+
+def dv_width(channels: int) -> int:
+    """The DOD columns the dv product reads: its 2C dO columns (hi, lo), at least 8 (the N of an MMA)."""
+    return max(8, triton.next_power_of_2(2 * channels))
+
+
+def value_operand(value: torch.Tensor) -> torch.Tensor:
+    """VX (B, Nk, DV) in the value's dtype: [v, v, 1, 1, 0...]."""
+    batch, n_key, channels = value.shape
+    vx = value.new_zeros((batch, n_key, operand_width(channels)))
+    vx[..., :channels] = value
+    vx[..., channels:2 * channels] = value
+    vx[..., 2 * channels:2 * channels + 2] = 1
+    return vx
+
+
+def _split(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (fp32) = hi + lo with hi, lo in `dtype` as the tensor cores read them (fp32 reads as TF32: 10
+    mantissa bits), so that a dot over [hi, lo] keeps about twice the operand precision."""
+    if dtype == torch.float32:
+        hi = (x.view(torch.int32) & -(1 << 13)).view(torch.float32)  # truncated to TF32's mantissa
+        return hi, x - hi
+    hi = x.to(dtype)
+    return hi, (x - hi.float()).to(dtype)
+
+
+def grad_operands(grad_o: torch.Tensor, o: torch.Tensor, drop_scale: float,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """DOD (B, H, Nq, DV) in `dtype`: [dO' hi, dO' lo, -Delta hi, -Delta lo, 0...] with dO' = dO / (1 - p)
+    and Delta = dO . o per row, so that DOD VX^T = dP - Delta; and -Delta (B, H, Nq) in fp32."""
+    batch, heads, n_query, channels = grad_o.shape
+    grad_o = grad_o.float()
+    neg_delta = -(grad_o * o).sum(-1)
+    do_hi, do_lo = _split(grad_o * drop_scale, dtype)
+    nd_hi, nd_lo = _split(neg_delta, dtype)
+    dod = torch.zeros((batch, heads, n_query, operand_width(channels)), dtype=dtype, device=grad_o.device)
+    dod[..., :channels] = do_hi
+    dod[..., channels:2 * channels] = do_lo
+    dod[..., 2 * channels] = nd_hi
+    dod[..., 2 * channels + 1] = nd_lo
+    return dod, neg_delta
+
+
+# ---------------------------------------------------------------------------------------------
+# Launches
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Launch:
+    kernel: str
+    grid: Callable[[dict[str, Any]], tuple[int, ...]]
+    args: tuple[Any, ...]
+    constexprs: dict[str, Any]
+
+    @property
+    def head_dim(self) -> int:
+        return self.constexprs["HEAD_DIM"]
+
+    @property
+    def group(self) -> str:
+        """Its GPU_CONFIGS group (fp32 inputs: by dot precision)."""
+        return config_group(self.constexprs["DOT_PRECISION"] if self.args[0].dtype == torch.float32 else None)
+
+
+def fwd_launch(query: torch.Tensor, key: torch.Tensor, vx: torch.Tensor, o: torch.Tensor, lse2: torch.Tensor,
+               seed: torch.Tensor, dropout_p: float, scale: float) -> Launch:
+    batch, n_query, heads, head_dim = query.shape
+    bits, threshold, p_eff = dropout_params(dropout_p)
+    return Launch("fwd", lambda meta: (triton.cdiv(n_query, meta["BLOCK_M"]), batch * heads),
+                  (query, key, vx, o, lse2, seed, *query.stride(), *key.stride(), vx.stride(0), vx.stride(1),
+                   heads, n_query, key.shape[1], scale * LOG2E, threshold, 1.0 / (1.0 - p_eff), 0.0),
+                  dict(HEAD_DIM=head_dim, C=o.shape[3], DV=vx.shape[2], DROP_BITS=bits,
+                       DOT_PRECISION=dot_precision(query.dtype)))
+
+
+def dkdv_launch(query: torch.Tensor, key: torch.Tensor, vx: torch.Tensor, dod: torch.Tensor, lse2: torch.Tensor,
+                neg_delta: torch.Tensor, dk: torch.Tensor, dv_heads: torch.Tensor, seed: torch.Tensor,
+                dropout_p: float, scale: float) -> Launch:
+    batch, n_query, heads, head_dim = query.shape
+    n_key = key.shape[1]
+    bits, threshold, _ = dropout_params(dropout_p)
+    # A program owns KEY_TILES key sub-tiles of BLOCK_N keys.
+    return Launch("bwd_dkdv", lambda meta: (triton.cdiv(n_key, meta["BLOCK_N"] * meta["KEY_TILES"]), batch * heads,
+                                            head_dim // meta["D_SPLIT"]),
+                  (query, key, vx, dod, lse2, neg_delta, dk, dv_heads, seed, *query.stride(), *key.stride(), vx.stride(0),
+                   vx.stride(1), *dk.stride(), heads, n_query, n_key, scale * LOG2E, scale, threshold, 0.0),
+                  dict(HEAD_DIM=head_dim, C=dv_heads.shape[3], DV=vx.shape[2], DVW=dv_width(dv_heads.shape[3]),
+                       DROP_BITS=bits, DOT_PRECISION=dot_precision(query.dtype)))
+
+
+def dq_launch(query: torch.Tensor, key: torch.Tensor, vx: torch.Tensor, dod: torch.Tensor, lse2: torch.Tensor,
+              neg_delta: torch.Tensor, dq: torch.Tensor, seed: torch.Tensor, channels: int, dropout_p: float,
+              scale: float) -> Launch:
+    batch, n_query, heads, head_dim = query.shape
+    bits, threshold, _ = dropout_params(dropout_p)
+    return Launch("bwd_dq", lambda meta: (triton.cdiv(n_query, meta["BLOCK_M"]), batch * heads,
+                                          head_dim // meta["D_SPLIT"]),
+                  (query, key, vx, dod, lse2, neg_delta, dq, seed, *query.stride(), *key.stride(), vx.stride(0), vx.stride(1),
+                   *dq.stride(), heads, n_query, key.shape[1], scale * LOG2E, scale, threshold, 0.0),
+                  dict(HEAD_DIM=head_dim, C=channels, DV=vx.shape[2], DROP_BITS=bits,
+                       DOT_PRECISION=dot_precision(query.dtype)))
+
+
+_AUTOTUNED: dict[tuple[str, str, int, bool], Any] = {}
+
+
+def _autotuned(launch: Launch) -> Any:
+    """triton.autotune over the launch's candidate configs (kernels/configs.py), built once per list."""
+    slices = launch.constexprs["DROP_BITS"] > 1
+    key = (launch.kernel, launch.group, launch.head_dim, slices)
+    if key not in _AUTOTUNED:
+        entries = candidates(launch.kernel, launch.group, launch.head_dim, launch.constexprs["DROP_BITS"])
+        configs = [triton.Config(meta, num_warps=warps, num_stages=stages)
+                   for meta, warps, stages in (split_config(launch.kernel, e) for e in entries)]
+        _AUTOTUNED[key] = triton.autotune(configs=configs, key=AUTOTUNE_KEY)(KERNELS[launch.kernel])
+    return _AUTOTUNED[key]
+
+
+def run(launch: Launch) -> None:
+    """Launch on the GPU through the autotuner, or under the interpreter with its fixed block sizes."""
+    if is_interpreted():
+        meta = interpreter_meta(launch.kernel, launch.head_dim)
+        KERNELS[launch.kernel][launch.grid(meta)](*launch.args, **launch.constexprs, **meta)
+    else:
+        with torch.cuda.device(launch.args[0].device):
+            _autotuned(launch)[launch.grid](*launch.args, **launch.constexprs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops (opaque to torch.compile, with fake implementations and autograd)
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("dcama::attention_fwd", mutates_args=())
+def attention_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seed: torch.Tensor,
+                  dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head output o (B, H, Nq, C) fp32 and the base-2 log-sum-exp of the log2-scaled scores
+    (B, H, Nq) fp32; value is (B, Nk, C)."""
+    check_triton_device(query.device)
+    batch, n_query, heads, _ = query.shape
+    o = torch.empty((batch, heads, n_query, value.shape[2]), dtype=torch.float32, device=query.device)
+    lse2 = torch.empty((batch, heads, n_query), dtype=torch.float32, device=query.device)
+    run(fwd_launch(query, key, value_operand(value), o, lse2, seed, dropout_p, scale))
+    return o, lse2
+
+
+@attention_fwd.register_fake
+def _attention_fwd_fake(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seed: torch.Tensor,
+                        dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, n_query, heads, _ = query.shape
+    o = query.new_empty((batch, heads, n_query, value.shape[2]), dtype=torch.float32)
+    return o, query.new_empty((batch, heads, n_query), dtype=torch.float32)
+
+
+@torch.library.custom_op("dcama::attention_bwd", mutates_args=())
+def attention_bwd(grad_o: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  o: torch.Tensor, lse2: torch.Tensor, seed: torch.Tensor, dropout_p: float,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) from the per-head output gradient grad_o (B, H, Nq, C)."""
+    check_triton_device(query.device)
+    batch, n_query, heads, _ = query.shape
+    n_key, channels = key.shape[1], value.shape[2]
+    vx = value_operand(value)
+    dod, neg_delta = grad_operands(grad_o, o, 1.0 / (1.0 - dropout_params(dropout_p)[2]), query.dtype)
+    dq, dk = query.new_empty(query.shape), key.new_empty(key.shape)
+    dv_heads = torch.empty((batch, heads, n_key, channels), dtype=torch.float32, device=query.device)
+    run(dkdv_launch(query, key, vx, dod, lse2, neg_delta, dk, dv_heads, seed, dropout_p, scale))
+    run(dq_launch(query, key, vx, dod, lse2, neg_delta, dq, seed, channels, dropout_p, scale))
+    return dq, dk, dv_heads.sum(1).to(value.dtype)  # deterministic head sum of dv (no atomics)
+
+
+@attention_bwd.register_fake
+def _attention_bwd_fake(grad_o: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        o: torch.Tensor, lse2: torch.Tensor, seed: torch.Tensor, dropout_p: float,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+
+def _fwd_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    query, key, value, seed, dropout_p, scale = inputs
+    o, lse2 = output
+    ctx.mark_non_differentiable(lse2)
+    # Everything the backward needs: O(B*H*Nq*C) besides the inputs; P is recomputed.
+    ctx.save_for_backward(query, key, value, o, lse2, seed)
+    ctx.dropout_p, ctx.scale = dropout_p, scale
+
+
+def _fwd_backward(ctx: Any, grad_o: torch.Tensor, grad_lse: torch.Tensor) -> tuple[Any, ...]:
+    query, key, value, o, lse2, seed = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(grad_o, query, key, value, o, lse2, seed, ctx.dropout_p, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+# A custom op (with a fake implementation) so that impl="naive" with dropout traces under torch.compile
+# and FakeTensor/meta modes like the fused op does.
+@torch.library.custom_op("dcama::keep_mask", mutates_args=())
+def keep_mask(seed: torch.Tensor, batch: int, heads: int, n_query: int, n_key: int,
+              dropout_p: float) -> torch.Tensor:
+    """The kernels' keep decisions, bool (batch, heads, n_query, n_key)."""
+    bits, threshold, _ = dropout_params(dropout_p)
+    if bits == 0:
+        return torch.ones((batch, heads, n_query, n_key), dtype=torch.bool, device=seed.device)
+    check_triton_device(seed.device)
+    out = torch.empty((batch, heads, n_query, n_key), dtype=torch.uint8, device=seed.device)
+    meta = dict(KEEP_MASK_CONFIG)
+    grid = (triton.cdiv(n_query, meta["BLOCK_M"]), triton.cdiv(n_key, meta["BLOCK_N"]), batch * heads)
+    with torch.device(seed.device) if is_interpreted() else torch.cuda.device(seed.device):
+        fused._keep_mask_kernel[grid](seed, out, n_query, n_key, threshold, DROP_BITS=bits, **meta)
+    return out.view(torch.bool)
+
+
+@keep_mask.register_fake
+def _keep_mask_fake(seed: torch.Tensor, batch: int, heads: int, n_query: int, n_key: int,
+                    dropout_p: float) -> torch.Tensor:
+    return seed.new_empty((batch, heads, n_query, n_key), dtype=torch.bool)

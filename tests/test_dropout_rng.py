@@ -1,0 +1,206 @@
+"""The dropout decisions against their specification (docs/kernels.md, "Dropout: the RNG scheme").
+
+An independent NumPy Philox-4x32-10, written from Salmon et al., "Parallel random numbers: as easy as
+1, 2, 3" (SC 2011) and checked against the Random123 known-answer vectors, plus the documented counter
+scheme must reproduce `dropout_keep_mask` bit for bit, and the fused kernels must apply exactly those
+decisions. Statistical tests then check the decisions for independence at the column lags where a
+flaw of the scheme would show (the word and call boundaries at 32, 64 and 256 columns), across rows
+(the two rows of a stream, 8 apart) and across heads and batches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from kernels import dcama_attention, dropout_keep_mask, effective_dropout_p
+from kernels.fused import _philox
+from kernels.reference import dcama_attention_reference
+
+pytestmark = pytest.mark.interpreter
+
+# Salmon et al. 2011, Philox-4x32: round multipliers and Weyl key increments.
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+MASK32 = np.uint64(0xFFFFFFFF)
+# Random123's known-answer vectors for philox4x32-10: (counter, key, output).
+KNOWN_ANSWERS = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+def philox4x32_10(counter: tuple[np.ndarray, ...], key: tuple[int, int]) -> list[np.ndarray]:
+    """Philox-4x32 with 10 rounds on uint32 counter arrays (broadcast), key (k0, k1); returns 4 uint32 arrays."""
+    c = [np.asarray(x, dtype=np.uint64) & MASK32 for x in counter]
+    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
+    for _ in range(10):
+        prod0 = c[0] * np.uint64(PHILOX_M[0])  # 32 x 32 -> 64 bits, exact in uint64
+        prod1 = c[2] * np.uint64(PHILOX_M[1])
+        c = [((prod1 >> np.uint64(32)) ^ c[1] ^ k0) & MASK32, prod1 & MASK32,
+             ((prod0 >> np.uint64(32)) ^ c[3] ^ k1) & MASK32, prod0 & MASK32]
+        k0, k1 = (k0 + np.uint64(PHILOX_W[0])) & MASK32, (k1 + np.uint64(PHILOX_W[1])) & MASK32
+    return [x.astype(np.uint32) for x in c]
+
+
+def specified_keep(seed: int, batch: int, heads: int, n_query: int, n_key: int, dropout_p: float) -> np.ndarray:
+    """The keep decisions (batch, heads, n_query, n_key) as docs/kernels.md specifies them."""
+    bits = 1 if dropout_p == 0.5 else 16
+    threshold = min(round(dropout_p * 2**bits), 2**bits - 1)
+    key = (seed % 2**64 & 0xFFFFFFFF, seed % 2**64 >> 32)
+    i = np.arange(n_query)[:, None]
+    j = np.arange(n_key)[None, :]
+    pair, r = (i // 16) * 8 + i % 8, (i // 8) % 2
+    q, e, c, k = (j // 2) % 4, j % 2, (j // 8) % 8, (j // 64) % 4
+    out = np.empty((batch * heads, n_query, n_key), dtype=bool)
+    for bh in range(batch * heads):
+        if bits == 1:  # bit 4c + k of word 2r + e of call (pair, j // 256, bh, q)
+            words = philox4x32_10((pair, j // 256, bh, q), key)
+            word = np.choose(2 * r + e, words)
+            out[bh] = (word >> (4 * c + k).astype(np.uint32)) & 1 == 1
+        else:  # 16-bit slice e of word c % 4 of call (pair, 4 (j // 64) + 2r + c // 4, bh, q)
+            words = philox4x32_10((pair, 4 * (j // 64) + 2 * r + c // 4, bh, q), key)
+            word = np.choose(c % 4 + 0 * r, words)
+            out[bh] = (word >> (16 * e).astype(np.uint32)) & 0xFFFF >= threshold
+    return out.reshape(batch, heads, n_query, n_key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Philox itself
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("counter,key,expected", KNOWN_ANSWERS)
+def test_numpy_philox_matches_the_known_answers(counter, key, expected):
+    assert [int(w) for w in philox4x32_10(counter, key)] == list(expected)
+
+
+@triton.jit
+def _philox_words_kernel(SEED, C, OUT, N: tl.constexpr, TRITON_PHILOX: tl.constexpr):
+    offs = tl.arange(0, N)
+    c = [tl.load(C + w * N + offs).to(tl.uint32) for w in tl.static_range(4)]
+    seed = tl.load(SEED)
+    if TRITON_PHILOX:
+        words = tl.philox(seed, c[0], c[1], c[2], c[3])
+    else:
+        words = _philox(seed, c[0], c[1], c[2], c[3])
+    for w in tl.static_range(4):
+        tl.store(OUT + w * N + offs, words[w].to(tl.int64))
+
+
+@pytest.mark.parametrize("triton_philox", [True, False], ids=["tl.philox", "kernels"])
+def test_triton_philox_matches_numpy(triton_philox):
+    """tl.philox and the kernels' own Philox (widening multiplies) equal the NumPy one on random counters."""
+    rng = np.random.default_rng(0)
+    n = 64
+    counters = rng.integers(0, 2**32, size=(4, n), dtype=np.uint64)
+    for seed in (0, 1234567, -1, -(2**63), 2**63 - 1):
+        out = torch.empty(4 * n, dtype=torch.int64)
+        _philox_words_kernel[(1,)](torch.tensor([seed]), torch.from_numpy(counters.astype(np.int64)).flatten(), out,
+                                   N=n, TRITON_PHILOX=triton_philox)
+        expected = philox4x32_10(tuple(counters), (seed % 2**64 & 0xFFFFFFFF, seed % 2**64 >> 32))
+        assert np.array_equal(out.view(4, n).numpy().astype(np.uint64), np.stack(expected).astype(np.uint64))
+
+
+# ---------------------------------------------------------------------------------------------
+# The counter scheme
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dropout_p", [0.5, 0.3])
+@pytest.mark.parametrize("seed,shape", [(0, (1, 1, 16, 64)), (1234, (2, 3, 37, 300)), (-1, (1, 2, 129, 70)),
+                                        (2**40 + 7, (1, 1, 45, 517))])
+def test_keep_mask_follows_the_specification(seed, shape, dropout_p):
+    """dropout_keep_mask == the documented scheme on an independent Philox, bit for bit (Nq, Nk not multiples
+    of any block; Nk past one and two Philox calls)."""
+    keep = dropout_keep_mask(seed, *shape, dropout_p, "cpu").numpy()
+    assert np.array_equal(keep, specified_keep(seed, *shape, dropout_p))
+
+
+@pytest.mark.parametrize("dropout_p", [0.5, 0.3])
+def test_fused_kernels_apply_the_specified_decisions(dropout_p):
+    """Forward and backward of the fused op equal the float64 reference under the specified keep mask: Nk = 300
+    runs the forward and dq main loops (256 keys per Philox call), their leftover full tile and the masked last
+    tile, and two dk/dv programs, the second partly past Nk."""
+    batch, n_query, n_key, heads, head_dim = 1, 37, 300, 2, 32
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(batch, n_query, heads, head_dim, generator=g, dtype=torch.float64)
+    k = torch.randn(batch, n_key, heads, head_dim, generator=g, dtype=torch.float64)
+    v = torch.rand(batch, n_key, generator=g, dtype=torch.float64)
+    grad = torch.randn(batch, n_query, generator=g, dtype=torch.float64)
+    keep = torch.from_numpy(specified_keep(77, batch, heads, n_query, n_key, dropout_p))
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        (out * grad.to(dtype)).sum().backward()
+        return [out.detach().double()] + [t.grad.double() for t in leaves]
+
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        actual = run(lambda *x: dcama_attention(*x, dropout_p=dropout_p, seed=77, impl="triton"), torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    expected = run(lambda *x: dcama_attention_reference(*x, keep=keep, dropout_p=effective_dropout_p(dropout_p)),
+                   torch.float64)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), actual, expected):
+        assert (a - b).abs().max() / b.abs().max() < 1e-4, name
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics: a correct RNG passes these with overwhelming probability (6 sigma, two-sided: about 2e-9 per
+# check); a scheme that repeats decisions at one of these offsets fails them by orders of magnitude.
+# ---------------------------------------------------------------------------------------------
+SIGMAS = 6.0
+STATS_SHAPE = (2, 3, 64, 1100)  # 422,400 decisions: 4 Philox calls per stream and a partial fifth
+
+
+@pytest.fixture(scope="module", params=[0.5, 0.3], ids=["p0.5", "p0.3"])
+def decisions(request) -> tuple[float, torch.Tensor]:
+    return request.param, dropout_keep_mask(2024, *STATS_SHAPE, request.param, "cpu").double()
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
+    """Pearson correlation of paired decisions and the number of pairs."""
+    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+    return (a * b).mean().item() / math.sqrt(a.var().item() * b.var().item()), a.numel()
+
+
+def test_keep_rate(decisions):
+    dropout_p, keep = decisions
+    p_keep = 1 - effective_dropout_p(dropout_p)
+    sigma = math.sqrt(p_keep * (1 - p_keep) / keep.numel())
+    assert abs(keep.mean().item() - p_keep) < SIGMAS * sigma
+
+
+@pytest.mark.parametrize("lag", [1, 2, 8, 31, 32, 33, 63, 64, 128, 256])
+def test_no_correlation_between_columns(decisions, lag):
+    _, keep = decisions
+    corr, n = _correlation(keep[..., lag:], keep[..., :-lag])
+    assert abs(corr) < SIGMAS / math.sqrt(n), f"columns j and j + {lag}: correlation {corr:.4f}"
+
+
+@pytest.mark.parametrize("lag", [1, 8, 16])
+def test_no_correlation_between_rows(decisions, lag):
+    """Rows 8 apart read the two halves of the same Philox calls."""
+    _, keep = decisions
+    corr, n = _correlation(keep[..., lag:, :], keep[..., :-lag, :])
+    assert abs(corr) < SIGMAS / math.sqrt(n), f"rows i and i + {lag}: correlation {corr:.4f}"
+
+
+def test_no_correlation_between_heads_and_batches(decisions):
+    _, keep = decisions
+    for a, b, what in ((keep[:, 1:], keep[:, :-1], "heads"), (keep[1:], keep[:-1], "batches")):
+        corr, n = _correlation(a, b)
+        assert abs(corr) < SIGMAS / math.sqrt(n), f"adjacent {what}: correlation {corr:.4f}"
+
+
+def test_seeds_give_independent_masks():
+    a = dropout_keep_mask(1, *STATS_SHAPE[:3], 256, 0.5, "cpu").double()
+    b = dropout_keep_mask(2, *STATS_SHAPE[:3], 256, 0.5, "cpu").double()
+    corr, n = _correlation(a, b)
+    assert abs(corr) < SIGMAS / math.sqrt(n)
