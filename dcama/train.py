@@ -425,9 +425,12 @@ def _check_resume_matches(blob: dict[str, Any], run: _Run, path: str) -> None:
     if saved != wanted:
         raise ConfigError(f"--resume {path}: it was trained with --backbone {saved}, this run asks for "
                           f"--backbone {wanted}")
-    if "optimizer" not in blob or "epochs_done" not in blob:
+    if "optimizer" not in blob:
         raise ConfigError(f"--resume {path}: it holds weights only (no optimiser state or progress); evaluate it "
                           "with eval/run.py --checkpoint instead")
+    if "epochs_done" not in blob:
+        raise ConfigError(f"--resume {path}: it was written by an earlier version of this code, whose progress "
+                          "entries this one does not read; evaluate it with eval/run.py --checkpoint instead")
     before = blob.get("train_config", {})
     changed = [k for k in _RESUME_SENSITIVE if k in before and before[k] != getattr(run.cfg, k)]
     if changed and run.rank == 0:

@@ -108,6 +108,7 @@ BAD_FLAGS = [
      "--nshot 12: fss allows 1..9 (each class has 10 images and one is the query)"),
     (["--nshot", "0"], "--nshot 0: must be an integer >= 1"),
     (["--benchmark", "pascal"], "--datapath is needed for --benchmark pascal (the folder that holds its data)"),
+    (["--benchmark", "folder", "--datapath", "{tmp}", "--fold", "1"], "--fold 1: folder has no folds (only --fold 0)"),
     (["--episodes", "0"], "--episodes 0: must be an integer >= 1"),
     (["--seed", "-3"], "--seed -3: must be an integer >= 0"),
     (["--bsz", "0"], "--bsz 0: must be an integer >= 1"),

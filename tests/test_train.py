@@ -20,7 +20,7 @@ import torch
 
 import dcama.checkpoint as checkpoint_module
 import dcama.runtime as runtime
-from dcama.checkpoint import load_checkpoint_file
+from dcama.checkpoint import load_checkpoint_file, save_checkpoint
 from dcama.data import build_dataset
 from dcama.evaluate import evaluate_checkpoint
 from dcama.files import folder_lock
@@ -320,6 +320,14 @@ def test_resume_checks_backbone_and_logdir_clash(tmp_path: Path, uninterrupted) 
                           **TINY))
     with pytest.raises(ConfigError, match="already holds a run"):
         train(TrainConfig(logdir=str(uninterrupted.logdir), **TINY))
+    weights_only, old = tmp_path / "weights" / "w.pt", tmp_path / "old" / "last.pt"
+    blob = load_checkpoint_file(uninterrupted.last_checkpoint)
+    save_checkpoint(weights_only, DCAMA("resnet18", attn_impl="sdpa"))
+    save_checkpoint(old, DCAMA("resnet18", attn_impl="sdpa"), extra={"epoch": 0, "optimizer": blob["optimizer"]})
+    with pytest.raises(ConfigError, match=r"w.pt: it holds weights only \(no optimiser state or progress\)"):
+        train(TrainConfig(resume=str(weights_only), **TINY))
+    with pytest.raises(ConfigError, match=r"old/last.pt: it was written by an earlier version of this code"):
+        train(TrainConfig(resume=str(old), **TINY))
     (tmp_path / "elsewhere.pt").write_bytes(b"")  # not read: the clash is found first
     with pytest.raises(ConfigError, match="already holds a run .*would continue into it"):
         train(TrainConfig(logdir=str(uninterrupted.logdir), resume=str(tmp_path / "elsewhere.pt"), **TINY))
@@ -381,6 +389,7 @@ BAD_FLAGS = [
     (["--fold", "7"], "--fold 7: shapes has folds 0..3"),
     (["--fold", "-1"], "--fold -1: must be an integer >= 0"),
     (["--benchmark", "fss", "--datapath", "{tmp}", "--fold", "1"], "--fold 1: fss has no folds (only --fold 0)"),
+    (["--benchmark", "folder", "--datapath", "{tmp}", "--fold", "3"], "--fold 3: folder has no folds (only --fold 0)"),
     (["--nshot", "0"], "--nshot 0: must be an integer >= 1"),
     (["--benchmark", "fss", "--datapath", "{tmp}", "--nshot", "10"],
      "--nshot 10: fss allows 1..9 (each class has 10 images and one is the query)"),
