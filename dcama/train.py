@@ -59,7 +59,8 @@ TENSORBOARD_TAGS = {"train_loss": "train/loss", "train_miou": "train/miou", "tra
 # Settings that change what the remaining epochs compute (the optimiser's own, e.g. lr, come from the file).
 _RESUME_SENSITIVE = ("benchmark", "fold", "img_size", "bsz", "nshot", "seed", "episodes_per_epoch", "fg_weight",
                      "amp", "optimizer")
-_STOP_NOTICE = "{signal}: finishing this step, then saving last.pt and stopping (a second signal stops at once)"
+_STOP_NOTICE = ("{signal}: finishing the current step (or validation), then saving last.pt and stopping (a second "
+                "signal stops at once)")
 
 EpochHook = Callable[[int, dict[str, Any]], None]
 StepHook = Callable[[int, int], None]

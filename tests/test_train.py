@@ -248,7 +248,8 @@ def test_a_stop_signal_finishes_the_step_and_saves(tmp_path: Path, sig: signal.S
     with pytest.raises(RunStopped) as stop:
         train(TrainConfig(logdir=str(tmp_path), **TINY), on_step_end=signal_twice_at_step_1)
     assert str(stop.value) == f"stopped by {sig.name} at epoch 1/2, step 1/3: saved {tmp_path / 'last.pt'}"
-    assert f"{sig.name}: finishing this step, then saving last.pt and stopping" in capfd.readouterr().err
+    notice = f"{sig.name}: finishing the current step (or validation), then saving last.pt and stopping"
+    assert notice in capfd.readouterr().err
     blob = load_checkpoint_file(tmp_path / "last.pt")
     assert blob["in_epoch"]["epoch"] == 1 and blob["in_epoch"]["steps"] == 1
     assert signal.getsignal(sig) is before  # the handlers were restored
@@ -284,7 +285,7 @@ def test_cli_sigterm_to_a_subprocess_saves_and_prints_the_resume_command(tmp_pat
     assert 1 <= steps < 30
     stopped, resume = out.splitlines()
     assert stopped == f"stopped by SIGTERM at epoch 1/1, step {steps}/30: saved {tmp_path / 'last.pt'}"
-    assert err.startswith("SIGTERM: finishing this step, then saving last.pt and stopping (a second signal stops")
+    assert err.startswith("SIGTERM: finishing the current step (or validation), then saving last.pt and stopping")
     argv = shlex.split(resume.removeprefix("resume with: "))
     assert argv[:2] == ["python", "train/run.py"] and argv.count("--resume") == argv.count("--logdir") == 1
     assert argv[argv.index("--logdir") + 1] == str(tmp_path) and argv[argv.index("--resume") + 1].startswith("--")
