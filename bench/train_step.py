@@ -31,11 +31,11 @@ from bench.common import (BATCH, IMAGE_SIZE, PUBLISHED_BACKBONES, SavedTensorByt
 from dcama.backbones import BACKBONES
 from dcama.files import write_json
 from dcama.model import DCAMA
-from dcama.train import TrainConfig, build_optimizer, resolve_config, trainable_parameters
+from dcama.train import TrainConfig, build_optimizer, fill_defaults, trainable_parameters
 
 DEFAULT_BACKBONES = PUBLISHED_BACKBONES[:2]  # Swin-B and ResNet-50 (ResNet-101 on request)
 IMPLS = ("naive", "triton")
-PUBLISHED_RECIPE = resolve_config(TrainConfig(benchmark="coco"))  # its optimiser: SGD, Nesterov momentum
+PUBLISHED_RECIPE = fill_defaults(TrainConfig(benchmark="coco"))  # its optimiser: SGD, Nesterov momentum
 GIB = 1024**3
 
 

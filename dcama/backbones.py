@@ -14,7 +14,7 @@ from torch import nn
 from .checkpoint import CheckpointError, load_fitting_state, load_torch_file
 from .config import PUBLISHED_IMG_SIZE
 
-__all__ = ["BACKBONES", "STAGE_STRIDES", "BackboneSpec", "BlockFeatures", "build_backbone"]
+__all__ = ["BACKBONES", "STAGE_STRIDES", "BackboneSpec", "BlockFeatures", "build_backbone", "img_size_problem"]
 
 
 @dataclass(frozen=True)
@@ -66,13 +66,13 @@ class BlockFeatures(nn.Module):
         self.spec = _spec(name)
         if self.spec.kind == "swin":
             self.img_size = SWIN_DEFAULT_IMG_SIZE if img_size is None else int(img_size)
-            _check_swin_img_size(self.img_size)
+            self._check_side(self.img_size, "img_size")
             self.net = timm.create_model(self.spec.timm_name, pretrained=False, num_classes=0,
                                          img_size=self.img_size, drop_path_rate=0.0)
         else:
             self.img_size = None if img_size is None else int(img_size)
             if self.img_size is not None:
-                self._check_resnet_side(self.img_size)
+                self._check_side(self.img_size, "img_size")
             self.net = timm.create_model(self.spec.timm_name, pretrained=False, num_classes=0)
             for stage in (self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4):
                 for block in stage:
@@ -96,15 +96,12 @@ class BlockFeatures(nn.Module):
         if self.img_size is not None and height != self.img_size:
             raise ValueError(f"this {self.name} model was built for {self.img_size}x{self.img_size} images, got "
                              f"{height}x{width} (pass img_size= to DCAMA to build it for another size)")
-        if self.spec.kind == "resnet":
-            self._check_resnet_side(height)
+        self._check_side(height, "image side")
 
-    def _check_resnet_side(self, side: int) -> None:
-        # Below the total stride stage 4 is empty; other sides make the 1/4 and 1/8 maps disagree by a pixel.
-        stride = STAGE_STRIDES[-1]
-        if side < stride or side % stride:
-            raise ValueError(f"backbone {self.name!r} needs square images whose side is a positive multiple of "
-                             f"{stride} (its total stride), got side {side}")
+    def _check_side(self, side: int, what: str) -> None:
+        problem = img_size_problem(self.name, side)
+        if problem:
+            raise ValueError(f"{what} {side}: {problem}")
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         if self.spec.kind == "swin":
@@ -183,14 +180,25 @@ def _read_weights(name: str, path: str | os.PathLike) -> dict[str, torch.Tensor]
     return load_torch_file(path, "backbone weights", expected=_expects(name))
 
 
-def _check_swin_img_size(img_size: int) -> None:
+def img_size_problem(name: str, side: int) -> str:
+    """'' when backbone `name` takes square images of this side, else one line saying which sides it takes."""
+    stride = STAGE_STRIDES[-1]
+    if _spec(name).kind == "resnet":
+        # Below the total stride stage 4 is empty; other sides make the 1/4 and 1/8 maps disagree by a pixel.
+        if side >= stride and side % stride == 0:
+            return ""
+        return f"{name} takes a side that is a positive multiple of {stride} (its total stride): 32, 64, 96, ..."
+    if _swin_fits(side):
+        return ""
+    sides = [s for s in range(stride, 2 * SWIN_DEFAULT_IMG_SIZE + 1, stride) if _swin_fits(s)]
+    return (f"{name} takes a side that is a multiple of {stride} whose stage grids (side/4 to side/32) are "
+            f"multiples of its {_SWIN_WINDOW}-token window or at most {_SWIN_WINDOW}: "
+            f"{', '.join(map(str, sides))}, ...")
+
+
+def _swin_fits(side: int) -> bool:
     # Microsoft's Swin (the layout of the released weights) needs every stage's grid to be a multiple of the
     # window or no larger than it (then the window shrinks to the grid); timm would pad instead.
     stride = STAGE_STRIDES[-1]
-    if img_size < stride or img_size % stride:
-        raise ValueError(f"swin_b img_size must be a positive multiple of {stride}, got {img_size}")
-    for stage, stage_stride in enumerate(STAGE_STRIDES, start=1):
-        grid = img_size // stage_stride
-        if grid > _SWIN_WINDOW and grid % _SWIN_WINDOW:
-            raise ValueError(f"swin_b img_size {img_size} gives a {grid}x{grid} grid in stage {stage}, not a "
-                             f"multiple of the window ({_SWIN_WINDOW}); use e.g. 96, 192 or 384")
+    grids = [side // s for s in STAGE_STRIDES]
+    return side >= stride and side % stride == 0 and all(g <= _SWIN_WINDOW or g % _SWIN_WINDOW == 0 for g in grids)

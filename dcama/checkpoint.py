@@ -12,6 +12,9 @@ This project's file: {"format": "dcama-triton", "version": 1, "config": model.co
 from __future__ import annotations
 
 import os
+import pickle
+import warnings
+import zipfile
 from typing import Any
 
 import torch
@@ -25,15 +28,20 @@ __all__ = ["CheckpointError", "FORMAT", "VERSION", "checkpoint_parts", "is_own_c
 FORMAT = "dcama-triton"
 VERSION = 1
 _RESERVED = ("format", "version", "config", "state_dict")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # the pickled magic number of the old format
 
 
 class CheckpointError(ValueError):
     """A checkpoint or weights file that cannot be read or does not fit the model."""
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, extra: dict[str, Any] | None = None) -> None:
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, extra: dict[str, Any] | None = None,
+                    previous: str | os.PathLike | None = None) -> None:
     """Write `model` (a DCAMA, possibly wrapped by DDP or torch.compile) to `path` atomically: a temporary
-    file in the same directory is renamed over `path`, so a crash never leaves a half-written checkpoint.
+    file in the same directory is renamed over `path`, so a crash never leaves a half-written checkpoint, and
+    a failed write (a full disk) leaves the file that was there. With `previous`, that file is kept under
+    this name (`dcama.files.atomic_open`).
 
     `extra` entries (optimizer state, epoch, RNG state, ...) are stored at the top level of the saved dict;
     they must be types torch.load(weights_only=True) accepts (tensors, numbers, strings, lists, dicts).
@@ -44,30 +52,52 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, extra: dict[str, 
     if clash:
         raise ValueError(f"extra may not use the reserved keys {clash}")
     blob = {"format": FORMAT, "version": VERSION, "config": model.config, "state_dict": model.state_dict(), **extra}
-    with atomic_open(path) as f:
+    with atomic_open(path, previous=previous) as f:
         torch.save(blob, f)
 
 
 def load_torch_file(path: str | os.PathLike, what: str, expected: str = "") -> dict[str, Any]:
     """torch.load(path, weights_only=True) onto the CPU of a file that must hold a dict.
 
-    Raises FileNotFoundError for a missing file and CheckpointError for one that is truncated, corrupt, holds
-    objects weights_only refuses, or is not a dict. Messages name the file, `what` it should be and, if given,
-    the `expected` file.
+    Raises FileNotFoundError for a missing file and CheckpointError for one that is empty, truncated, corrupt,
+    not a PyTorch file, holds objects other than tensors and plain containers, or is not a dict. Messages name
+    the file, `what` it should be and, if given, the `expected` file; they are this project's words, not
+    PyTorch's (whose advice to load unsafely does not apply: such files are never loaded here).
     """
     path = os.fspath(path)
     hint = f" ({expected})" if expected else ""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file {path!r} not found{hint}")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # zip, pickle, EOF and runtime errors all mean the same thing to the user
-        raise CheckpointError(f"cannot read {what} {path!r}{hint}: the file is truncated, corrupt, not a PyTorch "
-                              f"checkpoint, or holds objects that torch.load(weights_only=True) refuses "
-                              f"({type(exc).__name__}: {exc})") from exc
+        with warnings.catch_warnings():  # torch warns about unusual pickle protocols, with its own advice
+            warnings.simplefilter("ignore")
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # zip, pickle, EOF and runtime errors: told apart by what the file holds
+        raise CheckpointError(f"{what} {path!r} {_unreadable(path, exc)}{hint}") from None
     if not isinstance(blob, dict):
-        raise CheckpointError(f"{what} {path!r} holds a {type(blob).__name__}, not a dict{hint}")
+        raise CheckpointError(f"{what} {path!r} holds a {type(blob).__name__}, not a dict of tensors{hint}")
     return blob
+
+
+def _unreadable(path: str, exc: Exception) -> str:
+    """Why torch.load(weights_only=True) failed on `path`, from the file's first bytes and the error's type."""
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_MAGIC))
+    if not head:
+        return "is empty (a write or a copy that did not finish)"
+    if head.startswith(_ZIP_MAGIC):
+        if not zipfile.is_zipfile(path):
+            return "is truncated or corrupt: its zip archive is incomplete (a write or a copy that did not finish)"
+        if isinstance(exc, pickle.UnpicklingError):
+            return ("holds Python objects other than tensors, numbers, strings, lists and dicts (classes or "
+                    "functions, which could run code when loaded); this project loads no such file")
+        return "is corrupt: its zip archive is complete but its data cannot be decoded"
+    if head != _LEGACY_MAGIC:
+        return "is not a PyTorch file (neither a torch.save zip archive nor a legacy torch.save file)"
+    if isinstance(exc, EOFError):
+        return "is truncated (a write or a copy that did not finish)"
+    return ("is a legacy torch.save file that is corrupt or holds Python objects other than tensors and plain "
+            "containers; this project loads no such file")
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:

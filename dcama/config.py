@@ -28,13 +28,18 @@ PUBLISHED_BATCH = 12
 EVAL_EPISODES = 1000
 TEST_SEED = 0
 
+# Minutes between the checkpoints written inside an epoch on the real benchmarks (docs/training.md,
+# "Interruptions"): a COCO-20i epoch is most of an hour on 4 GPUs and a kill loses at most the steps since the
+# last save. A shapes epoch takes under a minute on a CPU: it saves at its end only (0).
+SAVE_EVERY_MIN = 10.0
+
 # Real benchmarks follow the published recipe; so does "folder", a person's own classes in FSS-1000's layout
 # (docs/data.md), which is FSS-1000's protocol on other images. "shapes" is the embedded synthetic benchmark,
 # tuned so that `python train/run.py` learns on 2 CPU cores in a few minutes with a random frozen ResNet-18.
 BENCHMARK_DEFAULTS: dict[str, dict[str, Any]] = {
     name: dict(backbone="swin_b", img_size=PUBLISHED_IMG_SIZE, bsz=PUBLISHED_BATCH, optimizer="sgd", lr=1e-3,
                weight_decay=1e-4, fg_weight=1.0, epochs=50, episodes_per_epoch=None, val_episodes=EVAL_EPISODES,
-               test_episodes=0, workers=8, threads=None)
+               test_episodes=0, workers=8, threads=None, save_every_min=SAVE_EVERY_MIN)
     for name in ("coco", "pascal", "fss", "folder")
 }
 # Tuned on the shared 2-core CPU VM (docs/training.md has the measurements): 96 px, because at 64 px the run
@@ -43,7 +48,8 @@ BENCHMARK_DEFAULTS: dict[str, dict[str, Any]] = {
 # for the few hundred steps this budget allows.
 BENCHMARK_DEFAULTS["shapes"] = dict(backbone="resnet18", img_size=96, bsz=8, optimizer="adamw", lr=1e-3,
                                     weight_decay=1e-4, fg_weight=4.0, epochs=8, episodes_per_epoch=400,
-                                    val_episodes=100, test_episodes=EVAL_EPISODES, workers=0, threads=1)
+                                    val_episodes=100, test_episodes=EVAL_EPISODES, workers=0, threads=1,
+                                    save_every_min=0.0)
 
 
 def default_img_size(benchmark: str) -> int:

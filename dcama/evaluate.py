@@ -22,7 +22,7 @@ from .data import build_dataset, collate_episodes
 from .files import write_json
 from .metrics import FewShotIoU, episode_iou
 from .model import DCAMA
-from .runtime import Batch, ShardSampler, autocast_context, dist_info, move_batch
+from .runtime import Batch, ShardSampler, autocast_context, dist_info, ignore_stop_signals, move_batch
 from .visualize import save_episode_png
 
 __all__ = ["BASELINES", "baseline_predictor", "evaluate", "evaluate_checkpoint", "format_result", "model_predictor"]
@@ -86,7 +86,8 @@ def evaluate(predictor: Predictor, dataset: Dataset, *, device: torch.device | s
     rank, world = dist_info()
     sampler = ShardSampler(len(dataset), rank, world)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        collate_fn=collate_episodes, pin_memory=device.type == "cuda")
+                        collate_fn=collate_episodes, pin_memory=device.type == "cuda",
+                        worker_init_fn=ignore_stop_signals)
     indices = sampler.indices
     metric = FewShotIoU(dataset.class_ids, device=device)
     if visualize_dir is not None:

@@ -1,33 +1,72 @@
-"""Atomic file writes: checkpoints, caches, logs and results are never left half-written by a crash."""
+"""Atomic file writes (checkpoints, caches, logs and results are never left half-written by a crash) and the
+lock that keeps two runs out of one run folder."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
-import tempfile
+import secrets
+import socket
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
+__all__ = ["FolderInUseError", "atomic_open", "folder_lock", "write_json", "write_jsonl"]
+
+LOCK_NAME = ".lock"
+
+
+class FolderInUseError(RuntimeError):
+    """Another live process holds the folder's lock; `holder` names it (pid and host)."""
+
+    def __init__(self, folder: str, holder: str) -> None:
+        super().__init__(f"{folder} is in use by {holder}")
+        self.holder = holder
+
 
 @contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+def atomic_open(path: str | os.PathLike, mode: str = "wb", previous: str | os.PathLike | None = None
+                ) -> Iterator[IO]:
     """Open a temporary file beside `path` for writing; on success it is flushed to disk and renamed over
-    `path` (readers see the old or the new file, never a partial one); on any error it is removed."""
+    `path` (readers see the old or the new file, never a partial one); on any error it is removed and `path`
+    is left as it was.
+
+    The file gets the mode any new file of this process gets (0666 less the umask). With `previous`, an
+    existing `path` is first renamed to `previous`, so the file before this one survives too.
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
+    # os.open applies the umask; tempfile.mkstemp would create the file 0600 and the rename would keep that.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        if previous is not None and os.path.exists(path):
+            os.replace(path, previous)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_directory(directory)  # the renames themselves survive a power cut
+
+
+def _fsync_directory(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # some network file systems refuse fsync on a folder; the data itself is on disk
+        pass
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
@@ -40,3 +79,37 @@ def write_jsonl(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
     """One JSON object per line, the whole file written atomically."""
     with atomic_open(path, "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in records))
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (made if missing) for the block; FolderInUseError if a live
+    process holds it.
+
+    The lock is an flock on `<folder>/.lock`, which the kernel drops when its holder exits, however it exits:
+    a run killed with SIGKILL leaves the file but no lock, so the next run (a resume) takes it. The file holds
+    the holder's pid and host for the message. On a file system without flock support the block runs unlocked.
+    """
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_NAME)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise FolderInUseError(folder, f.read().strip() or "another process") from None
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            warnings.warn(f"{folder}: this file system does not support locks, so a second run started in this "
+                          "folder would not be refused", stacklevel=3)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()

@@ -20,6 +20,8 @@ import torch.distributed as dist
 
 from .config import IGNORE_INDEX
 
+_ACCUMULATORS = ("fg_inter", "fg_union", "bg_inter", "bg_union", "episodes")
+
 
 def intersection_union(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-episode pixel counts (4, B): foreground intersection, foreground union, background intersection,
@@ -87,6 +89,17 @@ class FewShotIoU:
         for acc, row in zip((self.fg_inter, self.fg_union, self.bg_inter, self.bg_union), stats):
             acc.index_add_(0, slots, row)
         self.episodes.index_add_(0, slots, torch.ones_like(slots))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The accumulators on the CPU (what a checkpoint saved inside an epoch stores)."""
+        return {name: getattr(self, name).cpu().clone() for name in _ACCUMULATORS}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from what `state_dict` returned (for the same classes)."""
+        for name in _ACCUMULATORS:
+            if state[name].shape != getattr(self, name).shape:
+                raise ValueError(f"{name} holds {state[name].numel()} classes, this metric {len(self.class_ids)}")
+            setattr(self, name, state[name].to(self.device, dtype=torch.long))
 
     def all_reduce(self) -> None:
         """Sum the accumulators over the torch.distributed ranks (no-op when not initialised)."""

@@ -282,27 +282,24 @@ class DCAMA(nn.Module):
             # The state dict carries the backbone weights: do not read the ImageNet file again.
             config = {**config, "attn_impl": attn_impl, "backbone_weights": None}
             if backbone is not None and backbone != config["backbone"]:
-                raise CheckpointError(f"checkpoint {path!r} holds a {config['backbone']} model, not {backbone}")
+                raise CheckpointError(f"checkpoint {path!r} holds a {config['backbone']} model, not the "
+                                      f"--backbone {backbone} asked for")
             model = cls(**config)
         else:
             name = backbone if backbone is not None else infer_backbone(blob, path)
             model = cls(backbone=name, attn_impl=attn_impl)
             state = checkpoint_filter_fn(blob, model, path)
-        load_fitting_state(model, state,
-                           f"checkpoint {path!r} does not fit DCAMA(backbone={model.config['backbone']!r})")
+        load_fitting_state(model, state, f"checkpoint {path!r} does not fit a DCAMA model with the "
+                                         f"{model.config['backbone']} backbone")
         return model.eval()
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: DCAMA, source: str = "<state dict>") -> dict[str, Any]:
     """An authors' released state dict renamed to `model.state_dict()` keys (their backbone layout converted by
     the backbone); keys it does not know are kept as they are so that the mismatch report lists them."""
-    state = _strip_module(state_dict)
+    state = _authors_keys(state_dict, source)
     backbone = {k[len(_BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(_BACKBONE_PREFIX)}
     out = {f"head.{k[len(_HEAD_PREFIX):]}": v for k, v in state.items() if k.startswith(_HEAD_PREFIX)}
-    if not backbone and not out:
-        raise CheckpointError(f"{source!r} is neither a {FORMAT} checkpoint nor an authors' DCAMA state dict "
-                              f"(no 'module.feature_extractor.' or 'module.model.' keys; first keys: "
-                              f"{list(state)[:5]})")
     try:
         backbone = model.backbone.convert_state_dict(backbone)
     except Exception as exc:  # timm's Swin converter fails on tensors of unexpected shapes
@@ -316,7 +313,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: DCAMA, source: str =
 def infer_backbone(state_dict: dict[str, Any], source: str = "<state dict>") -> str:
     """Backbone name of an authors' state dict, told apart by its key names: Swin has 'layers.*'; the
     ResNets by block type (a conv3 in bottlenecks) and blocks per stage."""
-    keys = [k[len(_BACKBONE_PREFIX):] for k in _strip_module(state_dict) if k.startswith(_BACKBONE_PREFIX)]
+    keys = [k[len(_BACKBONE_PREFIX):] for k in _authors_keys(state_dict, source) if k.startswith(_BACKBONE_PREFIX)]
     if any(k.startswith("layers.") for k in keys):
         return "swin_b"
     depths = tuple(1 + max((int(k.split(".")[1]) for k in keys if k.startswith(f"layer{i}.")), default=-1)
@@ -326,7 +323,18 @@ def infer_backbone(state_dict: dict[str, Any], source: str = "<state dict>") -> 
         if spec.kind == "resnet" and spec.depths == depths and (spec.channels[0] == 256) == bottleneck:
             return name
     raise CheckpointError(f"cannot tell the backbone of {source!r} from its keys (blocks per stage {depths}, "
-                          f"{'bottleneck' if bottleneck else 'basic'} blocks); pass backbone=")
+                          f"{'bottleneck' if bottleneck else 'basic'} blocks); name it with --backbone "
+                          "(backbone= from Python)")
+
+
+def _authors_keys(state_dict: dict[str, Any], source: str) -> dict[str, Any]:
+    """The state dict without DDP's 'module.' prefix, after checking that it holds an authors' DCAMA."""
+    state = _strip_module(state_dict)
+    if not any(k.startswith((_BACKBONE_PREFIX, _HEAD_PREFIX)) for k in state):
+        raise CheckpointError(f"{source!r} is neither a {FORMAT} checkpoint nor an authors' DCAMA state dict "
+                              f"(no 'module.feature_extractor.' or 'module.model.' keys; first keys: "
+                              f"{list(state)[:5]})")
+    return state
 
 
 def _strip_module(state: dict[str, Any]) -> dict[str, Any]:

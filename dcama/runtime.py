@@ -1,5 +1,6 @@
-"""Where and how a run executes: the process group, the device, CPU threads, autocast, batches moved to the
-device, every RNG's state, and the software versions a run records.
+"""Where and how a run executes: the process group and what its ranks agree on, the device, CPU threads, the
+samplers, autocast, batches moved to the device, every RNG's state, the signals that stop a run, and the
+software versions a run records.
 
 The engines (`dcama.evaluate`, `dcama.train`) build on it; it knows nothing of the model or the data sets.
 """
@@ -7,17 +8,22 @@ The engines (`dcama.evaluate`, `dcama.train`) build on it; it knows nothing of t
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 import os
 import platform
 import random
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from types import FrameType
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
 from .config import AMP_DTYPES
 
@@ -57,6 +63,38 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """Each flag, true on every rank when it is true on any rank: how the ranks agree to save or stop. A
+    collective (every rank must call it); no communication in a single process."""
+    if dist_info()[1] == 1:
+        return tuple(bool(f) for f in flags)
+    # NCCL reduces CUDA tensors only; gloo takes CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    packed = torch.tensor([int(bool(f)) for f in flags], device=device)
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in packed.tolist())
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's `obj` (index = rank). A collective: every rank must call it."""
+    _, world = dist_info()
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def from_rank0(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (for what only rank 0 can know: a folder's lock, a failed write).
+    A collective: every rank must call it."""
+    if dist_info()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @contextmanager
 def cpu_threads(threads: int | None) -> Iterator[None]:
     """torch.set_num_threads(threads) inside the block (None or 0: unchanged); the previous count restored
@@ -81,6 +119,21 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class EpochSampler(DistributedSampler):
+    """A DistributedSampler that can begin an epoch part way: the first `start` indices of this rank's share
+    are skipped, so a run resumed between two steps continues with the batch that came next."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start
 
 
 # ----------------------------------------------------------------------------------------------- tensors
@@ -134,12 +187,82 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def gather_rng_states() -> list[dict[str, Any]]:
     """Every rank's RNG state (index = rank), so that a resumed DDP run continues each rank's streams.
     A collective: every rank must call it."""
-    _, world = dist_info()
-    if world == 1:
-        return [rng_state()]
-    states: list[Any] = [None] * world
-    dist.all_gather_object(states, rng_state())
-    return states
+    return all_gather(rng_state())
+
+
+# ------------------------------------------------------------------------------------------------ signals
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# A launcher that passes signals on delivers one twice within milliseconds (SLURM's SIGTERM, or a terminal's
+# Ctrl-C, reaches every process and torchrun forwards it once more): repeats this close are one request.
+REPEAT_WINDOW_S = 1.0
+
+
+class Interrupted(BaseException):
+    """A signal that stops the process at once: a second one while a stop is pending, or one outside the
+    part of a run that can stop cleanly. A BaseException, like KeyboardInterrupt, so that no `except
+    Exception` swallows it."""
+
+    def __init__(self, signum: int, note: str = "") -> None:
+        super().__init__(signal.Signals(signum).name + (f": {note}" if note else ""))
+        self.signum, self.note = signum, note
+
+    @property
+    def exit_status(self) -> int:
+        """The shell's status for a process ended by the signal: 128 + its number."""
+        return 128 + self.signum
+
+
+class StopRequests:
+    """SIGTERM, SIGINT and SIGUSR1 while the context is active (installed from the main thread only; the
+    previous handlers come back at the end).
+
+    Inside `deferred()` the first signal only records a request (`requested`: the signal's number), which the
+    caller honours at a point where it can stop cleanly, and `notice` (formatted with {signal}) is written to
+    stderr; a second signal raises Interrupted. Outside it every signal raises Interrupted at once. A signal
+    within REPEAT_WINDOW_S of the last one is the same signal passed on by a launcher, and is ignored.
+    """
+
+    def __init__(self, notice: str | None = None) -> None:
+        self.notice = notice
+        self.requested: int | None = None
+        self._last = -float("inf")  # when the last signal that counted came (time.monotonic)
+        self._defer = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    @contextmanager
+    def deferred(self) -> Iterator["StopRequests"]:
+        self._defer = True
+        try:
+            yield self
+        finally:
+            self._defer = False
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        if now - self._last < REPEAT_WINDOW_S:
+            return  # the same signal once more, from a launcher that passes it on
+        self._last = now
+        if not self._defer or self.requested is not None:
+            raise Interrupted(signum)
+        self.requested = signum
+        if self.notice:  # os.write: print() could be interrupted inside another print and refuse re-entry
+            os.write(2, (self.notice.format(signal=signal.Signals(signum).name) + "\n").encode())
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: the workers ignore the stop signals, which the main process handles (a
+    worker ended by SLURM's SIGTERM would otherwise fail the step the main process is finishing)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------------------------- versions

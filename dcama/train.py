@@ -1,22 +1,28 @@
 """Training engine: episodic DCAMA training in one process or under torchrun (DistributedDataParallel).
 
 `train(TrainConfig(...))` is what `train/run.py` calls. A run is a few steps, one function each, in the order
-`_train` calls them: build (data sets, model, optimiser), resume, distribute, then every epoch: train one
-epoch, validate, save, log; at the end, test the best checkpoint.
+`_train` calls them: build (data sets, model, optimiser), resume, lock the run folder, distribute, then every
+epoch: train one epoch, validate, save, log; at the end, test the best checkpoint.
 
-Each epoch writes `last.pt` and, when validation mIoU improves, `best.pt` (atomic writes). A checkpoint holds
-everything the next epoch depends on (weights, optimiser, gradient scaler, epoch, best score, every rank's RNG
-states) and the episodes of epoch e are a pure function of (seed, e, i), so a run killed and resumed reaches
-the same weights as one that never stopped.
+Checkpoints (docs/training.md, "Interruptions"): the end of every epoch writes `last.pt` and, when validation
+mIoU improves, `best.pt`; inside an epoch `last.pt` is written between two steps every `save_every_min`
+minutes and when SIGTERM, SIGINT or SIGUSR1 asks the run to stop. The file each write replaces is kept as
+`last.prev.pt`. A checkpoint holds everything the rest of the run depends on: weights, optimiser, gradient
+scaler, epochs done and, inside an epoch, the steps done, the loss sum and every rank's metric counts; the best
+score; every rank's RNG states. The episodes of epoch e are a pure function of (seed, e, i) and the sampler's
+order one of (seed, e), so a run killed at any step and resumed reaches the same weights as one that never
+stopped. Epochs and steps are numbered from 1 in every line and file a run writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,23 +30,28 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from .backbones import BACKBONES
-from .checkpoint import load_checkpoint_file, save_checkpoint
-from .config import AMP_MODES, BENCHMARK_DEFAULTS, IGNORE_INDEX, OPTIMIZERS, TEST_SEED
+from .checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint
+from .config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, IGNORE_INDEX, OPTIMIZERS, TEST_SEED
 from .data import FewShotDataset, build_dataset
 from .evaluate import evaluate, evaluate_checkpoint, model_predictor
-from .files import write_json, write_jsonl
+from .files import FolderInUseError, folder_lock, write_json, write_jsonl
+from .flags import (ConfigError, check_at_least, check_benchmark, check_choice, check_file, check_fraction,
+                    check_img_size, check_non_negative, check_positive)
 from .metrics import FewShotIoU
 from .model import DCAMA
-from .runtime import (autocast_context, barrier, cpu_threads, dist_info, gather_rng_states, move_batch,
-                      seed_everything, set_rng_state, setup_distributed, software_versions)
+from .runtime import (EpochSampler, Interrupted, StopRequests, all_gather, any_rank, autocast_context, cpu_threads,
+                      dist_info,
+                      from_rank0, gather_rng_states, ignore_stop_signals, move_batch, seed_everything,
+                      set_rng_state, setup_distributed, software_versions)
 
-__all__ = ["ConfigError", "NonFiniteLossError", "TrainConfig", "TrainResult", "build_optimizer", "resolve_config",
-           "segmentation_loss", "train", "train_step", "trainable_parameters"]
+__all__ = ["ConfigError", "NonFiniteLossError", "RunStopped", "TrainConfig", "TrainResult", "WriteError",
+           "build_optimizer", "fill_defaults", "previous_checkpoint", "resolve_config", "segmentation_loss", "train",
+           "train_step", "trainable_parameters"]
 
 TENSORBOARD_TAGS = {"train_loss": "train/loss", "train_miou": "train/miou", "train_fb_iou": "train/fb_iou",
                     "val_miou": "val/miou", "val_fb_iou": "val/fb_iou", "lr": "train/lr",
@@ -48,16 +59,32 @@ TENSORBOARD_TAGS = {"train_loss": "train/loss", "train_miou": "train/miou", "tra
 # Settings that change what the remaining epochs compute (the optimiser's own, e.g. lr, come from the file).
 _RESUME_SENSITIVE = ("benchmark", "fold", "img_size", "bsz", "nshot", "seed", "episodes_per_epoch", "fg_weight",
                      "amp", "optimizer")
+_STOP_NOTICE = ("{signal}: finishing the current step (or validation), then saving last.pt and stopping (a second "
+                "signal stops at once)")
 
 EpochHook = Callable[[int, dict[str, Any]], None]
-
-
-class ConfigError(ValueError):
-    """A training configuration that cannot run (bad flag value, logdir clash, mismatching resume file)."""
+StepHook = Callable[[int, int], None]
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss (or the weights) became NaN or inf; the last good checkpoint was left untouched."""
+
+
+class WriteError(RuntimeError):
+    """A file of the run could not be written (a full disk, a lost mount); the run stopped on every rank and
+    the files written before are intact. `checkpoint`: the last good one (None when none was written)."""
+
+    def __init__(self, message: str, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+class RunStopped(Exception):
+    """A stop signal ended the run between two steps, after `checkpoint` was written: resume from it."""
+
+    def __init__(self, signal_name: str, checkpoint: Path, where: str) -> None:
+        super().__init__(f"stopped by {signal_name} at {where}: saved {checkpoint}")
+        self.signal_name, self.checkpoint, self.where = signal_name, checkpoint, where
 
 
 @dataclass
@@ -82,6 +109,7 @@ class TrainConfig:
     amp: str = "off"
     logdir: str | None = None
     resume: str | None = None  # a checkpoint path, or "last" for <logdir>/last.pt
+    save_every_min: float | None = None  # minutes between checkpoints inside an epoch; 0: at epoch ends only
     seed: int = 0
     workers: int | None = None
     episodes_per_epoch: int | None = None  # None: the training split's own length
@@ -97,7 +125,8 @@ class TrainResult:
     best_checkpoint: Path
     last_checkpoint: Path
     best_val_miou: float
-    best_epoch: int
+    best_epoch: int | None
+    epochs: int
     history: list[dict[str, Any]] = field(default_factory=list)
     test: dict[str, Any] | None = None
 
@@ -106,10 +135,45 @@ class TrainResult:
 class RunState:
     """Where a run stands: what its checkpoints record and a resume restores (besides weights and RNGs)."""
 
-    next_epoch: int = 0
+    epochs_done: int = 0
     best_miou: float = -1.0
-    best_epoch: int = -1
+    best_epoch: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class EpochProgress:
+    """How far the current epoch has come, between two steps. With this rank's metric counts and RNG state it
+    is what a checkpoint written inside an epoch holds, so that a resume continues at the next step; the loss
+    sum and the counts are the same on every rank."""
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    episodes: int = 0
+    train_time_s: float = 0.0
+
+
+@dataclass
+class _InEpoch:
+    """This rank's part of a checkpoint written inside an epoch, until that epoch starts again."""
+
+    progress: EpochProgress
+    metric: dict[str, torch.Tensor]
+    rng: dict[str, Any]
+
+
+class _SaveClock:
+    """Rank 0's clock of `save_every_min`; every rank follows rank 0's reading (any_rank)."""
+
+    def __init__(self, minutes: float) -> None:
+        self.every_s = 60.0 * minutes
+        self.reset()
+
+    def reset(self) -> None:
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        return self.every_s > 0 and time.monotonic() - self.last >= self.every_s
 
 
 @dataclass
@@ -125,7 +189,12 @@ class _Run:
     model: DCAMA
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    stop: StopRequests
+    clock: _SaveClock
     state: RunState = field(default_factory=RunState)
+    in_epoch: _InEpoch | None = None
+    saved_at: str = ""  # what the checkpoint in last.pt holds ("" when the run has none yet)
+    last_is_good: bool = True  # whether last.pt may become last.prev.pt at the next save (not when unreadable)
 
     @property
     def logdir(self) -> Path:
@@ -139,22 +208,31 @@ class _Run:
     def best_path(self) -> Path:
         return self.logdir / "best.pt"
 
+    def last_good(self) -> str:
+        """Where the last good checkpoint is, for the messages of a run that stops."""
+        return f"{self.last_path} ({self.saved_at})" if self.saved_at else "none was written yet"
+
+
+def previous_checkpoint(path: str | Path) -> Path:
+    """The file a checkpoint's predecessor is kept in: last.pt -> last.prev.pt."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+# ------------------------------------------------------------------------------------------------ config
+def fill_defaults(cfg: TrainConfig) -> TrainConfig:
+    """A copy of `cfg` with every None filled from the benchmark's defaults (nothing else checked)."""
+    check_choice("benchmark", cfg.benchmark, BENCHMARK_DEFAULTS)
+    defaults = BENCHMARK_DEFAULTS[cfg.benchmark]
+    return TrainConfig(**{k: (defaults[k] if v is None and k in defaults else v)
+                          for k, v in dataclasses.asdict(cfg).items()})
+
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
-    """A copy of `cfg` with every None filled from the benchmark's defaults, the logdir chosen and checked."""
-    if cfg.benchmark not in BENCHMARK_DEFAULTS:
-        raise ConfigError(f"unknown benchmark {cfg.benchmark!r}; choose from {', '.join(BENCHMARK_DEFAULTS)}")
-    defaults = BENCHMARK_DEFAULTS[cfg.benchmark]
-    values = {k: (defaults[k] if v is None and k in defaults else v) for k, v in dataclasses.asdict(cfg).items()}
-    out = TrainConfig(**values)
-    if out.backbone not in BACKBONES:
-        raise ConfigError(f"unknown backbone {out.backbone!r}; choose from {', '.join(BACKBONES)}")
-    if out.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer {out.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-    if out.amp not in AMP_MODES:
-        raise ConfigError(f"unknown --amp {out.amp!r}; choose from {', '.join(AMP_MODES)}")
-    if out.nshot < 1 or out.epochs < 1 or out.bsz < 1:
-        raise ConfigError("--nshot, --epochs and --bsz must be at least 1")
+    """A copy of `cfg` with every None filled from the benchmark's defaults, every setting checked (ConfigError,
+    one line naming the flag), and the run folder chosen. Looks at files and folders but reads none."""
+    out = fill_defaults(cfg)
+    _check_settings(out)
     if out.resume not in (None, "last") and out.logdir is None:
         out.logdir = str(Path(out.resume).parent)  # resuming a file continues the run in its own folder
     if out.logdir is None:
@@ -164,62 +242,112 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         out.logdir = f"logs/{out.benchmark}-fold{out.fold}-{out.backbone}-{out.nshot}shot-{stamp}"
     if out.resume == "last":
         out.resume = str(Path(out.logdir) / "last.pt")
+    if out.resume is not None and not any(p.is_file() for p in (Path(out.resume), previous_checkpoint(out.resume))):
+        raise ConfigError(f"--resume {out.resume}: no such file (to start a new run leave out --resume)")
+    clash = _clash(out)
+    if clash:
+        raise ConfigError(clash)
     return out
 
 
-def train(cfg: TrainConfig, on_epoch_end: EpochHook | None = None) -> TrainResult:
+def _check_settings(cfg: TrainConfig) -> None:
+    check_benchmark(cfg.benchmark, cfg.datapath, cfg.fold, cfg.nshot)
+    check_img_size(cfg.backbone, cfg.img_size)
+    check_file("backbone_weights", cfg.backbone_weights)
+    for name, choices in (("optimizer", OPTIMIZERS), ("amp", AMP_MODES), ("attn_impl", ATTN_IMPLS)):
+        check_choice(name, getattr(cfg, name), choices)
+    for name in ("lr", "fg_weight"):
+        check_positive(name, getattr(cfg, name))
+    for name in ("weight_decay", "save_every_min"):
+        check_non_negative(name, getattr(cfg, name))
+    check_fraction("momentum", cfg.momentum)
+    for name, minimum in (("epochs", 1), ("bsz", 1), ("episodes_per_epoch", 1), ("val_episodes", 1),
+                          ("test_episodes", 0), ("seed", 0), ("workers", 0), ("threads", 0)):
+        check_at_least(name, getattr(cfg, name), minimum)
+
+
+def _clash(cfg: TrainConfig) -> str:
+    """Why the run may not use its folder ('' when it may): the folder holds another run's checkpoints."""
+    logdir = Path(cfg.logdir)
+    held = [p for p in (logdir / "last.pt", logdir / "last.prev.pt") if p.exists()]
+    if not held:
+        return ""
+    if cfg.resume is None:
+        return f"--logdir {logdir} already holds a run ({held[0].name}); pass --resume to continue it or choose " \
+               "another --logdir"
+    if Path(cfg.resume).resolve().parent != logdir.resolve():
+        return f"--logdir {logdir} already holds a run ({held[0].name}): --resume {cfg.resume} would continue " \
+               "into it; leave out --logdir to continue in the checkpoint's own folder"
+    return ""
+
+
+def train(cfg: TrainConfig, on_epoch_end: EpochHook | None = None,
+          on_step_end: StepHook | None = None) -> TrainResult:
     """Run (or resume) a training run; returns where the checkpoints are and what they reached.
 
-    `on_epoch_end(epoch, record)` is called on every rank after the epoch's checkpoints are written (an
-    exception raised there stops the run as a kill would). Raises NonFiniteLossError on a NaN/inf loss.
+    `on_step_end(epoch, step)` is called on every rank after each optimisation step, before the checkpoint
+    that may follow it; `on_epoch_end(epoch, record)` after the epoch's checkpoints are written (epochs and
+    steps from 1). An exception raised in a hook stops the run as a kill would.
+
+    Raises ConfigError (bad settings, a folder in use) before anything is built or written; NonFiniteLossError
+    on a NaN/inf loss; WriteError when a file cannot be written; RunStopped when a signal stopped the run after
+    a checkpoint; runtime.Interrupted when a second signal stopped it at once.
     """
     cfg = resolve_config(cfg)
     rank, world, device, owned_group = setup_distributed()
+    cfg = from_rank0(cfg)  # one run folder: the default name holds rank 0's clock
     try:
-        with cpu_threads(cfg.threads if device.type == "cpu" else None):
-            return _train(cfg, rank, world, device, on_epoch_end)
+        with cpu_threads(cfg.threads if device.type == "cpu" else None), \
+                StopRequests(_STOP_NOTICE if rank == 0 else None) as stop:
+            return _train(cfg, rank, world, device, stop, on_epoch_end, on_step_end)
+    except Interrupted as err:
+        last = Path(cfg.logdir) / "last.pt"
+        note = f"{last} holds the last save" if last.exists() else "no checkpoint was written"
+        raise Interrupted(err.signum, note) from None
     finally:
         if owned_group:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device,
-           on_epoch_end: EpochHook | None) -> TrainResult:
-    run = _build(cfg, rank, world, device)
+def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, stop: StopRequests,
+           on_epoch_end: EpochHook | None, on_step_end: StepHook | None) -> TrainResult:
+    run = _build(cfg, rank, world, device, stop)
     if cfg.resume is not None:
         _resume(run)
-    net, sampler, loader = _distribute(run)
-    writer = _start_logs(run)
-    try:
-        for epoch in range(run.state.next_epoch, cfg.epochs):
-            record = _epoch(run, net, sampler, loader, epoch)
-            _save(run, record)
-            _log(run, writer, record)
-            barrier()  # nobody starts the next epoch (or a resume) before the files exist
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, record)
-    finally:
-        if writer is not None:
-            writer.close()
-    test = _test(run) if cfg.test_episodes else None
+    with _locked(run):
+        with stop.deferred():  # a signal from here on stops the run after the current step, with a checkpoint
+            net, sampler, loader = _distribute(run)
+            writer = _start_logs(run)
+            try:
+                for epoch in range(run.state.epochs_done, cfg.epochs):
+                    record = _epoch(run, net, sampler, loader, epoch, on_step_end)
+                    _save_epoch(run, record)
+                    _log(run, writer, record)
+                    if on_epoch_end is not None:
+                        on_epoch_end(epoch + 1, record)
+                    if any_rank(stop.requested is not None)[0]:
+                        raise _stopped(run)
+            finally:
+                if writer is not None:
+                    writer.close()
+        test = _test(run) if cfg.test_episodes else None  # training is saved: a signal stops the test at once
     return TrainResult(logdir=run.logdir, best_checkpoint=run.best_path, last_checkpoint=run.last_path,
-                       best_val_miou=run.state.best_miou, best_epoch=run.state.best_epoch,
+                       best_val_miou=run.state.best_miou, best_epoch=run.state.best_epoch, epochs=cfg.epochs,
                        history=run.state.history, test=test)
 
 
 # ------------------------------------------------------------------------------------------------- build
-def _build(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> _Run:
+def _build(cfg: TrainConfig, rank: int, world: int, device: torch.device, stop: StopRequests) -> _Run:
     """Data sets, model, optimiser and gradient scaler, and every RNG seeded."""
-    last_path = Path(cfg.logdir) / "last.pt"
-    if cfg.resume is None and last_path.exists():
-        raise ConfigError(f"{cfg.logdir} already holds a run ({last_path.name}); pass --resume to continue it "
-                          "or choose another --logdir")
     # Datasets first: a missing data set fails before any model is built.
     data_kw = dict(shot=cfg.nshot, img_size=cfg.img_size, use_original_imgsize=False, seed=cfg.seed)
     trn_kw = {} if cfg.episodes_per_epoch is None else {"episodes": cfg.episodes_per_epoch}
-    trn_ds = build_dataset(cfg.benchmark, cfg.datapath, fold=cfg.fold, split="trn", **data_kw, **trn_kw)
-    val_ds = build_dataset(cfg.benchmark, cfg.datapath, fold=cfg.fold, split="val", episodes=cfg.val_episodes,
-                           **data_kw)
+    try:
+        trn_ds = build_dataset(cfg.benchmark, cfg.datapath, fold=cfg.fold, split="trn", **data_kw, **trn_kw)
+        val_ds = build_dataset(cfg.benchmark, cfg.datapath, fold=cfg.fold, split="val", episodes=cfg.val_episodes,
+                               **data_kw)
+    except ValueError as err:  # what the data allows, e.g. a K that leaves no class with K + 1 images
+        raise ConfigError(str(err)) from None
     if cfg.backbone_weights is None and cfg.benchmark != "shapes" and rank == 0:
         print(f"note: no --backbone-weights: the {cfg.backbone} backbone stays randomly initialised (the published "
               f"recipe uses ImageNet weights, e.g. {BACKBONES[cfg.backbone].weights_file})", flush=True)
@@ -231,7 +359,8 @@ def _build(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> _Ru
     optimizer = build_optimizer(cfg, trainable_parameters(model))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     seed_everything(cfg.seed + rank)
-    return _Run(cfg, rank, world, device, trn_ds, val_ds, model, optimizer, scaler)
+    return _Run(cfg, rank, world, device, trn_ds, val_ds, model, optimizer, scaler, stop,
+                _SaveClock(cfg.save_every_min))
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -249,31 +378,60 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
 
 # ------------------------------------------------------------------------------------------------ resume
 def _resume(run: _Run) -> None:
-    """Weights, optimiser, scaler, progress and this rank's RNG streams from the checkpoint cfg.resume."""
-    path = run.cfg.resume
-    blob = load_checkpoint_file(path)
+    """Weights, optimiser, scaler, progress and this rank's RNG streams (and, for a checkpoint written inside
+    an epoch, its position there) from cfg.resume, or from the file kept before it when that one is unreadable."""
+    blob, path = _read_resume_file(run)
     _check_resume_matches(blob, run, path)
     run.model.load_state_dict(blob["state_dict"])
     run.optimizer.load_state_dict(blob["optimizer"])
     if "scaler" in blob:
         run.scaler.load_state_dict(blob["scaler"])
-    run.state = RunState(next_epoch=blob["epoch"] + 1, best_miou=blob["best_miou"], best_epoch=blob["best_epoch"],
-                         history=list(blob.get("history", [])))
-    rng = blob["rng"]
-    if len(rng) != run.world and run.rank == 0:
-        print(f"note: {path} was written by {len(rng)} process(es), this run has {run.world}: "
-              "training continues but will not repeat the uninterrupted run bit for bit")
-    set_rng_state(rng[run.rank] if len(rng) == run.world else rng[0])
+    run.state = RunState(epochs_done=blob["epochs_done"], best_miou=blob["best_miou"],
+                         best_epoch=blob["best_epoch"], history=list(blob.get("history", [])))
+    run.saved_at = _where(run.cfg, blob)
+    rng, in_epoch, same_world = blob["rng"], blob.get("in_epoch"), len(blob["rng"]) == run.world
+    if not same_world and run.rank == 0:
+        restart = f"; epoch {in_epoch['epoch']} starts again from its first step" if in_epoch else ""
+        print(f"note: {path} was written by {len(rng)} process(es), this run has {run.world}: training continues "
+              f"but will not repeat the uninterrupted run bit for bit{restart}", flush=True)
+    mine = rng[run.rank] if same_world else rng[0]
+    if in_epoch is not None and same_world:  # the RNGs are restored when that epoch starts again
+        progress = EpochProgress(**{f.name: in_epoch[f.name] for f in dataclasses.fields(EpochProgress)})
+        run.in_epoch = _InEpoch(progress, in_epoch["metric"][run.rank], mine)
+    else:
+        set_rng_state(mine)
+    if run.rank == 0:
+        left = "" if run.state.epochs_done < run.cfg.epochs else f"; all {run.cfg.epochs} epochs are done"
+        print(f"resuming {path} ({run.saved_at}){left}", flush=True)
+
+
+def _read_resume_file(run: _Run) -> tuple[dict[str, Any], str]:
+    path, previous = run.cfg.resume, previous_checkpoint(run.cfg.resume)
+    try:
+        return load_checkpoint_file(path), path
+    except (FileNotFoundError, CheckpointError) as err:
+        if not previous.is_file():
+            raise
+        if run.rank == 0:
+            print(f"note: {err}; resuming from the checkpoint before it, {previous}", flush=True)
+        run.last_is_good = Path(path).resolve() != run.last_path.resolve()  # never keep it as last.prev.pt
+        try:
+            return load_checkpoint_file(previous), str(previous)
+        except CheckpointError as prev_err:
+            raise CheckpointError(f"{err}; the checkpoint before it is unreadable too: {prev_err}") from None
 
 
 def _check_resume_matches(blob: dict[str, Any], run: _Run, path: str) -> None:
     saved, wanted = blob.get("config", {}).get("backbone"), run.model.config["backbone"]
     if saved != wanted:
-        raise ConfigError(f"cannot resume from {path}: it was trained with backbone={saved!r}, "
-                          f"this run asks for backbone={wanted!r}")
-    if "optimizer" not in blob or "epoch" not in blob:
-        raise ConfigError(f"cannot resume from {path}: it holds weights only (no optimiser state or epoch); "
-                          "to start from these weights evaluate them with eval/run.py instead")
+        raise ConfigError(f"--resume {path}: it was trained with --backbone {saved}, this run asks for "
+                          f"--backbone {wanted}")
+    if "optimizer" not in blob:
+        raise ConfigError(f"--resume {path}: it holds weights only (no optimiser state or progress); evaluate it "
+                          "with eval/run.py --checkpoint instead")
+    if "epochs_done" not in blob:
+        raise ConfigError(f"--resume {path}: it was written by an earlier version of this code, whose progress "
+                          "entries this one does not read; evaluate it with eval/run.py --checkpoint instead")
     before = blob.get("train_config", {})
     changed = [k for k in _RESUME_SENSITIVE if k in before and before[k] != getattr(run.cfg, k)]
     if changed and run.rank == 0:
@@ -281,8 +439,35 @@ def _check_resume_matches(blob: dict[str, Any], run: _Run, path: str) -> None:
               "the run will not repeat an uninterrupted one", flush=True)
 
 
-# -------------------------------------------------------------------------------------------- distribute
-def _distribute(run: _Run) -> tuple[torch.nn.Module, DistributedSampler, DataLoader]:
+def _where(cfg: TrainConfig, blob: dict[str, Any]) -> str:
+    """What a checkpoint holds, in words: 'epoch 3/8, step 57/200' or 'the end of epoch 2/8'."""
+    in_epoch = blob.get("in_epoch")
+    if in_epoch is not None:
+        return f"epoch {in_epoch['epoch']}/{cfg.epochs}, step {in_epoch['steps']}/{in_epoch['epoch_steps']}"
+    return f"the end of epoch {blob['epochs_done']}/{cfg.epochs}"
+
+
+# ----------------------------------------------------------------------------------------- lock and data
+@contextmanager
+def _locked(run: _Run) -> Iterator[None]:
+    """The run folder locked by rank 0 until the block ends, and the folder checked again under the lock: a
+    second run there is refused on every rank (ConfigError) while this one is alive."""
+    with ExitStack() as stack:
+        problem = ""
+        if run.rank == 0:
+            try:
+                stack.enter_context(folder_lock(run.logdir))
+                problem = _clash(run.cfg)
+            except FolderInUseError as err:
+                problem = f"--logdir {run.logdir} is in use by another run ({err.holder}): wait for it to end or " \
+                          "choose another --logdir"
+        problem = from_rank0(problem)
+        if problem:
+            raise ConfigError(problem)
+        yield
+
+
+def _distribute(run: _Run) -> tuple[torch.nn.Module, EpochSampler, DataLoader]:
     """The model wrapped for DistributedDataParallel when there are several processes, and the training
     loader, whose sampler splits the episodes over the ranks (one process: all of them, shuffled)."""
     cfg, device = run.cfg, run.device
@@ -290,66 +475,104 @@ def _distribute(run: _Run) -> tuple[torch.nn.Module, DistributedSampler, DataLoa
     if run.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             run.model, device_ids=[device.index] if device.type == "cuda" else None)
-    sampler = DistributedSampler(run.trn_ds, num_replicas=run.world, rank=run.rank, shuffle=True, seed=cfg.seed)
+    sampler = EpochSampler(run.trn_ds, num_replicas=run.world, rank=run.rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(run.trn_ds, batch_size=cfg.bsz, sampler=sampler, num_workers=cfg.workers,
-                        pin_memory=device.type == "cuda", drop_last=len(sampler) >= cfg.bsz)
+                        pin_memory=device.type == "cuda", drop_last=len(sampler) >= cfg.bsz,
+                        worker_init_fn=ignore_stop_signals)
     return net, sampler, loader
 
 
 # --------------------------------------------------------------------------------------------- one epoch
-def _epoch(run: _Run, net: torch.nn.Module, sampler: DistributedSampler, loader: DataLoader,
-           epoch: int) -> dict[str, Any]:
-    """Train one epoch, validate, update the best score; returns the epoch's record (a metrics.jsonl line)."""
+def _epoch(run: _Run, net: torch.nn.Module, sampler: EpochSampler, loader: DataLoader, epoch: int,
+           on_step_end: StepHook | None) -> dict[str, Any]:
+    """Train one epoch (from where a checkpoint inside it left off), validate, update the best score; returns
+    the epoch's record (a metrics.jsonl line)."""
     run.trn_ds.set_epoch(epoch)
     sampler.set_epoch(epoch)
-    t0 = time.perf_counter()
-    train_stats = _train_epoch(run, net, loader, epoch)
+    train_stats = _train_epoch(run, net, sampler, loader, epoch, on_step_end)
     if not all(torch.isfinite(p).all().item() for p in trainable_parameters(run.model)):
-        raise NonFiniteLossError(f"the weights became NaN or inf during epoch {epoch}; "
-                                 f"the last good checkpoint is {run.last_path}")
-    train_time = time.perf_counter() - t0
+        raise NonFiniteLossError(f"the weights became NaN or inf during epoch {epoch + 1}; "
+                                 f"the last good checkpoint is {run.last_good()}")
+    t0 = time.perf_counter()
     val = _validate(run, epoch)
     state = run.state
+    state.epochs_done = epoch + 1
     if val["miou"] > state.best_miou:
-        state.best_miou, state.best_epoch = val["miou"], epoch
-    record = {"epoch": epoch, **train_stats, "val_miou": val["miou"], "val_fb_iou": val["fb_iou"],
+        state.best_miou, state.best_epoch = val["miou"], epoch + 1
+    record = {"epoch": epoch + 1, **train_stats, "val_miou": val["miou"], "val_fb_iou": val["fb_iou"],
               "best_val_miou": state.best_miou, "best_epoch": state.best_epoch,
-              "lr": run.optimizer.param_groups[0]["lr"], "train_time_s": round(train_time, 3),
-              "epoch_time_s": round(time.perf_counter() - t0, 3)}
+              "lr": run.optimizer.param_groups[0]["lr"],
+              "epoch_time_s": round(train_stats["train_time_s"] + time.perf_counter() - t0, 3)}
     state.history.append(record)
     return record
 
 
-def _train_epoch(run: _Run, net: torch.nn.Module, loader: DataLoader, epoch: int) -> dict[str, Any]:
+def _train_epoch(run: _Run, net: torch.nn.Module, sampler: EpochSampler, loader: DataLoader, epoch: int,
+                 on_step_end: StepHook | None) -> dict[str, Any]:
     cfg = run.cfg
     net.train()
     metric = FewShotIoU(run.trn_ds.class_ids, device=run.device)
-    loss_sum, steps, episodes = 0.0, 0, 0
-    t0 = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress or run.rank != 0,
-               dynamic_ncols=True)
-    for step, batch in enumerate(bar):
-        batch = move_batch(batch, run.device)
-        target = batch["query_mask"]
-        try:
-            logits, mean_loss = train_step(net, batch, run.optimizer, run.scaler, amp=cfg.amp,
-                                           fg_weight=cfg.fg_weight)
-        except NonFiniteLossError as err:
-            raise NonFiniteLossError(f"{err} at epoch {epoch}, step {step}; stopped without saving, the last "
-                                     f"good checkpoint is {run.last_path} "
-                                     f"({'present' if run.last_path.exists() else 'none written yet'})") from None
-        metric.update(logits.detach().argmax(1), target, batch["class_id"])
-        loss_sum += mean_loss.item()
-        steps += 1
-        episodes += target.shape[0] * run.world
+    progress, resumed, run.in_epoch = EpochProgress(), run.in_epoch, None
+    if resumed is not None:
+        progress = resumed.progress
+        metric.load_state_dict(resumed.metric)
+    sampler.start = progress.steps * cfg.bsz
+    batches = iter(loader)  # draws the loader's seed from torch's RNG, as at the start of every epoch...
+    if resumed is not None:
+        set_rng_state(resumed.rng)  # ...so the streams saved between two steps are restored after that draw
+    epoch_steps = progress.steps + len(loader)
+    bar = tqdm(batches, total=epoch_steps, initial=progress.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               disable=not cfg.progress or run.rank != 0, dynamic_ncols=True)
+    tick = time.perf_counter()
+    for batch in bar:
+        _step(run, net, batch, metric, progress, epoch)
+        progress.train_time_s += time.perf_counter() - tick
+        if on_step_end is not None:
+            on_step_end(epoch + 1, progress.steps)
+        _between_steps(run, epoch, epoch_steps, progress, metric)
         if not bar.disable:
-            bar.set_postfix(loss=f"{loss_sum / steps:.4f}", miou=f"{_quiet_miou(metric):.1f}",
-                            eps=f"{episodes / (time.perf_counter() - t0):.1f}/s")
+            bar.set_postfix(loss=f"{progress.loss_sum / progress.steps:.4f}", miou=f"{_quiet_miou(metric):.1f}",
+                            eps=f"{progress.episodes / max(progress.train_time_s, 1e-9):.1f}/s")
+        tick = time.perf_counter()
     metric.all_reduce()
     scores = _quiet_scores(metric)
-    elapsed = time.perf_counter() - t0
-    return {"train_loss": loss_sum / max(steps, 1), "train_miou": scores["miou"], "train_fb_iou": scores["fb_iou"],
-            "steps": steps, "episodes_per_s": episodes / elapsed if elapsed > 0 else math.nan}
+    return {"train_loss": progress.loss_sum / max(progress.steps, 1), "train_miou": scores["miou"],
+            "train_fb_iou": scores["fb_iou"], "steps": progress.steps,
+            "episodes_per_s": progress.episodes / progress.train_time_s if progress.train_time_s > 0 else math.nan,
+            "train_time_s": round(progress.train_time_s, 3)}
+
+
+def _step(run: _Run, net: torch.nn.Module, batch: dict[str, Any], metric: FewShotIoU, progress: EpochProgress,
+          epoch: int) -> None:
+    """One optimisation step, counted in `progress` and `metric`."""
+    cfg = run.cfg
+    batch = move_batch(batch, run.device)
+    target = batch["query_mask"]
+    try:
+        logits, mean_loss = train_step(net, batch, run.optimizer, run.scaler, amp=cfg.amp, fg_weight=cfg.fg_weight)
+    except NonFiniteLossError as err:
+        raise NonFiniteLossError(f"{err} at epoch {epoch + 1}, step {progress.steps + 1}; stopped without saving, "
+                                 f"the last good checkpoint is {run.last_good()}") from None
+    metric.update(logits.detach().argmax(1), target, batch["class_id"])
+    progress.loss_sum += mean_loss.item()
+    progress.steps += 1
+    progress.episodes += target.shape[0] * run.world
+
+
+def _between_steps(run: _Run, epoch: int, epoch_steps: int, progress: EpochProgress, metric: FewShotIoU) -> None:
+    """`last.pt` written when rank 0's clock says so or a signal asked to stop (every rank takes rank 0's
+    clock and any rank's signal), then RunStopped when asked to stop."""
+    save, stop = any_rank(run.rank == 0 and run.clock.due(), run.stop.requested is not None)
+    if not (save or stop):
+        return
+    where = f"epoch {epoch + 1}/{run.cfg.epochs}, step {progress.steps}/{epoch_steps}"
+    in_epoch = {"epoch": epoch + 1, "epoch_steps": epoch_steps, **dataclasses.asdict(progress),
+                "metric": all_gather(metric.state_dict())}
+    extra = {**_progress_entries(run), "rng": gather_rng_states(), "in_epoch": in_epoch}
+    _write_checkpoint(run, run.last_path, extra, where)
+    if stop:
+        raise _stopped(run)
+
 
 
 def _quiet_scores(metric: FewShotIoU) -> dict[str, Any]:
@@ -404,45 +627,80 @@ def _validate(run: _Run, epoch: int) -> dict[str, Any]:
     cfg = run.cfg
     run.model.eval()
     return evaluate(model_predictor(run.model, amp=cfg.amp), run.val_ds, device=run.device, batch_size=cfg.bsz,
-                    workers=cfg.workers, progress=cfg.progress, desc=f"val {epoch}")
+                    workers=cfg.workers, progress=cfg.progress, desc=f"val {epoch + 1}/{cfg.epochs}")
 
 
 # ------------------------------------------------------------------------------------------ save and log
-def _save(run: _Run, record: dict[str, Any]) -> None:
-    """`last.pt`, `best.pt` when this epoch is the best so far, and metrics.jsonl (rank 0 writes)."""
-    rng = gather_rng_states()  # collective: every rank takes part
-    if run.rank != 0:
-        return
-    cfg, state, epoch = run.cfg, run.state, record["epoch"]
-    extra = {"epoch": epoch, "best_miou": state.best_miou, "best_epoch": state.best_epoch,
-             "optimizer": run.optimizer.state_dict(), "rng": rng, "history": state.history,
-             "train_config": dataclasses.asdict(cfg),
+def _progress_entries(run: _Run) -> dict[str, Any]:
+    """What every checkpoint of the run holds besides the model and the RNGs."""
+    state = run.state
+    entries = {"epochs_done": state.epochs_done, "best_miou": state.best_miou, "best_epoch": state.best_epoch,
+               "optimizer": run.optimizer.state_dict(), "history": state.history,
+               "train_config": dataclasses.asdict(run.cfg)}
+    if run.cfg.amp == "fp16":
+        entries["scaler"] = run.scaler.state_dict()
+    return entries
+
+
+def _save_epoch(run: _Run, record: dict[str, Any]) -> None:
+    """At the end of an epoch: `last.pt`, `best.pt` when this epoch is the best so far, and metrics.jsonl."""
+    extra = {**_progress_entries(run), "rng": gather_rng_states(),
              "val": {"miou": record["val_miou"], "fb_iou": record["val_fb_iou"]}}
-    if cfg.amp == "fp16":
-        extra["scaler"] = run.scaler.state_dict()
-    save_checkpoint(run.last_path, run.model, extra=extra)
-    if state.best_epoch == epoch:
-        save_checkpoint(run.best_path, run.model, extra=extra)
+    _write_checkpoint(run, run.last_path, extra, f"the end of epoch {record['epoch']}/{run.cfg.epochs}")
+    if run.state.best_epoch == record["epoch"]:
+        _write_checkpoint(run, run.best_path, extra)
     # Rewritten whole from the checkpoint's history, so it always agrees with last.pt, even when a run was
     # killed between the two writes and resumed.
-    write_jsonl(run.logdir / "metrics.jsonl", state.history)
+    _on_rank0(run, "metrics.jsonl", lambda: write_jsonl(run.logdir / "metrics.jsonl", run.state.history))
+
+
+def _write_checkpoint(run: _Run, path: Path, extra: dict[str, Any], where: str | None = None) -> None:
+    """A checkpoint written by rank 0; `where` (what it holds) marks `last.pt`, whose predecessor is kept."""
+    previous = previous_checkpoint(path) if where is not None and run.last_is_good else None
+    _on_rank0(run, str(path), lambda: save_checkpoint(path, run.model, extra=extra, previous=previous))
+    if where is not None:
+        run.saved_at, run.last_is_good = where, True
+        run.clock.reset()
+
+
+def _on_rank0(run: _Run, what: str, write: Callable[[], Any]) -> Any:
+    """`write()` on rank 0 only, and every rank told whether it worked: an OSError (a full disk, a lost mount)
+    becomes WriteError on every rank, so that none waits for the others forever. A collective."""
+    result, failure = None, ""
+    if run.rank == 0:
+        try:
+            result = write()
+        except OSError as err:
+            failure = f"cannot write {what}: {err.strerror or err}"
+    failure = from_rank0(failure)
+    if failure:
+        raise WriteError(f"{failure}; the run stopped, the files written before are intact (last good checkpoint: "
+                         f"{run.last_good()})", run.last_path if run.saved_at else None)
+    return result
+
+
+def _stopped(run: _Run) -> RunStopped:
+    requested = run.stop.requested
+    name = signal.Signals(requested).name if requested is not None else "a signal to another process"
+    return RunStopped(name, run.last_path, run.saved_at)
 
 
 def _start_logs(run: _Run) -> SummaryWriter | None:
-    """On rank 0: the run folder, its config.json and the TensorBoard writer."""
-    if run.rank != 0:
-        return None
-    run.logdir.mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(str(run.logdir / "tensorboard"))
+    """On rank 0: the run folder named, its config.json and the TensorBoard writer."""
     trainable = sum(p.numel() for p in trainable_parameters(run.model))
     data = run.trn_ds.describe()  # what the data set says of itself: the folder benchmark's class split
-    if data.get("summary"):
-        print(data["summary"], flush=True)
     run_config = {"train": dataclasses.asdict(run.cfg), "model": dict(run.model.config), "world_size": run.world,
                   "device": str(run.device), "trainable_params": trainable,
                   "train_episodes_per_epoch": len(run.trn_ds), "data": data, "versions": software_versions()}
-    write_json(run.logdir / "config.json", run_config)
-    return writer
+
+    def start() -> SummaryWriter:
+        print(f"run folder: {run.logdir}", flush=True)
+        if data.get("summary"):
+            print(data["summary"], flush=True)
+        write_json(run.logdir / "config.json", run_config)
+        return SummaryWriter(str(run.logdir / "tensorboard"))
+
+    return _on_rank0(run, f"the run folder {run.logdir}", start)
 
 
 def _log(run: _Run, writer: SummaryWriter | None, record: dict[str, Any]) -> None:
@@ -452,10 +710,11 @@ def _log(run: _Run, writer: SummaryWriter | None, record: dict[str, Any]) -> Non
     for key, tag in TENSORBOARD_TAGS.items():
         writer.add_scalar(tag, record[key], record["epoch"])
     writer.flush()
-    print(f"epoch {record['epoch']}: loss {record['train_loss']:.4f}  train mIoU {record['train_miou']:.2f}  "
+    epochs = run.cfg.epochs
+    print(f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f}  train mIoU {record['train_miou']:.2f}  "
           f"val mIoU {record['val_miou']:.2f}  val FB-IoU {record['val_fb_iou']:.2f}  (best "
-          f"{record['best_val_miou']:.2f} at epoch {record['best_epoch']})  {record['episodes_per_s']:.1f} "
-          "episodes/s", flush=True)
+          f"{record['best_val_miou']:.2f} at epoch {record['best_epoch']}/{epochs})  "
+          f"{record['episodes_per_s']:.1f} episodes/s", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------- test

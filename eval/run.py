@@ -18,14 +18,17 @@ try:
 except ImportError:  # run from a checkout that was not installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dcama.backbones import BACKBONES
 from dcama.checkpoint import CheckpointError
 from dcama.config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, EVAL_EPISODES, TEST_SEED
 from dcama.data import DatasetFileError
 from dcama.evaluate import BASELINES, evaluate_checkpoint, format_result
+from dcama.flags import (ConfigError, FlagParser, check_at_least, check_benchmark, check_choice, check_file,
+                         check_img_size)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = FlagParser(description=__doc__)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", help="a .pt/.pth file: ours (best.pt, last.pt) or the authors' release")
     what.add_argument("--baseline", choices=BASELINES, help="score a trivial predictor instead of a model")
@@ -52,21 +55,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Every flag checked before anything is loaded: ConfigError, one line naming the flag."""
+    check_benchmark(args.benchmark, args.datapath, args.fold, args.nshot)
+    check_file("checkpoint", args.checkpoint)
+    if args.backbone is not None:
+        check_choice("backbone", args.backbone, BACKBONES)
+    if args.img_size is not None and args.backbone is not None:
+        check_img_size(args.backbone, args.img_size)
+    else:  # the backbone is read from the checkpoint later, and the model checks the size against it
+        check_at_least("img_size", args.img_size, 1)
+    for name, minimum in (("episodes", 1), ("seed", 0), ("bsz", 1), ("workers", 0)):
+        check_at_least(name, getattr(args, name), minimum)
+    if args.use_original_imgsize and args.bsz != 1:
+        raise ConfigError(f"--bsz {args.bsz}: --use-original-imgsize needs --bsz 1 (the queries differ in size)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.use_original_imgsize and args.bsz != 1:
-        print("error: --use-original-imgsize needs --bsz 1 (queries differ in size)", file=sys.stderr)
-        return 2
     try:
+        check_flags(args)
         result = evaluate_checkpoint(
             args.checkpoint, benchmark=args.benchmark, datapath=args.datapath, fold=args.fold, nshot=args.nshot,
             episodes=args.episodes, seed=args.seed, use_original_imgsize=args.use_original_imgsize,
             img_size=args.img_size, backbone=args.backbone, attn_impl=args.attn_impl, amp=args.amp,
             baseline=args.baseline, workers=args.workers, batch_size=args.bsz, json_path=args.json_path,
             visualize_dir=args.visualize_dir, progress=args.progress)
-    except (FileNotFoundError, DatasetFileError, CheckpointError, ValueError) as err:
+    except (FileNotFoundError, DatasetFileError, CheckpointError, ValueError) as err:  # ConfigError too
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("stopped by SIGINT; nothing was written", file=sys.stderr)
+        return 130
     s = result["settings"]
     print(f"{s['checkpoint'] or s['baseline']}: {s['benchmark']} fold {s['fold']} {s['nshot']}-shot, "
           f"seed {s['seed']}")

@@ -88,3 +88,11 @@ def authors_state(model):
     out = {f"module.feature_extractor.{k}": v for k, v in backbone.items()}
     out.update({f"module.model.{k[len('head.'):]}": v for k, v in model.state_dict().items() if k.startswith("head.")})
     return out
+
+
+def exit_status(main, argv):
+    """What a command line's main(argv) exits with, argparse's own exits (bad flag syntax) included."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code

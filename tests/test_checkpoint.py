@@ -3,6 +3,7 @@ weights_only load and its errors. What the keys mean (the authors' layout, Image
 the modules that convert them: test_model.py and test_backbones.py."""
 
 import os
+import pickle
 
 import pytest
 import torch
@@ -73,28 +74,83 @@ def test_save_unwraps_compile_and_ddp(tmp_path, r18):
         save_checkpoint(tmp_path / "x.pt", nn.Linear(2, 2))
 
 
-def test_file_errors_name_the_file(tmp_path, r18):
+class RunsCode:
+    """A pickled object whose loading would run code: it would create the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# What PyTorch's own messages advise, which must never reach a user: loading unsafely, or filing an issue.
+PYTORCH_ADVICE = ("weights_only=False", "will likely succeed", "file an issue", "Traceback")
+
+
+def test_file_errors_say_what_the_file_is_not(tmp_path, r18):
     with pytest.raises(FileNotFoundError, match="checkpoint file .*nothing.pt.* not found"):
         load_checkpoint_file(tmp_path / "nothing.pt")
     path = tmp_path / "model.pt"
     save_checkpoint(path, r18)
     data = path.read_bytes()
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated.pt.*truncated, corrupt"):
-        load_checkpoint_file(truncated)
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(os.urandom(4096))
-    with pytest.raises(CheckpointError, match="truncated, corrupt"):
-        load_checkpoint_file(garbage)
-    tensor = tmp_path / "tensor.pt"
-    torch.save(torch.zeros(3), tensor)
-    with pytest.raises(CheckpointError, match="not a dict"):
-        load_checkpoint_file(tensor)
-    with pytest.raises(CheckpointError, match=r"cannot read backbone weights .*garbage.pt.* \(expects weights.pth\)"):
-        load_torch_file(garbage, "backbone weights", expected="expects weights.pth")
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": RunsCode(marker)}, tmp_path / "code.pt")
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "random.pt").write_bytes(os.urandom(4096))
+    torch.save([torch.zeros(3)], tmp_path / "list.pt")
+    cases = {
+        "truncated.pt": "is truncated or corrupt: its zip archive is incomplete (a write or a copy that did not "
+                        "finish)",
+        "empty.pt": "is empty (a write or a copy that did not finish)",
+        "random.pt": "is not a PyTorch file (neither a torch.save zip archive nor a legacy torch.save file)",
+        "code.pt": "holds Python objects other than tensors, numbers, strings, lists and dicts (classes or functions, "
+                   "which could run code when loaded); this project loads no such file",
+        "list.pt": "holds a list, not a dict of tensors",
+    }
+    for name, reason in cases.items():
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint_file(tmp_path / name)
+        message = str(err.value)
+        assert message == f"checkpoint {str(tmp_path / name)!r} {reason}", message
+        assert not any(advice in message for advice in PYTORCH_ADVICE) and err.value.__cause__ is None
+    assert not marker.exists()  # the code in code.pt never ran
+    with pytest.raises(CheckpointError, match=r"^backbone weights .*random.pt' is not a PyTorch file .* \(expects "
+                                              r"weights.pth\)$"):
+        load_torch_file(tmp_path / "random.pt", "backbone weights", expected="expects weights.pth")
     with pytest.raises(FileNotFoundError, match=r"backbone weights file .* not found \(expects weights.pth\)"):
         load_torch_file(tmp_path / "none.pth", "backbone weights", expected="expects weights.pth")
+
+
+def test_a_plain_pickle_is_not_a_pytorch_file_and_does_not_warn(tmp_path, recwarn):
+    with open(tmp_path / "plain.pkl", "wb") as f:
+        pickle.dump({"weights": [1.0, 2.0]}, f, protocol=4)  # torch.load warns about protocol 4, with advice
+    with pytest.raises(CheckpointError, match="is not a PyTorch file"):
+        load_checkpoint_file(tmp_path / "plain.pkl")
+    assert not recwarn.list
+
+
+def test_other_dicts_are_named_in_the_projects_words(tmp_path, r18):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=r"is neither a dcama-triton checkpoint nor an authors' DCAMA state "
+                                              r"dict \(no 'module.feature_extractor.' or 'module.model.' keys; "
+                                              r"first keys: \['weights'\]\)"):
+        DCAMA.from_checkpoint(tmp_path / "other.pt")
+    torch.save({"module.feature_extractor.conv1.weight": torch.zeros(2)}, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match=r"cannot tell the backbone .*; name it with --backbone \(backbone= "
+                                              r"from Python\)$"):
+        DCAMA.from_checkpoint(tmp_path / "odd.pt")
+
+
+def test_save_keeps_the_previous_file_when_asked(tmp_path, r18):
+    path, previous = tmp_path / "last.pt", tmp_path / "last.prev.pt"
+    save_checkpoint(path, r18, extra={"epoch": 1}, previous=previous)
+    assert not previous.exists()  # nothing to keep yet
+    save_checkpoint(path, r18, extra={"epoch": 2}, previous=previous)
+    assert load_checkpoint_file(path)["epoch"] == 2 and load_checkpoint_file(previous)["epoch"] == 1
+    save_checkpoint(path, r18, extra={"epoch": 3})
+    assert load_checkpoint_file(path)["epoch"] == 3 and load_checkpoint_file(previous)["epoch"] == 1
 
 
 def test_version_and_entries_are_checked(tmp_path, r18):

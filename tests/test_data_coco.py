@@ -12,7 +12,6 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import functional as TF
 
 import dcama.data.coco as coco_mod
-import dcama.files
 from dcama.data import DatasetFileError, build_dataset, collate_episodes
 
 # 80 category ids as in COCO (1..90 without 10 ids), listed shuffled in the JSON on purpose.
@@ -227,7 +226,7 @@ def test_unwritable_cache_folder_falls_back(coco_root, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError("read-only file system")
 
-    monkeypatch.setattr(dcama.files.tempfile, "mkstemp", refuse)  # the atomic writer behind the cache
+    monkeypatch.setattr(coco_mod, "atomic_open", refuse)  # the atomic writer behind the cache
     with pytest.warns(UserWarning, match="cannot write the COCO index cache"):
         ds = build_dataset("coco", root, fold=0, split="test", episodes=2, use_original_imgsize=True)
     item = ds[0]

@@ -13,6 +13,7 @@ from dcama.data import build_dataset
 from dcama.evaluate import baseline_predictor, evaluate, evaluate_checkpoint
 from dcama.model import DCAMA
 from dcama.visualize import GAP, MARGIN, PANEL_HEIGHT
+from helpers import exit_status
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,7 +84,7 @@ def test_cli_baseline(capsys: pytest.CaptureFixture, load_cli) -> None:
 @pytest.mark.parametrize("case", ["missing", "corrupt", "backbone", "dataset"])
 def test_cli_clear_errors(case: str, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, load_cli) -> None:
     args = ["--checkpoint", str(checkpoint), "--episodes", "2", "--img-size", "64", "--no-progress"]
-    expect = {"missing": "not found", "corrupt": "corrupt", "backbone": "resnet18", "dataset": "nowhere"}[case]
+    expect = {"missing": "no such file", "corrupt": "corrupt", "backbone": "resnet18", "dataset": "nowhere"}[case]
     if case == "missing":
         args[1] = str(tmp_path / "absent.pt")
     elif case == "corrupt":
@@ -98,3 +99,35 @@ def test_cli_clear_errors(case: str, checkpoint: Path, tmp_path: Path, capsys: p
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith("error:") and expect in err and "Traceback" not in err
+
+
+BAD_FLAGS = [
+    (["--fold", "4"], "--fold 4: shapes has folds 0..3"),
+    (["--benchmark", "fss", "--datapath", "{tmp}", "--fold", "2"], "--fold 2: fss has no folds (only --fold 0)"),
+    (["--benchmark", "fss", "--datapath", "{tmp}", "--nshot", "12"],
+     "--nshot 12: fss allows 1..9 (each class has 10 images and one is the query)"),
+    (["--nshot", "0"], "--nshot 0: must be an integer >= 1"),
+    (["--benchmark", "pascal"], "--datapath is needed for --benchmark pascal (the folder that holds its data)"),
+    (["--benchmark", "folder", "--datapath", "{tmp}", "--fold", "1"], "--fold 1: folder has no folds (only --fold 0)"),
+    (["--episodes", "0"], "--episodes 0: must be an integer >= 1"),
+    (["--seed", "-3"], "--seed -3: must be an integer >= 0"),
+    (["--bsz", "0"], "--bsz 0: must be an integer >= 1"),
+    (["--workers", "-1"], "--workers -1: must be an integer >= 0"),
+    (["--backbone", "swin_b", "--img-size", "64"], "--img-size 64: swin_b takes a side that is a multiple of 32 "
+     "whose stage grids (side/4 to side/32) are multiples of its 12-token window or at most 12: 32, 96, 192, 384, "
+     "768, ..."),
+    (["--img-size", "0"], "--img-size 0: must be an integer >= 1"),
+    (["--use-original-imgsize", "--bsz", "4"], "--bsz 4: --use-original-imgsize needs --bsz 1 (the queries differ in "
+                                               "size)"),
+    (["--fold", "one"], "argument --fold: invalid int value: 'one' (--help lists the flags)"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_cli_bad_flag_is_one_line_naming_it(argv: list[str], message: str, checkpoint: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture, load_cli) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    argv = ["--checkpoint", str(checkpoint), "--json", str(tmp_path / "out.json"), *argv]
+    assert exit_status(load_cli("eval").main, argv) == 2
+    assert capsys.readouterr().err == f"error: {message.replace('{tmp}', str(tmp_path))}\n"
+    assert not (tmp_path / "out.json").exists()

@@ -122,3 +122,16 @@ def test_all_reduce_sums_over_ranks(tmp_path):
     m.update(masks([1, 0]), masks([1, 0]), [0])
     m.all_reduce()
     assert m.compute()["miou"] == 100.0
+
+
+def test_state_dict_continues_the_counts():
+    pred = torch.tensor([[[1, 0], [1, 1]], [[0, 0], [0, 1]]])
+    target = torch.tensor([[[1, 1], [0, 1]], [[0, 0], [1, 1]]])
+    whole, first, resumed = FewShotIoU([3, 5]), FewShotIoU([3, 5]), FewShotIoU([3, 5])
+    whole.update(pred, target, [3, 5])
+    first.update(pred[:1], target[:1], [3])
+    resumed.load_state_dict(first.state_dict())
+    resumed.update(pred[1:], target[1:], [5])
+    assert resumed.compute() == whole.compute()
+    with pytest.raises(ValueError, match="holds 2 classes, this metric 3"):
+        FewShotIoU([1, 2, 3]).load_state_dict(whole.state_dict())

@@ -1,14 +1,21 @@
 """Where a run executes (dcama/runtime.py): rank/world without a process group, CPU threads, autocast,
-batches moved to the device, the RNG states a checkpoint stores, the evaluation sampler, the versions."""
+batches moved to the device, the RNG states a checkpoint stores, the samplers, the stop signals, the versions.
+What the ranks agree on is tested with two processes in test_train.py."""
 
+import os
 import random
+import signal
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from dcama.runtime import (ShardSampler, autocast_context, cpu_threads, dist_info, gather_rng_states, move_batch,
-                           rng_state, seed_everything, set_rng_state, setup_distributed, software_versions)
+import dcama.runtime as runtime
+from dcama.runtime import (STOP_SIGNALS, EpochSampler, Interrupted, ShardSampler, StopRequests, all_gather, any_rank,
+                           autocast_context, cpu_threads, dist_info, from_rank0, gather_rng_states,
+                           ignore_stop_signals, move_batch, rng_state, seed_everything, set_rng_state,
+                           setup_distributed, software_versions)
 
 
 def test_single_process_without_a_group(monkeypatch):
@@ -76,3 +83,60 @@ def test_software_versions():
     info = software_versions()
     assert info["torch"] == torch.__version__
     assert {"python", "triton", "timm", "dcama-triton", "platform"} <= set(info)
+
+
+def test_epoch_sampler_starts_part_way():
+    full = list(EpochSampler(range(10), num_replicas=2, rank=1, shuffle=True, seed=3))
+    sampler = EpochSampler(range(10), num_replicas=2, rank=1, shuffle=True, seed=3)
+    sampler.start = 2
+    assert list(sampler) == full[2:] and len(sampler) == len(full) - 2
+    sampler.set_epoch(1)
+    assert list(sampler) != full[2:]  # another epoch, another order
+
+
+def test_single_process_agreement_is_the_local_value():
+    assert any_rank(True, False) == (True, False)
+    assert all_gather({"a": 1}) == [{"a": 1}] and from_rank0("x") == "x"
+
+
+@pytest.fixture
+def short_repeat_window(monkeypatch):
+    monkeypatch.setattr(runtime, "REPEAT_WINDOW_S", 0.05)
+
+
+def _signal_self(sig=signal.SIGUSR1):
+    os.kill(os.getpid(), sig)
+    time.sleep(0.01)  # the handler runs at the next bytecode; the sleep leaves no doubt
+
+
+def test_stop_requests_defer_the_first_signal_and_not_a_second(short_repeat_window, capfd):
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopRequests(notice="{signal}: stopping after this step") as stop:
+        with stop.deferred():
+            _signal_self()
+            _signal_self()  # within the window: the same signal passed on by a launcher
+            assert stop.requested == signal.SIGUSR1
+            time.sleep(0.1)
+            with pytest.raises(Interrupted) as err:
+                _signal_self(signal.SIGTERM)
+        assert err.value.signum == signal.SIGTERM and err.value.exit_status == 143
+    assert capfd.readouterr().err == "SIGUSR1: stopping after this step\n"
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_stop_requests_outside_the_deferred_part_stop_at_once(short_repeat_window):
+    with StopRequests() as stop:
+        with pytest.raises(Interrupted, match="SIGINT"):
+            _signal_self(signal.SIGINT)
+        assert stop.requested is None
+
+
+def test_data_loader_workers_ignore_the_stop_signals():
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        ignore_stop_signals(0)
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in STOP_SIGNALS)
+        _signal_self(signal.SIGTERM)  # would end the process otherwise
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

@@ -1,38 +1,75 @@
-"""Training engine and `train/run.py`: tiny schedules on the embedded shapes benchmark, on the CPU."""
+"""Training engine and `train/run.py`: tiny schedules on the embedded shapes benchmark, on the CPU, including
+kills (SIGKILL) and stop signals at steps inside an epoch, unreadable and unwritable checkpoints, the run folder's
+lock and the one-line errors for bad flags."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from dcama.checkpoint import load_checkpoint_file
+import dcama.checkpoint as checkpoint_module
+import dcama.runtime as runtime
+from dcama.checkpoint import load_checkpoint_file, save_checkpoint
 from dcama.data import build_dataset
 from dcama.evaluate import evaluate_checkpoint
+from dcama.files import folder_lock
 from dcama.model import DCAMA
-from dcama.runtime import move_batch
-from dcama.train import ConfigError, NonFiniteLossError, TrainConfig, train, train_step
+from dcama.runtime import Interrupted, move_batch
+from dcama.train import ConfigError, NonFiniteLossError, RunStopped, TrainConfig, train, train_step
+from helpers import exit_status
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
-# A few episodes of 64x64 images with SDPA attention: the whole machinery in seconds on two cores.
-TINY = dict(img_size=64, bsz=2, epochs=2, episodes_per_epoch=4, val_episodes=2, test_episodes=0,
+# A few episodes of 64x64 images with SDPA attention: the whole machinery in seconds on two cores. Three steps
+# an epoch, so that a kill can fall between two steps inside an epoch.
+TINY = dict(img_size=64, bsz=2, epochs=2, episodes_per_epoch=6, val_episodes=2, test_episodes=0,
             attn_impl="sdpa", threads=1, progress=False)
+EVERY_STEP = 1e-6  # --save-every-min small enough that every step is followed by a checkpoint
 
 
 def tiny_args(logdir: Path, *extra: str) -> list[str]:
-    return ["--img-size", "64", "--bsz", "2", "--epochs", "2", "--episodes-per-epoch", "4", "--val-episodes", "2",
-            "--attn-impl", "sdpa", "--threads", "1", "--logdir", str(logdir), "--no-progress", *extra]
+    return ["--img-size", "64", "--bsz", "2", "--epochs", "2", "--episodes-per-epoch", "6", "--val-episodes", "2",
+            "--test-episodes", "0", "--attn-impl", "sdpa", "--threads", "1", "--logdir", str(logdir), "--no-progress",
+            *extra]
 
 
 class Killed(Exception):
-    """Stands for the process being killed right after a checkpoint was written."""
+    """Stands for the process being killed (in-process tests)."""
+
+
+def kill_at(epoch: int, step: int):
+    def hook(e: int, s: int) -> None:
+        if (e, s) == (epoch, step):
+            raise Killed
+
+    return hook
+
+
+def assert_same_run(a_path: Path, b_path: Path) -> None:
+    """Two checkpoints of the same run: bit-identical weights and optimiser state, the same history."""
+    a, b = load_checkpoint_file(a_path), load_checkpoint_file(b_path)
+    assert b["epochs_done"] == a["epochs_done"] and "in_epoch" not in a and "in_epoch" not in b
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    strip = lambda h: [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in h]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -41,26 +78,42 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory):
     return train(TrainConfig(logdir=str(logdir), **TINY))
 
 
-def test_cli_default_machinery_writes_every_file(tmp_path: Path, capsys: pytest.CaptureFixture, load_cli) -> None:
-    rc = load_cli("train").main(tiny_args(tmp_path, "--test-episodes", "2"))
+def test_cli_default_machinery_writes_every_file(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch, load_cli) -> None:
+    monkeypatch.chdir(REPO)  # the commands it prints are relative to the working folder
+    umask = os.umask(0o027)
+    try:
+        rc = load_cli("train").main(tiny_args(tmp_path, "--test-episodes", "2"))
+    finally:
+        os.umask(umask)
     out = capsys.readouterr().out
     assert rc == 0
+    lines = out.splitlines()
+    assert lines[0] == f"run folder: {tmp_path}"
+    assert [line.split(":")[0] for line in lines if line.startswith("epoch ")] == ["epoch 1/2", "epoch 2/2"]
     assert "test (2 episodes, novel classes, seed 0): mIoU" in out
     assert f"best checkpoint: {tmp_path / 'best.pt'}" in out
-    for name in ("best.pt", "last.pt", "config.json", "metrics.jsonl", "test.json"):
-        assert (tmp_path / name).is_file(), name
+    assert f"results in {tmp_path}: best.pt, config.json, last.prev.pt, last.pt, metrics.jsonl, tensorboard/, " \
+           "test.json" in out
+    assert lines[-1].startswith(f"next, evaluate it: python eval/run.py --checkpoint {tmp_path / 'best.pt'} "
+                                "--benchmark shapes --fold 0 --nshot 1")
+    for name in ("best.pt", "last.pt", "last.prev.pt", "config.json", "metrics.jsonl", "test.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name  # the umask's mode, not mkstemp's 0600
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [0, 1]
+    assert [r["epoch"] for r in records] == [1, 2]  # numbered as the printed lines are
+    best = max(records, key=lambda r: r["val_miou"])["epoch"]
+    assert f"at epoch {best}/2)" in next(line for line in lines if line.startswith("epoch 2/2"))
+    assert f"best validation mIoU {records[-1]['best_val_miou']:.2f} at epoch {best}/2" in lines
     for r in records:
         assert {"train_loss", "train_miou", "val_miou", "val_fb_iou", "best_val_miou", "lr", "episodes_per_s"} <= set(r)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["train"]["img_size"] == 64 and config["train"]["optimizer"] == "adamw"
     assert config["model"]["backbone"] == "resnet18" and config["world_size"] == 1
     assert "torch" in config["versions"]
-    last = load_checkpoint_file(tmp_path / "last.pt")
-    assert last["epoch"] == 1 and last["config"]["backbone"] == "resnet18"
+    last, previous = load_checkpoint_file(tmp_path / "last.pt"), load_checkpoint_file(tmp_path / "last.prev.pt")
+    assert last["epochs_done"] == 2 and previous["epochs_done"] == 1 and last["config"]["backbone"] == "resnet18"
     test = json.loads((tmp_path / "test.json").read_text())
     assert test["settings"]["checkpoint"] == str(tmp_path / "best.pt") and test["episodes"] == 2
 
@@ -76,26 +129,209 @@ def test_loss_decreases_on_a_fixed_batch() -> None:
     assert min(losses[-5:]) < 0.6 * losses[0], losses
 
 
-def test_kill_and_resume_reaches_the_same_weights(tmp_path: Path, uninterrupted) -> None:
-    cfg = TrainConfig(logdir=str(tmp_path), **TINY)
-
+def test_kill_after_an_epoch_and_resume_reaches_the_same_weights(tmp_path: Path, uninterrupted) -> None:
     def kill_after_first_epoch(epoch: int, record: dict) -> None:
         raise Killed
 
     with pytest.raises(Killed):
-        train(cfg, on_epoch_end=kill_after_first_epoch)
-    assert load_checkpoint_file(tmp_path / "last.pt")["epoch"] == 0
+        train(TrainConfig(logdir=str(tmp_path), **TINY), on_epoch_end=kill_after_first_epoch)
+    assert load_checkpoint_file(tmp_path / "last.pt")["epochs_done"] == 1
     resumed = train(TrainConfig(logdir=str(tmp_path), resume="last", **TINY))
-    a = load_checkpoint_file(uninterrupted.last_checkpoint)
-    b = load_checkpoint_file(resumed.last_checkpoint)
-    assert b["epoch"] == a["epoch"] == 1
-    for key, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][key]), key
-    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert all(torch.equal(pa[k], pb[k]) for k in pa)
-    strip = lambda h: [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in h]  # noqa: E731
-    assert strip(a["history"]) == strip(b["history"])
+    assert_same_run(uninterrupted.last_checkpoint, resumed.last_checkpoint)
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_sigkill_inside_an_epoch_then_resume_reaches_the_same_weights(tmp_path: Path, uninterrupted,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    # A checkpoint after every step; the kill comes after step 2 of epoch 2, before its checkpoint: the resume
+    # starts from step 1 and computes step 2 again.
+    cmd = [sys.executable, str(REPO / "tests" / "train_and_kill.py"), "2", "2",
+           *tiny_args(tmp_path, "--save-every-min", str(EVERY_STEP))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    blob = load_checkpoint_file(tmp_path / "last.pt")
+    assert blob["epochs_done"] == 1 and blob["in_epoch"]["epoch"] == 2 and blob["in_epoch"]["steps"] == 1
+    assert (tmp_path / ".lock").read_text().startswith("pid ")  # the dead run's lock file does not block
+    resumed = train(TrainConfig(logdir=str(tmp_path), resume="last", save_every_min=EVERY_STEP, **TINY))
+    assert f"resuming {tmp_path / 'last.pt'} (epoch 2/2, step 1/3)" in capsys.readouterr().out
+    assert_same_run(uninterrupted.last_checkpoint, resumed.last_checkpoint)
+
+
+def test_two_process_gloo_sigkill_inside_an_epoch_then_resume(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    flags = ["--img-size", "64", "--bsz", "1", "--epochs", "2", "--episodes-per-epoch", "6", "--val-episodes", "3",
+             "--test-episodes", "5", "--attn-impl", "sdpa", "--threads", "1", "--no-progress"]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    # 6 episodes over 2 ranks, 1 per step: 3 steps an epoch; a checkpoint after every step but the reference's;
+    # killed after step 2 of epoch 2, on both ranks.
+    first = subprocess.run([*torchrun, str(REPO / "tests" / "train_and_kill.py"), "2", "2", "--reference",
+                            str(reference), *flags, "--save-every-min", str(EVERY_STEP), "--logdir", str(killed)],
+                           env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert first.returncode != 0 and "the run ended before" not in first.stderr, first.stderr[-3000:]
+    blob = load_checkpoint_file(killed / "last.pt")
+    assert blob["in_epoch"]["epoch"] == 2 and blob["in_epoch"]["steps"] == 1
+    assert len(blob["rng"]) == 2 and len(blob["in_epoch"]["metric"]) == 2  # every rank's streams and counts
+    second = subprocess.run([*torchrun, str(REPO / "train" / "run.py"), *flags, "--logdir", str(killed), "--resume"],
+                            env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert second.stdout.count("best checkpoint:") == 1  # only rank 0 reports
+    assert_same_run(reference / "last.pt", killed / "last.pt")
+    assert json.loads((killed / "config.json").read_text())["world_size"] == 2
+    assert len((killed / "metrics.jsonl").read_text().splitlines()) == 2
+    # The test episodes were split over the two ranks and the counts summed: same as one process.
+    ddp = json.loads((killed / "test.json").read_text())
+    single = evaluate_checkpoint(killed / "best.pt", episodes=5, img_size=64, attn_impl="sdpa", progress=False)
+    assert ddp["miou"] == pytest.approx(single["miou"], abs=1e-9)
+    assert ddp["fb_iou"] == pytest.approx(single["fb_iou"], abs=1e-9)
+
+
+def test_corrupt_last_checkpoint_resumes_from_the_previous_one(tmp_path: Path, uninterrupted,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(Killed):
+        train(TrainConfig(logdir=str(tmp_path), save_every_min=EVERY_STEP, **TINY), on_step_end=kill_at(2, 2))
+    last, previous = tmp_path / "last.pt", tmp_path / "last.prev.pt"
+    assert load_checkpoint_file(previous)["epochs_done"] == 1 and "in_epoch" not in load_checkpoint_file(previous)
+    last.write_bytes(last.read_bytes()[:100_000])  # a copy that did not finish
+    resumed = train(TrainConfig(logdir=str(tmp_path), resume="last", **TINY))
+    out = capsys.readouterr().out
+    assert f"note: checkpoint '{last}' is truncated or corrupt" in out
+    assert f"resuming from the checkpoint before it, {previous}" in out
+    assert f"resuming {previous} (the end of epoch 1/2)" in out
+    assert_same_run(uninterrupted.last_checkpoint, resumed.last_checkpoint)
+    assert load_checkpoint_file(previous)["epochs_done"] == 1  # the truncated file was not kept in its place
+
+
+def test_resume_with_both_checkpoints_unreadable_says_so(tmp_path: Path, uninterrupted) -> None:
+    for name in ("last.pt", "last.prev.pt"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(checkpoint_module.CheckpointError, match=r"last.pt' is empty .*the checkpoint before it is "
+                                                                r"unreadable too: .*last.prev.pt' is empty"):
+        train(TrainConfig(logdir=str(tmp_path), resume="last", **TINY))
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture, load_cli) -> None:
+    monkeypatch.chdir(REPO)
+    real_save, calls, kept = torch.save, [0], {}
+
+    def disk_full_at_the_third_save(obj, f):  # epoch 1 writes last.pt and best.pt; epoch 2's last.pt fails
+        calls[0] += 1
+        if calls[0] == 3:
+            kept["last"] = digest(tmp_path / "last.pt")
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", disk_full_at_the_third_save)
+    rc = load_cli("train").main(tiny_args(tmp_path))
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.splitlines()[0] == (f"error: cannot write {tmp_path / 'last.pt'}: No space left on device; the run "
+                                   f"stopped, the files written before are intact (last good checkpoint: "
+                                   f"{tmp_path / 'last.pt'} (the end of epoch 1/2))")
+    assert err.splitlines()[1].startswith("once it can be written, resume with: python train/run.py ")
+    assert digest(tmp_path / "last.pt") == kept["last"] and not list(tmp_path.glob(".*.tmp"))
+    assert load_checkpoint_file(tmp_path / "last.pt")["epochs_done"] == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
+def test_a_stop_signal_finishes_the_step_and_saves(tmp_path: Path, sig: signal.Signals,
+                                                   capfd: pytest.CaptureFixture) -> None:
+    def signal_twice_at_step_1(epoch: int, step: int) -> None:  # the second one as torchrun passes it on
+        if (epoch, step) == (1, 1):
+            os.kill(os.getpid(), sig)
+            os.kill(os.getpid(), sig)
+
+    before = signal.getsignal(sig)
+    with pytest.raises(RunStopped) as stop:
+        train(TrainConfig(logdir=str(tmp_path), **TINY), on_step_end=signal_twice_at_step_1)
+    assert str(stop.value) == f"stopped by {sig.name} at epoch 1/2, step 1/3: saved {tmp_path / 'last.pt'}"
+    notice = f"{sig.name}: finishing the current step (or validation), then saving last.pt and stopping"
+    assert notice in capfd.readouterr().err
+    blob = load_checkpoint_file(tmp_path / "last.pt")
+    assert blob["in_epoch"]["epoch"] == 1 and blob["in_epoch"]["steps"] == 1
+    assert signal.getsignal(sig) is before  # the handlers were restored
+
+
+def test_a_second_signal_stops_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "REPEAT_WINDOW_S", 0.1)
+
+    def signal_twice(epoch: int, step: int) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Interrupted) as stop:
+        train(TrainConfig(logdir=str(tmp_path), **TINY), on_step_end=signal_twice)
+    assert stop.value.exit_status == 143 and stop.value.note == "no checkpoint was written"
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_cli_sigterm_to_a_subprocess_saves_and_prints_the_resume_command(tmp_path: Path, load_cli) -> None:
+    # With a DataLoader worker, and the signal sent to the whole process group, as SLURM and a terminal do.
+    cmd = [sys.executable, str(REPO / "train" / "run.py"),
+           *tiny_args(tmp_path, "--epochs", "1", "--bsz", "1", "--episodes-per-epoch", "30", "--workers", "1")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    first = proc.stdout.readline()
+    assert first == f"run folder: {tmp_path}\n", first + proc.stderr.read()
+    time.sleep(0.5)  # the worker has started
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out + err
+    steps = load_checkpoint_file(tmp_path / "last.pt")["in_epoch"]["steps"]
+    assert 1 <= steps < 30
+    stopped, resume = out.splitlines()
+    assert stopped == f"stopped by SIGTERM at epoch 1/1, step {steps}/30: saved {tmp_path / 'last.pt'}"
+    assert err.startswith("SIGTERM: finishing the current step (or validation), then saving last.pt and stopping")
+    argv = shlex.split(resume.removeprefix("resume with: "))
+    assert argv[:2] == ["python", "train/run.py"] and argv.count("--resume") == argv.count("--logdir") == 1
+    assert argv[argv.index("--logdir") + 1] == str(tmp_path) and argv[argv.index("--resume") + 1].startswith("--")
+    assert load_cli("train").main(argv[2:]) == 0
+    blob = load_checkpoint_file(tmp_path / "last.pt")
+    assert blob["epochs_done"] == 1 and "in_epoch" not in blob and blob["history"][0]["steps"] == 30
+
+
+def test_cli_maps_a_second_signal_to_its_exit_status(monkeypatch: pytest.MonkeyPatch, capsys, load_cli) -> None:
+    cli = load_cli("train")
+
+    def interrupted(cfg: TrainConfig) -> None:
+        raise Interrupted(signal.SIGINT, "runs/x/last.pt holds the last save")
+
+    monkeypatch.setattr(cli, "train", interrupted)
+    assert cli.main([]) == 130
+    assert capsys.readouterr().err == "stopped at once by SIGINT: runs/x/last.pt holds the last save\n"
+
+
+def test_a_second_run_in_a_folder_in_use_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                    load_cli) -> None:
+    with folder_lock(tmp_path):  # as a live run holds it
+        rc = load_cli("train").main(tiny_args(tmp_path))
+    assert rc == 2
+    assert capsys.readouterr().err == (f"error: --logdir {tmp_path} is in use by another run (pid {os.getpid()} on "
+                                       f"{os.uname().nodename}): wait for it to end or choose another --logdir\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
+def test_resume_checks_backbone_and_logdir_clash(tmp_path: Path, uninterrupted) -> None:
+    with pytest.raises(ConfigError, match="trained with --backbone resnet18, this run asks for --backbone resnet34"):
+        train(TrainConfig(resume=str(uninterrupted.last_checkpoint), logdir=str(tmp_path), backbone="resnet34",
+                          **TINY))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(TrainConfig(logdir=str(uninterrupted.logdir), **TINY))
+    weights_only, old = tmp_path / "weights" / "w.pt", tmp_path / "old" / "last.pt"
+    blob = load_checkpoint_file(uninterrupted.last_checkpoint)
+    save_checkpoint(weights_only, DCAMA("resnet18", attn_impl="sdpa"))
+    save_checkpoint(old, DCAMA("resnet18", attn_impl="sdpa"), extra={"epoch": 0, "optimizer": blob["optimizer"]})
+    with pytest.raises(ConfigError, match=r"w.pt: it holds weights only \(no optimiser state or progress\)"):
+        train(TrainConfig(resume=str(weights_only), **TINY))
+    with pytest.raises(ConfigError, match=r"old/last.pt: it was written by an earlier version of this code"):
+        train(TrainConfig(resume=str(old), **TINY))
+    (tmp_path / "elsewhere.pt").write_bytes(b"")  # not read: the clash is found first
+    with pytest.raises(ConfigError, match="already holds a run .*would continue into it"):
+        train(TrainConfig(logdir=str(uninterrupted.logdir), resume=str(tmp_path / "elsewhere.pt"), **TINY))
 
 
 def test_dropout_is_active_so_resume_test_covers_rng(uninterrupted) -> None:
@@ -112,32 +348,25 @@ def test_evaluation_defaults_to_the_training_image_size(uninterrupted) -> None:
     assert result["settings"]["img_size"] == 64
 
 
-def test_resume_checks_backbone_and_logdir_clash(tmp_path: Path, uninterrupted) -> None:
-    with pytest.raises(ConfigError, match="resnet18"):
-        train(TrainConfig(resume=str(uninterrupted.last_checkpoint), logdir=str(tmp_path), backbone="resnet34",
-                          **TINY))
-    with pytest.raises(ConfigError, match="already holds a run"):
-        train(TrainConfig(logdir=str(uninterrupted.logdir), **TINY))
-
-
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import dcama.train as engine
 
-    real_loss, calls, digest = engine.segmentation_loss, [0], {}
+    real_loss, calls, kept = engine.segmentation_loss, [0], {}
 
     def loss_nan_in_second_epoch(logits: torch.Tensor, target: torch.Tensor, fg_weight: float) -> torch.Tensor:
         calls[0] += 1
         loss = real_loss(logits, target, fg_weight)
-        return loss * float("nan") if calls[0] > 2 else loss  # 2 steps per epoch: epoch 1, step 0
+        return loss * float("nan") if calls[0] > 3 else loss  # 3 steps per epoch: epoch 2, step 1
 
     def remember(epoch: int, record: dict) -> None:
-        digest["last"] = hashlib.sha256((tmp_path / "last.pt").read_bytes()).hexdigest()
+        kept["last"] = digest(tmp_path / "last.pt")
 
     monkeypatch.setattr(engine, "segmentation_loss", loss_nan_in_second_epoch)
-    with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 1, step 0.*last good checkpoint"):
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 2, step 1; .*last good checkpoint is "
+                                                 r".*last.pt \(the end of epoch 1/2\)"):
         train(TrainConfig(logdir=str(tmp_path), **TINY), on_epoch_end=remember)
-    assert hashlib.sha256((tmp_path / "last.pt").read_bytes()).hexdigest() == digest["last"]
-    assert load_checkpoint_file(tmp_path / "last.pt")["epoch"] == 0
+    assert digest(tmp_path / "last.pt") == kept["last"]
+    assert load_checkpoint_file(tmp_path / "last.pt")["epochs_done"] == 1
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
 
@@ -145,37 +374,64 @@ def test_cli_diverging_lr_exits_nonzero(tmp_path: Path, capsys: pytest.CaptureFi
     rc = load_cli("train").main(tiny_args(tmp_path, "--optimizer", "sgd", "--lr", "1e30"))
     err = capsys.readouterr().err
     assert rc == 1
-    assert "error:" in err and "at epoch 0" in err and "Traceback" not in err
+    assert "error:" in err and "at epoch 1" in err and "Traceback" not in err
 
 
 def test_cli_missing_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture, load_cli) -> None:
-    rc = load_cli("train").main(["--benchmark", "fss", "--datapath", str(tmp_path / "nowhere"),
-                                 "--logdir", str(tmp_path / "run")])
+    rc = load_cli("train").main(["--benchmark", "fss", "--datapath", str(tmp_path), "--logdir",
+                                 str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert rc == 2
-    assert err.startswith("error:") and "nowhere" in err and "Traceback" not in err
-    assert not (tmp_path / "run" / "last.pt").exists()
+    assert err.startswith("error: FSS-1000 folder not found") and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
 
 
-def test_two_process_gloo_run_matches_single_process_evaluation(tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "train" / "run.py"), "--img-size", "64", "--bsz", "1", "--epochs", "1",
-           "--episodes-per-epoch", "4", "--val-episodes", "3", "--test-episodes", "5", "--attn-impl", "sdpa",
-           "--logdir", str(tmp_path), "--no-progress"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("best checkpoint:") == 1  # only rank 0 reports
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["world_size"] == 2
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
-    blob = load_checkpoint_file(tmp_path / "last.pt")
-    assert len(blob["rng"]) == 2  # every rank's RNG streams, for an exact resume
-    # The test episodes were split over the two ranks and the counts summed: same as one process.
-    ddp = json.loads((tmp_path / "test.json").read_text())
-    single = evaluate_checkpoint(tmp_path / "best.pt", episodes=5, img_size=64, attn_impl="sdpa", progress=False)
-    assert ddp["miou"] == pytest.approx(single["miou"], abs=1e-9)
-    assert ddp["fb_iou"] == pytest.approx(single["fb_iou"], abs=1e-9)
+BAD_FLAGS = [
+    (["--fold", "7"], "--fold 7: shapes has folds 0..3"),
+    (["--fold", "-1"], "--fold -1: must be an integer >= 0"),
+    (["--benchmark", "fss", "--datapath", "{tmp}", "--fold", "1"], "--fold 1: fss has no folds (only --fold 0)"),
+    (["--benchmark", "folder", "--datapath", "{tmp}", "--fold", "3"], "--fold 3: folder has no folds (only --fold 0)"),
+    (["--nshot", "0"], "--nshot 0: must be an integer >= 1"),
+    (["--benchmark", "fss", "--datapath", "{tmp}", "--nshot", "10"],
+     "--nshot 10: fss allows 1..9 (each class has 10 images and one is the query)"),
+    (["--nshot", "1000"], "--nshot 1000: shapes allows 1..999 (each class has 1000 images and one is the query)"),
+    (["--benchmark", "coco"], "--datapath is needed for --benchmark coco (the folder that holds its data)"),
+    (["--benchmark", "pascal", "--datapath", "{tmp}/nowhere"], "--datapath {tmp}/nowhere: no such folder"),
+    (["--img-size", "50"], "--img-size 50: resnet18 takes a side that is a positive multiple of 32 (its total "
+                           "stride): 32, 64, 96, ..."),
+    (["--backbone", "swin_b", "--img-size", "128"], "--img-size 128: swin_b takes a side that is a multiple of 32 "
+     "whose stage grids (side/4 to side/32) are multiples of its 12-token window or at most 12: 32, 96, 192, 384, "
+     "768, ..."),
+    (["--backbone", "vgg16"], "--backbone vgg16: choose from swin_b, resnet50, resnet101, resnet18, resnet34"),
+    (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
+    (["--lr", "-0.001"], "--lr -0.001: must be a finite number > 0"),
+    (["--lr", "0"], "--lr 0.0: must be a finite number > 0"),
+    (["--fg-weight", "inf"], "--fg-weight inf: must be a finite number > 0"),
+    (["--weight-decay", "-1"], "--weight-decay -1.0: must be a finite number >= 0"),
+    (["--momentum", "1"], "--momentum 1.0: must be a number in [0, 1)"),
+    (["--save-every-min", "nan"], "--save-every-min nan: must be a finite number >= 0"),
+    (["--epochs", "0"], "--epochs 0: must be an integer >= 1"),
+    (["--bsz", "0"], "--bsz 0: must be an integer >= 1"),
+    (["--episodes-per-epoch", "0"], "--episodes-per-epoch 0: must be an integer >= 1"),
+    (["--val-episodes", "0"], "--val-episodes 0: must be an integer >= 1"),
+    (["--test-episodes", "-1"], "--test-episodes -1: must be an integer >= 0"),
+    (["--seed", "-1"], "--seed -1: must be an integer >= 0"),
+    (["--workers", "-2"], "--workers -2: must be an integer >= 0"),
+    (["--backbone-weights", "{tmp}/r18.pth"], "--backbone-weights {tmp}/r18.pth: no such file"),
+    (["--resume"], "--resume {tmp}/run/last.pt: no such file (to start a new run leave out --resume)"),
+    (["--fold", "x"], "argument --fold: invalid int value: 'x' (--help lists the flags)"),
+    (["--amp", "fp8"], "argument --amp: invalid choice: 'fp8' (choose from 'off', 'bf16', 'fp16') (--help lists "
+                       "the flags)"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_cli_bad_flag_is_one_line_naming_it(tmp_path: Path, argv: list[str], message: str,
+                                            capsys: pytest.CaptureFixture, load_cli) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert exit_status(load_cli("train").main, [*argv, "--logdir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == f"error: {message.replace('{tmp}', str(tmp_path))}\n"
+    assert not (tmp_path / "run").exists()  # nothing written
 
 
 def test_one_training_step_through_the_fused_triton_op() -> None:

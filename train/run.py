@@ -1,12 +1,20 @@
 """Train DCAMA: `python train/run.py` (embedded shapes benchmark on CPU) or the published recipe, e.g.
 `torchrun --nproc_per_node 4 train/run.py --benchmark coco --datapath DATA --fold 0 --backbone swin_b
---backbone-weights swin_b.pth`. Every flag left out takes the benchmark's default (dcama/config.py)."""
+--backbone-weights swin_b.pth`. Every flag left out takes the benchmark's default (dcama/config.py).
+
+SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 finish the current step, save last.pt and print the command that resumes;
+a second signal stops at once. Exit status: 0 done; 1 failed while training (NaN/inf loss, a file that could
+not be written); 2 refused before starting (a bad flag, missing data, an unreadable checkpoint, a run folder in
+use); 75 stopped by a signal after saving (resume); 128 + the signal's number when stopped at once
+(docs/training.md, "Interruptions")."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
+from pathlib import Path
 
 import torch
 
@@ -23,11 +31,16 @@ from dcama.backbones import BACKBONES
 from dcama.checkpoint import CheckpointError
 from dcama.config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, OPTIMIZERS, TEST_SEED
 from dcama.data import DatasetFileError
-from dcama.train import ConfigError, NonFiniteLossError, TrainConfig, train
+from dcama.flags import FlagParser
+from dcama.runtime import Interrupted
+from dcama.train import (ConfigError, NonFiniteLossError, RunStopped, TrainConfig, TrainResult, WriteError,
+                         train)
+
+EXIT_STOPPED = 75  # sysexits.h EX_TEMPFAIL: "try again later", what a requeue script looks for
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> FlagParser:
+    p = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--benchmark", default="shapes", choices=list(BENCHMARK_DEFAULTS))
     p.add_argument("--datapath", default=None,
                    help="benchmark root folder; for folder, the folder of class folders (not needed for shapes)")
@@ -50,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--logdir", default=None, help="run folder (default: logs/<benchmark>-fold<f>-...-<time>)")
     p.add_argument("--resume", nargs="?", const="last", default=None,
                    help="checkpoint to continue from; bare --resume continues <logdir>/last.pt")
+    p.add_argument("--save-every-min", type=float, default=None,
+                   help="minutes between checkpoints inside an epoch (0: at epoch ends only; real benchmarks 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes per process")
     p.add_argument("--episodes-per-epoch", type=int, default=None)
@@ -58,27 +73,72 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    help="after training, evaluate best.pt on this many test episodes (seed 0); 0 skips")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    return TrainConfig(**vars(p.parse_args(argv)))
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    return TrainConfig(**vars(build_parser().parse_args(argv)))
+
+
+def resume_command(cfg: TrainConfig, logdir: Path) -> str:
+    """The command that continues this run from `<logdir>/last.pt` (the flags given, the same launcher)."""
+    values = {**vars(cfg), "logdir": str(logdir), "resume": "last"}
+    script = os.path.relpath(os.path.abspath(__file__))
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("LOCAL_WORLD_SIZE", "1")
+    launcher = ["python"] if world == 1 else ["torchrun", "--nproc_per_node", local]
+    command = shlex.join([*launcher, script, *build_parser().flags_for(values)])
+    return command + (" (with the same torchrun node options)" if world > int(local) else "")
+
+
+def report(cfg: TrainConfig, result: TrainResult) -> None:
+    """Where the results are and the command to run next."""
+    if result.test is not None:
+        t = result.test
+        print(f"test ({t['episodes']} episodes, novel classes, seed {TEST_SEED}): mIoU {t['miou']:.2f}  "
+              f"FB-IoU {t['fb_iou']:.2f}")
+    print(f"best validation mIoU {result.best_val_miou:.2f} at epoch {result.best_epoch}/{result.epochs}")
+    print(f"best checkpoint: {result.best_checkpoint}")
+    files = [p.name + ("/" if p.is_dir() else "") for p in sorted(result.logdir.iterdir())
+             if not p.name.startswith(".")]
+    print(f"results in {result.logdir}: {', '.join(files)}")
+    flags = ["--checkpoint", str(result.best_checkpoint), "--benchmark", cfg.benchmark,
+             *(["--datapath", cfg.datapath] if cfg.datapath else []), "--fold", str(cfg.fold),
+             "--nshot", str(cfg.nshot)]
+    script = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "eval", "run.py"))
+    print(f"next, evaluate it: {shlex.join(['python', script, *flags])}")
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     try:
         result = train(cfg)
+    except RunStopped as stop:
+        if rank0:
+            print(stop)
+            print(f"resume with: {resume_command(cfg, stop.checkpoint.parent)}", flush=True)
+        return EXIT_STOPPED
+    except Interrupted as err:
+        if rank0:
+            print(f"stopped at once by {err}", file=sys.stderr)
+        return err.exit_status
+    except KeyboardInterrupt:  # Ctrl-C before the run installed its handlers
+        print("stopped by SIGINT before training started; nothing was written", file=sys.stderr)
+        return 130
+    except WriteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        if err.checkpoint is not None and rank0:
+            print(f"once it can be written, resume with: {resume_command(cfg, err.checkpoint.parent)}",
+                  file=sys.stderr)
+        return 1
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except (FileNotFoundError, DatasetFileError, CheckpointError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
-        return 0
-    if result.test is not None:
-        t = result.test
-        print(f"test ({t['episodes']} episodes, novel classes, seed {TEST_SEED}): mIoU {t['miou']:.2f}  "
-              f"FB-IoU {t['fb_iou']:.2f}")
-    print(f"best validation mIoU {result.best_val_miou:.2f} at epoch {result.best_epoch}")
-    print(f"best checkpoint: {result.best_checkpoint}")
+    if rank0:
+        report(cfg, result)
     return 0
 
 

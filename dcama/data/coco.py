@@ -119,10 +119,12 @@ class COCODataset(FewShotDataset):
     instances JSON (mask_source="json") or the release's label PNGs (mask_source="png").
     """
 
+    n_folds = N_FOLDS
+
     def __init__(self, root: str, fold: int = 0, split: str = "test", shot: int = 1, img_size: int = PUBLISHED_IMG_SIZE,
                  use_original_imgsize: bool = False, episodes: int = EVAL_EPISODES, seed: int = 0,
                  mask_source: str = "json") -> None:
-        validate_args(split, fold, N_FOLDS, shot, img_size, seed, episodes)
+        validate_args(split, fold, self.n_folds, shot, img_size, seed, episodes)
         if mask_source not in ("json", "png"):
             raise ValueError(f"mask_source must be 'json' or 'png', got {mask_source!r}")
         super().__init__(split, shot, img_size, use_original_imgsize, seed)

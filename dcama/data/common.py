@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -170,6 +170,13 @@ def validate_args(split: str, fold: int, n_folds: int, shot: int, img_size: int,
 
 class FewShotDataset(Dataset):
     """Base of the episode datasets: seeding, epoch, and assembly of an item from loaded images and masks."""
+
+    # What a benchmark accepts, read by the flag checks (dcama/flags.py) before anything is built.
+    n_folds: ClassVar[int] = 1  # folds 0..n_folds-1; 1: the benchmark has no folds (fold 0 only)
+    # The largest K (support images) that every class allows, when the benchmark fixes it; None when it depends
+    # on the data (classes with fewer than K+1 images are then skipped with a warning when the data is read).
+    max_shot: ClassVar[int | None] = None
+    needs_root: ClassVar[bool] = True  # whether the data lives in a folder (--datapath); shapes is generated
 
     def __init__(self, split: str, shot: int, img_size: int, use_original_imgsize: bool, seed: int) -> None:
         self.split = split

@@ -241,7 +241,7 @@ class FolderDataset(ImageFilesDataset):
     def __init__(self, root: str, fold: int = 0, split: str = "test", shot: int = 1,
                  img_size: int = PUBLISHED_IMG_SIZE, use_original_imgsize: bool = False,
                  episodes: int = EVAL_EPISODES, seed: int = 0, split_seed: int = 0) -> None:
-        validate_args(split, fold, 1, shot, img_size, seed, episodes)
+        validate_args(split, fold, self.n_folds, shot, img_size, seed, episodes)  # no folds: n_folds is 1
         super().__init__(split, shot, img_size, use_original_imgsize, seed)
         root = str(root)
         check_dir(root, "folder benchmark", LAYOUT)

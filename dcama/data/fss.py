@@ -17,6 +17,7 @@ LAYOUT = """Expected FSS-1000 layout (HSNet/DCAMA convention):
 # Class indices: position in the sorted class list of the split plus the split's offset (HSNet convention),
 # so the 1000 classes get distinct indices 0..999.
 CLASS_OFFSET = {"trn": 0, "val": 520, "test": 760}
+IMAGES_PER_CLASS = 10
 _NUMBERED_JPG = re.compile(r"^(\d+)\.jpg$")
 
 
@@ -29,9 +30,11 @@ class FSSDataset(ImageFilesDataset):
     """FSS-1000 episodes: every image of the split's classes is a query once (len = number of images, for
     every split; `episodes` is ignored); supports are drawn from the other images of its class."""
 
+    max_shot = IMAGES_PER_CLASS - 1  # no folds: n_folds stays 1
+
     def __init__(self, root: str, fold: int = 0, split: str = "test", shot: int = 1, img_size: int = PUBLISHED_IMG_SIZE,
                  use_original_imgsize: bool = False, episodes: int = EVAL_EPISODES, seed: int = 0) -> None:
-        validate_args(split, fold, 1, shot, img_size, seed, episodes)
+        validate_args(split, fold, self.n_folds, shot, img_size, seed, episodes)
         super().__init__(split, shot, img_size, use_original_imgsize, seed)
         check_dir(str(root), "FSS-1000 root", LAYOUT)
         base = os.path.join(str(root), "FSS-1000")

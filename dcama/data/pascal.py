@@ -58,9 +58,11 @@ class PascalDataset(FewShotDataset):
     Supports are drawn from the entries of the same class in the same list, distinct and != the query image.
     """
 
+    n_folds = N_FOLDS
+
     def __init__(self, root: str, fold: int = 0, split: str = "test", shot: int = 1, img_size: int = PUBLISHED_IMG_SIZE,
                  use_original_imgsize: bool = False, episodes: int = EVAL_EPISODES, seed: int = 0) -> None:
-        validate_args(split, fold, N_FOLDS, shot, img_size, seed, episodes)
+        validate_args(split, fold, self.n_folds, shot, img_size, seed, episodes)
         super().__init__(split, shot, img_size, use_original_imgsize, seed)
         voc = os.path.join(str(root), "VOC2012")
         check_dir(str(root), "PASCAL-5i root", LAYOUT)

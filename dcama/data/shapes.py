@@ -201,10 +201,14 @@ class ShapesDataset(FewShotDataset):
     then a query and K distinct other support images from the class's pool.
     """
 
+    n_folds = N_FOLDS
+    max_shot = min(POOL_SIZE.values()) - 1
+    needs_root = False
+
     def __init__(self, root: str | None = None, fold: int = 0, split: str = "test", shot: int = 1,
                  img_size: int = PUBLISHED_IMG_SIZE, use_original_imgsize: bool = False, episodes: int = EVAL_EPISODES,
                  seed: int = 0) -> None:
-        validate_args(split, fold, N_FOLDS, shot, img_size, seed, episodes)
+        validate_args(split, fold, self.n_folds, shot, img_size, seed, episodes)
         super().__init__(split, shot, img_size, use_original_imgsize, seed)
         self.fold = fold
         self.class_ids = split_classes(fold, split)
