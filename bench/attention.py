@@ -82,7 +82,8 @@ def _as_stage(peer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.T
 
 _SDPA_ATEN = {  # called directly on fake tensors, where SDPA's backend choice would need a real GPU
     "sdpa-flash": lambda q, k, v, p: torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, p)[0],
-    "sdpa-efficient": lambda q, k, v, p: torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, p)[0],
+    "sdpa-efficient":
+        lambda q, k, v, p: torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, p)[0],
     "sdpa-cudnn": lambda q, k, v, p: torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, p)[0],
     "sdpa-math": lambda q, k, v, p: torch.ops.aten._scaled_dot_product_attention_math(q, k, v, None, p)[0],
 }
@@ -271,7 +272,8 @@ def model_table(records: list[dict[str, Any]]) -> str:
     return markdown_table(rows, [
         ("backbone", "backbone", str), ("stage", "stage", str), ("shots", "K", str), ("batch", "B", str),
         ("heads", "H (8 x L)", str), ("n_query", "Nq", str), ("n_key", "Nk", str), ("head_dim", "D", str),
-        ("dtype", "dtype", str), ("pass", "pass", str), ("model_tc_flops", "tensor-core GFLOP", lambda x: f"{x / 1e9:.1f}"),
+        ("dtype", "dtype", str), ("pass", "pass", str),
+        ("model_tc_flops", "tensor-core GFLOP", lambda x: f"{x / 1e9:.1f}"),
         ("model_exps", "exps (G)", lambda x: f"{x / 1e9:.2f}"), ("model_bytes", "min HBM bytes", human_bytes),
         ("floor_tc_ms", "tc floor ms", pct), ("floor_exp_ms", "exp floor ms", pct),
         ("floor_mem_ms", "HBM floor ms", pct), ("floor_ms", "floor ms", pct)])
@@ -328,7 +330,8 @@ def plot(records: list[dict[str, Any]], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="Swin-B 1/8 only, K=1 and 5, fwd+bwd (under a minute on CPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help="Swin-B 1/8 only, K=1 and 5, fwd+bwd (under a minute on CPU)")
     parser.add_argument("--json", metavar="FILE", help="write every record as a JSON list")
     parser.add_argument("--plot", metavar="FILE.png", help="draw time and memory against the key tokens")
     parser.add_argument("--backbones", nargs="+", default=list(PUBLISHED_BACKBONES),

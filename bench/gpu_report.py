@@ -63,12 +63,14 @@ def check_targets(rows: list[dict[str, Any]]) -> list[str]:
     tri, naive = timed("triton", "fp32"), timed("naive", "fp32")
     if tri and naive:
         ratio = naive["time_ms"] / tri["time_ms"]
-        lines.append(f"- fp32 fused vs naive: {ratio:.1f}x faster (target >= {TARGET_VS_NAIVE_FP32:g}x): {verdict(ratio >= TARGET_VS_NAIVE_FP32)}")
+        lines.append(f"- fp32 fused vs naive: {ratio:.1f}x faster (target >= {TARGET_VS_NAIVE_FP32:g}x): "
+                     f"{verdict(ratio >= TARGET_VS_NAIVE_FP32)}")
     else:
         lines.append("- fp32 fused vs naive: NOT MEASURED")
     for dtype in ("fp32", "bf16"):
         tri = timed("triton", dtype)
-        peers = [r for r in shape if r["dtype"] == dtype and r["time_ms"] is not None and r["impl"] not in ("triton", "naive")]
+        peers = [r for r in shape
+                 if r["dtype"] == dtype and r["time_ms"] is not None and r["impl"] not in ("triton", "naive")]
         if tri and peers:
             best = min(peers, key=lambda r: r["time_ms"])
             ratio = best["time_ms"] / tri["time_ms"]
@@ -87,7 +89,8 @@ def check_targets(rows: list[dict[str, Any]]) -> list[str]:
 
 def section(step: dict[str, Any]) -> str:
     status = "ok" if step["rc"] == 0 else f"FAILED (exit {step['rc']})"
-    body = [f"## {step['title']}", "", f"`{step['cmd']}`: {status}, {step['seconds']:.0f} s", "", step["stdout"].strip()]
+    body = [f"## {step['title']}", "", f"`{step['cmd']}`: {status}, {step['seconds']:.0f} s", "",
+            step["stdout"].strip()]
     if step["rc"] != 0 and step["stderr"].strip():
         body += ["", "```", step["stderr"].strip()[-4000:], "```"]
     return "\n".join(body)
@@ -96,7 +99,8 @@ def section(step: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu_report.md", help="markdown report to write")
-    parser.add_argument("--quick", action="store_true", help="the benches' --quick subsets and the sampled compile report")
+    parser.add_argument("--quick", action="store_true",
+                        help="the benches' --quick subsets and the sampled compile report")
     parser.add_argument("--allow-cpu", action="store_true", help="without a GPU, write the CPU-measurable subset")
     args = parser.parse_args(argv)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -114,11 +118,13 @@ def main(argv: list[str] | None = None) -> int:
             steps.append(run_step("CUDA parity tests", ["-m", "pytest", "-m", "cuda", "tests", "-q", "-rs"], env))
         steps.append(run_step("Attention benchmark", ["bench/attention.py", *quick, "--json", str(att_json)], env))
         steps.append(run_step("Training step", ["bench/train_step.py", *quick, "--json", str(train_json)], env))
-        steps.append(run_step("Kernel compile report", ["bench/kernel_report.py", *(["--sample"] if args.quick else [])], env))
+        steps.append(run_step("Kernel compile report",
+                              ["bench/kernel_report.py", *(["--sample"] if args.quick else [])], env))
         rows = json.loads(att_json.read_text()) if att_json.exists() else []
     versions = software_versions()
     head = [f"# DCAMA attention: {'GPU' if gpu else 'CPU-ONLY SUBSET (no GPU: no times, no peak memory)'} report",
-            "", f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} by `python bench/gpu_report.py"
+            "", f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} by "
+            "`python bench/gpu_report.py"
             f"{' --quick' if args.quick else ''}`.", "", "| software | version |", "| --- | --- |",
             *[f"| {k} | {v} |" for k, v in versions.items()], "", describe_peaks() + ".", "",
             "## Design targets (Swin-B 1/8, K = 1, fwd+bwd, dropout 0.5)", "", *check_targets(rows)]

@@ -457,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_mix(rows))
         print()
         print(format_model(static_model(rows)))
-    print(f"\ncompiled {len(records)} kernel/arch pairs in {time.perf_counter() - start:.1f} s with {args.jobs} processes")
+    print(f"\ncompiled {len(records)} kernel/arch pairs in {time.perf_counter() - start:.1f} s "
+          f"with {args.jobs} processes")
     if args.json:
         write_json(args.json, records)
     for msg in failures:

@@ -138,10 +138,12 @@ def run(backbones: list[str], shots_list: list[int], batch: int, impls: list[str
 def table(records: list[dict[str, Any]], timed: bool) -> str:
     columns = [("backbone", "backbone", str), ("shots", "K", str), ("batch", "batch", str), ("impl", "impl", str),
                ("activation_bytes", "saved activations", human_bytes),
-               ("activation_per_sample", "per sample", human_bytes), ("fixed_bytes", "weights+grads+momentum", human_bytes)]
+               ("activation_per_sample", "per sample", human_bytes),
+               ("fixed_bytes", "weights+grads+momentum", human_bytes)]
     if timed:
         columns += [("step_ms", "step ms", lambda x: fmt_num(x, ".1f")), ("peak_bytes", "peak GPU mem", human_bytes)]
-    columns += [("max_batch", "largest batch in budget", lambda x: "-" if x is None else str(x)), ("max_batch_basis", "basis", str),
+    columns += [("max_batch", "largest batch in budget", lambda x: "-" if x is None else str(x)),
+                ("max_batch_basis", "basis", str),
                 ("note", "note", lambda x: x or "")]
     return markdown_table(records, columns)
 

@@ -12,8 +12,8 @@ CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
     "bwd_dkdv": ("BLOCK_M", "BLOCK_N", "KEY_TILES", "D_CHUNK", "D_SPLIT", "num_warps", "num_stages"),
     "bwd_dq": ("BLOCK_M", "BLOCK_N", "D_CHUNK", "D_SPLIT", "num_warps", "num_stages"),
 }
-# GPU_CONFIGS[kernel][group][head dim] (group: `config_group`): the autotuner's candidates. Every BLOCK_M is a multiple of 16
-# and every BLOCK_N a multiple of 64 (the dropout streams' granularity, kernels/fused.py). D_CHUNK < D
+# GPU_CONFIGS[kernel][group][head dim] (group: `config_group`): the autotuner's candidates. Every BLOCK_M is a
+# multiple of 16 and every BLOCK_N a multiple of 64 (the dropout streams' granularity, kernels/fused.py). D_CHUNK < D
 # reads q and k in head-dim chunks (3xTF32 dots triple the operand footprint).
 GPU_CONFIGS: dict[str, dict[str, dict[int, list[Config]]]] = {
     "fwd": {

@@ -168,8 +168,9 @@ def dkdv_launch(query: torch.Tensor, key: torch.Tensor, vx: torch.Tensor, dod: t
     # A program owns KEY_TILES key sub-tiles of BLOCK_N keys.
     return Launch("bwd_dkdv", lambda meta: (triton.cdiv(n_key, meta["BLOCK_N"] * meta["KEY_TILES"]), batch * heads,
                                             head_dim // meta["D_SPLIT"]),
-                  (query, key, vx, dod, lse2, neg_delta, dk, dv_heads, seed, *query.stride(), *key.stride(), vx.stride(0),
-                   vx.stride(1), *dk.stride(), heads, n_query, n_key, scale * LOG2E, scale, threshold, 0.0),
+                  (query, key, vx, dod, lse2, neg_delta, dk, dv_heads, seed, *query.stride(), *key.stride(),
+                   vx.stride(0), vx.stride(1), *dk.stride(), heads, n_query, n_key, scale * LOG2E, scale, threshold,
+                   0.0),
                   dict(HEAD_DIM=head_dim, C=dv_heads.shape[3], DV=vx.shape[2], DVW=dv_width(dv_heads.shape[3]),
                        DROP_BITS=bits, DOT_PRECISION=dot_precision(query.dtype)))
 
@@ -181,8 +182,8 @@ def dq_launch(query: torch.Tensor, key: torch.Tensor, vx: torch.Tensor, dod: tor
     bits, threshold, _ = dropout_params(dropout_p)
     return Launch("bwd_dq", lambda meta: (triton.cdiv(n_query, meta["BLOCK_M"]), batch * heads,
                                           head_dim // meta["D_SPLIT"]),
-                  (query, key, vx, dod, lse2, neg_delta, dq, seed, *query.stride(), *key.stride(), vx.stride(0), vx.stride(1),
-                   *dq.stride(), heads, n_query, key.shape[1], scale * LOG2E, scale, threshold, 0.0),
+                  (query, key, vx, dod, lse2, neg_delta, dq, seed, *query.stride(), *key.stride(), vx.stride(0),
+                   vx.stride(1), *dq.stride(), heads, n_query, key.shape[1], scale * LOG2E, scale, threshold, 0.0),
                   dict(HEAD_DIM=head_dim, C=channels, DV=vx.shape[2], DROP_BITS=bits,
                        DOT_PRECISION=dot_precision(query.dtype)))
 

@@ -6,6 +6,8 @@ import re
 import torch
 import torch.nn.functional as F
 
+from dcama.model import StageAttention
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Gain on the attention projections: the scores grow with its square. With random weights the softmax is
 # almost uniform (mean top weight ~1.5/Nk on ResNet-18 at 64 px), so a fault that mixes heads, positions or
@@ -51,6 +53,35 @@ def peaked_(model, gain=PEAK_GAIN):
                 linear.weight.mul_(gain)
                 linear.bias.mul_(gain)
     return model
+
+
+def peaked_stage_attention(layers, channels, n_query, n_key, batch=2, gain=PEAK_GAIN, seed=0, device=DEVICE):
+    """A StageAttention with its projections scaled by `gain` (peaked softmax) and random tokens for it:
+    (module, query (B, Nq, L, C), support (B, Nk, L, C), mask (B, Nk))."""
+    torch.manual_seed(seed)
+    module = StageAttention(channels).to(device).eval()
+    with torch.no_grad():
+        for linear in module.linears:
+            linear.weight.mul_(gain)
+    query = torch.randn(batch, n_query, layers, channels, device=device)
+    support = torch.randn(batch, n_key, layers, channels, device=device)
+    mask = torch.rand(batch, n_key, device=device)
+    return module, query, support, mask
+
+
+def stage_attention_reference(module, query, support, mask):
+    """StageAttention layer by layer in plain PyTorch, 8 heads of C/8: the per-layer output (B, L, Nq), the
+    mean over its heads of softmax(q k^T / sqrt(C/8)) @ mask, and each layer's probabilities."""
+    batch, n_query, layers, channels = query.shape
+    head_dim = channels // 8
+    outputs, probs = [], []
+    for layer in range(layers):
+        q = module.linears[0](query[:, :, layer]).view(batch, n_query, 8, head_dim).transpose(1, 2)
+        k = module.linears[1](support[:, :, layer]).view(batch, -1, 8, head_dim).transpose(1, 2)
+        p = torch.softmax(q @ k.transpose(-1, -2) / head_dim ** 0.5, dim=-1)
+        probs.append(p)
+        outputs.append((p @ mask[:, None, :, None]).mean(dim=1)[..., 0])
+    return torch.stack(outputs, dim=1), probs
 
 
 def nearest(mask, size):

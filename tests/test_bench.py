@@ -15,7 +15,8 @@ from bench.common import (DTYPES, AttentionShape, SavedTensorBytes, attention_co
                           shape_only)
 from bench.train_step import largest_batch
 from dcama.backbones import BACKBONES
-from dcama.model import StageAttention, split_heads
+from dcama.model import split_heads
+from helpers import peaked_stage_attention, stage_attention_reference
 from kernels import dcama_attention
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,16 +98,8 @@ def test_bench_calls_the_attention_as_the_model_does(impl, one_thread):
     """What is timed is what trains: a bench row computes the model's StageAttention output from the same
     projected tokens (layers stacked in the head axis, one mask per episode). Peaked attention (large
     projections) so that heads grouped with the wrong layer would give another output."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
     layers, channels, n_query, shots = 2, 128, 6, 2
-    module = StageAttention(channels).to(device).eval()
-    with torch.no_grad():
-        for lin in module.linears:
-            lin.weight.mul_(8.0)
-    query = torch.randn(3, n_query, layers, channels, device=device)
-    support = torch.randn(3, shots * n_query, layers, channels, device=device)
-    mask = torch.rand(3, shots * n_query, device=device)
+    module, query, support, mask = peaked_stage_attention(layers, channels, n_query, shots * n_query, batch=3)
     shape = AttentionShape(backbone="test", stage="1/8", shots=shots, layers=layers, batch=3, heads=8 * layers,
                            n_query=n_query, n_key=shots * n_query, head_dim=channels // 8)
     with torch.no_grad():
@@ -114,9 +107,8 @@ def test_bench_calls_the_attention_as_the_model_does(impl, one_thread):
         expected = module(query, support, mask, "naive")
         got = make_call(impl, shape, fake=False, dropout_p=0.0)(q, k, mask)
         # Peaked: most of each row's weight on one support token (uniform would be 1/12).
-        scores = torch.einsum("bild,bjld->blij", q.unflatten(-1, (8, 16))[..., 0, :],
-                              k.unflatten(-1, (8, 16))[..., 0, :]) / 4.0
-        assert scores.softmax(-1).amax(-1).mean() > 0.5
+        _, probs = stage_attention_reference(module, query, support, mask)
+        assert all(p.amax(-1).mean() > 0.5 for p in probs)
         # The heads of each layer averaged with another layer's: a different answer.
         per_head = dcama_attention(split_heads(q, 8), split_heads(k, 8), mask, head_reduction="none", impl="naive")
         mixed = per_head.reshape(3, 8, layers, n_query).mean(dim=1)

@@ -30,7 +30,8 @@ ARCHS = {"sm_80", "sm_90"}
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, list[dict]]:
     out = tmp_path_factory.mktemp("kernel_report") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(REPO / "bench" / "kernel_report.py"), "--json", str(out)] + ([] if FULL else ["--sample"])
+    cmd = [sys.executable, str(REPO / "bench" / "kernel_report.py"), "--json", str(out),
+           *([] if FULL else ["--sample"])]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     records = json.loads(out.read_text()) if out.exists() else []
     return proc, records

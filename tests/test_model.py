@@ -19,7 +19,8 @@ from dcama import DCAMA
 from dcama.backbones import BACKBONES
 from dcama.checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint, state_dict_mismatch
 from dcama.model import StageAttention, checkpoint_filter_fn, infer_backbone
-from helpers import DEVICE, authors_state, episode, peaked_, randomise_
+from helpers import (DEVICE, authors_state, episode, peaked_, peaked_stage_attention, randomise_,
+                     stage_attention_reference)
 
 SPEC_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3), "swin_b": (2, 2, 18, 2)}
 SPEC_CHANNELS = {"resnet50": (256, 512, 1024, 2048), "resnet101": (256, 512, 1024, 2048),
@@ -107,23 +108,13 @@ def test_head_matches_layer_by_layer_reference_at_peaked_attention(peaked):
 
 
 def test_stage_attention_averages_each_layers_own_heads():
-    torch.manual_seed(0)
-    layers, channels, n_query, n_key = 3, 128, 10, 14
-    module = StageAttention(channels).to(DEVICE).eval()
+    module, query, support, mask = peaked_stage_attention(layers=3, channels=128, n_query=10, n_key=14)
     with torch.no_grad():
-        for linear in module.linears:
-            linear.weight.mul_(4.0)
-        query = torch.randn(2, n_query, layers, channels, device=DEVICE)
-        support = torch.randn(2, n_key, layers, channels, device=DEVICE)
-        mask = torch.rand(2, n_key, device=DEVICE)
         out = module(query, support, mask, "naive")
-        for layer in range(layers):
-            q = module.linears[0](query[:, :, layer]).view(2, n_query, 8, 16).transpose(1, 2)
-            k = module.linears[1](support[:, :, layer]).view(2, n_key, 8, 16).transpose(1, 2)
-            p = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)
-            assert p.amax(-1).mean() > 0.5  # peaked: a wrong grouping of heads changes the answer
-            expected = (p @ mask[:, None, :, None]).mean(dim=1)[..., 0]
-            torch.testing.assert_close(out[:, layer], expected, rtol=1e-5, atol=1e-6)
+        expected, probs = stage_attention_reference(module, query, support, mask)
+    for p in probs:
+        assert p.amax(-1).mean() > 0.5  # peaked: a wrong grouping of heads changes the answer
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_op_gets_positions_restarting_per_shot_and_bilinear_align_corners_masks(r18, op_calls):

@@ -32,3 +32,14 @@ def test_functions_fit_on_a_screen(path: Path) -> None:
     long = [f"{f.name} (line {f.lineno}): {f.end_lineno - f.lineno + 1} lines" for f in _functions(path)
             if f.end_lineno - f.lineno + 1 > MAX_FUNCTION_LINES]
     assert not long, f"{path.relative_to(REPO)}: split {', '.join(long)}"
+
+
+MAX_LINE = 120
+PYTHON_FILES = sorted(p for folder in ("bench", "dcama", "eval", "kernels", "tests", "train")
+                      for p in (REPO / folder).rglob("*.py"))
+
+
+def test_lines_fit_the_style_width() -> None:
+    long = [f"{p.relative_to(REPO)}:{n}" for p in PYTHON_FILES
+            for n, line in enumerate(p.read_text().splitlines(), 1) if len(line) > MAX_LINE]
+    assert not long, f"lines over {MAX_LINE} characters: {', '.join(long)}"
