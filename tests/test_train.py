@@ -294,6 +294,33 @@ def test_cli_sigterm_to_a_subprocess_saves_and_prints_the_resume_command(tmp_pat
     assert blob["epochs_done"] == 1 and "in_epoch" not in blob and blob["history"][0]["steps"] == 30
 
 
+def test_cli_a_signal_after_the_stop_is_saved_keeps_exit_status_75(tmp_path: Path) -> None:
+    # A real process and real signals, more than REPEAT_WINDOW_S apart (so none counts as a launcher's repeat):
+    # one while train() ends after the save, one after it returned, while train/run.py reports the stop.
+    cmd = [sys.executable, str(REPO / "tests" / "train_with_pauses.py"),
+           *tiny_args(tmp_path, "--epochs", "1", "--bsz", "1", "--episodes-per-epoch", "30")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first = proc.stdout.readline()
+    assert first == f"run folder: {tmp_path}\n", first + proc.stderr.read()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    sent, stderr = time.monotonic(), []
+    for pause, late in (("train() is ending", signal.SIGTERM), ("train/run.py reports the stop", signal.SIGUSR1)):
+        stderr.append(proc.stderr.readline())
+        while stderr[-1] and not stderr[-1].startswith("paused: "):
+            stderr.append(proc.stderr.readline())
+        assert stderr[-1] == f"paused: {pause}\n", "".join(stderr) + proc.stderr.read()
+        time.sleep(max(0.0, sent + runtime.REPEAT_WINDOW_S + 0.2 - time.monotonic()))
+        proc.send_signal(late)
+        sent = time.monotonic()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, "".join(stderr) + err
+    stopped, resume = out.splitlines()
+    assert stopped.startswith("stopped by SIGTERM at epoch 1/1, step ") and resume.startswith("resume with: ")
+    assert "in_epoch" in load_checkpoint_file(tmp_path / "last.pt")
+
+
 def test_cli_maps_a_second_signal_to_its_exit_status(monkeypatch: pytest.MonkeyPatch, capsys, load_cli) -> None:
     cli = load_cli("train")
 
