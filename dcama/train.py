@@ -1,7 +1,7 @@
 """Training engine: episodic DCAMA training in one process or under torchrun (DistributedDataParallel).
 
 `train(TrainConfig(...))` is what `train/run.py` calls. A run is a few steps, one function each, in the order
-`_train` calls them: build (data sets, model, optimiser), resume, lock the run folder, distribute, then every
+`_train` calls them: build (data sets, model, optimiser), lock the run folder, resume, distribute, then every
 epoch: train one epoch, validate, save, log; at the end, test the best checkpoint.
 
 Checkpoints (docs/training.md, "Interruptions"): the end of every epoch writes `last.pt` and, when validation
