@@ -298,11 +298,16 @@ def train(cfg: TrainConfig, on_epoch_end: EpochHook | None = None,
     that may follow it; `on_epoch_end(epoch, record)` after the epoch's checkpoints are written (epochs and
     steps from 1). An exception raised in a hook stops the run as a kill would.
 
-    Raises ConfigError (bad settings, a folder in use) before anything is built or written; NonFiniteLossError
-    on a NaN/inf loss; WriteError when a file cannot be written; RunStopped when a signal stopped the run after
-    a checkpoint; runtime.Interrupted when a second signal stopped it at once.
+    SIGTERM, SIGINT and SIGUSR1 are handled from the first line to the return, and the caller's handlers put
+    back then: while the run is set up, and during the final test, a signal stops it at once; while it trains,
+    the first one stops it after the current step and a checkpoint, a second one before that checkpoint is
+    written stops it at once, and any after it is ignored.
+
+    Raises ConfigError (bad settings, a folder in use, a checkpoint that cannot be resumed) before anything
+    but the folder's lock file is written; NonFiniteLossError on a NaN/inf loss; WriteError when a file cannot
+    be written; RunStopped when a signal stopped the run after a checkpoint; runtime.Interrupted when a signal
+    stopped it at once.
     """
-    # The handlers first: until the run can stop cleanly (and during the final test) a signal stops it at once.
     with StopRequests() as stop:
         cfg = resolve_config(cfg)
         rank, world, device, owned_group = setup_distributed()

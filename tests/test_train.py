@@ -4,6 +4,7 @@ lock and the one-line errors for bad flags."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -400,6 +401,19 @@ def test_cli_a_signal_after_the_stop_is_saved_keeps_exit_status_75(tmp_path: Pat
     stopped, resume = out.splitlines()
     assert stopped.startswith("stopped by SIGTERM at epoch 1/1, step ") and resume.startswith("resume with: ")
     assert "in_epoch" in load_checkpoint_file(tmp_path / "last.pt")
+
+
+def test_cli_resume_command_gives_the_same_settings_back(monkeypatch: pytest.MonkeyPatch, load_cli) -> None:
+    cli = load_cli("train")
+    cfg = cli.parse_args(["--episodes-per-epoch", "30", "--img-size", "64", "--fg-weight", "2", "--no-progress",
+                          "--resume", "my runs/a/last.pt"])
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # two nodes
+    lead, command = cli.resume_hint(cfg, Path("my runs/a")).split(": ", 1)
+    assert lead == "resume with (on each node, with its torchrun options as in this run)"
+    argv = shlex.split(command)
+    assert argv[:4] == ["torchrun", "--nproc_per_node", "4", os.path.relpath(REPO / "train" / "run.py")]
+    assert cli.parse_args(argv[4:]) == dataclasses.replace(cfg, logdir="my runs/a", resume="last")
 
 
 def test_cli_maps_a_second_signal_to_its_exit_status(monkeypatch: pytest.MonkeyPatch, capsys, load_cli) -> None:
