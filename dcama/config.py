@@ -28,9 +28,7 @@ PUBLISHED_BATCH = 12
 EVAL_EPISODES = 1000
 TEST_SEED = 0
 
-# Minutes between the checkpoints written inside an epoch on the real benchmarks (docs/training.md,
-# "Interruptions"): a COCO-20i epoch is most of an hour on 4 GPUs and a kill loses at most the steps since the
-# last save. A shapes epoch takes under a minute on a CPU: it saves at its end only (0).
+# --save-every-min where an epoch is long (why, and where: docs/training.md, "Interruptions").
 SAVE_EVERY_MIN = 10.0
 
 # Real benchmarks follow the published recipe; so does "folder", a person's own classes in FSS-1000's layout
@@ -42,10 +40,7 @@ BENCHMARK_DEFAULTS: dict[str, dict[str, Any]] = {
                test_episodes=0, workers=8, threads=None, save_every_min=SAVE_EVERY_MIN)
     for name in ("coco", "pascal", "fss", "folder")
 }
-# Tuned on the shared 2-core CPU VM (docs/training.md has the measurements): 96 px, because at 64 px the run
-# plateaus near 37; one thread, because two were several times slower whenever anything else ran; foreground
-# weight 4, because with plain cross-entropy (~8% foreground pixels) the model predicted background everywhere
-# for the few hundred steps this budget allows.
+# Why these values (the image side, the foreground weight, one thread): docs/training.md, "The first run in detail".
 BENCHMARK_DEFAULTS["shapes"] = dict(backbone="resnet18", img_size=96, bsz=8, optimizer="adamw", lr=1e-3,
                                     weight_decay=1e-4, fg_weight=4.0, epochs=8, episodes_per_epoch=400,
                                     val_episodes=100, test_episodes=EVAL_EPISODES, workers=0, threads=1,

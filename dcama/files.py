@@ -11,7 +11,7 @@ import secrets
 import socket
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import IO, Any
 
 __all__ = ["FolderInUseError", "atomic_open", "folder_lock", "write_json", "write_jsonl"]
@@ -84,7 +84,7 @@ def write_jsonl(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
 @contextmanager
 def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on `folder` (made if missing) for the block; FolderInUseError if a live
-    process holds it.
+    process holds it; the OSError of a folder that cannot be made or written (the caller names the path).
 
     The lock is an flock on `<folder>/.lock`, which the kernel drops when its holder exits, however it exits:
     a run killed with SIGKILL leaves the file but no lock, so the next run (a resume) takes it. The file holds
@@ -111,5 +111,6 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
         try:
             yield
         finally:
-            f.seek(0)
-            f.truncate()
+            with suppress(OSError):  # clearing the holder's line is cosmetic: the lock goes with the file
+                f.seek(0)
+                f.truncate()

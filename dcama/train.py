@@ -1,7 +1,7 @@
 """Training engine: episodic DCAMA training in one process or under torchrun (DistributedDataParallel).
 
 `train(TrainConfig(...))` is what `train/run.py` calls. A run is a few steps, one function each, in the order
-`_train` calls them: build (data sets, model, optimiser), resume, lock the run folder, distribute, then every
+`_train` calls them: build (data sets, model, optimiser), lock the run folder, resume, distribute, then every
 epoch: train one epoch, validate, save, log; at the end, test the best checkpoint.
 
 Checkpoints (docs/training.md, "Interruptions"): the end of every epoch writes `last.pt` and, when validation
@@ -19,10 +19,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,19 +40,18 @@ from .checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint
 from .config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, IGNORE_INDEX, OPTIMIZERS, TEST_SEED
 from .data import FewShotDataset, build_dataset
 from .evaluate import evaluate, evaluate_checkpoint, model_predictor
-from .files import FolderInUseError, folder_lock, write_json, write_jsonl
+from .files import LOCK_NAME, FolderInUseError, folder_lock, write_json, write_jsonl
 from .flags import (ConfigError, check_at_least, check_benchmark, check_choice, check_file, check_fraction,
-                    check_img_size, check_non_negative, check_positive)
+                    check_img_size, check_non_negative, check_positive, flag)
 from .metrics import FewShotIoU
 from .model import DCAMA
-from .runtime import (EpochSampler, Interrupted, StopRequests, all_gather, any_rank, autocast_context, cpu_threads,
-                      dist_info,
-                      from_rank0, gather_rng_states, ignore_stop_signals, move_batch, seed_everything,
-                      set_rng_state, setup_distributed, software_versions)
+from .runtime import (STOP_SIGNALS, EpochSampler, Interrupted, StopRequests, all_gather, any_rank, autocast_context,
+                      cpu_threads, dist_info, from_rank0, gather_rng_states, ignore_stop_signals, move_batch,
+                      seed_everything, set_rng_state, setup_distributed, software_versions)
 
 __all__ = ["ConfigError", "NonFiniteLossError", "RunStopped", "TrainConfig", "TrainResult", "WriteError",
-           "build_optimizer", "fill_defaults", "previous_checkpoint", "resolve_config", "segmentation_loss", "train",
-           "train_step", "trainable_parameters"]
+           "build_optimizer", "fill_defaults", "mute_stop_signals", "previous_checkpoint", "resolve_config",
+           "segmentation_loss", "train", "train_step", "trainable_parameters"]
 
 TENSORBOARD_TAGS = {"train_loss": "train/loss", "train_miou": "train/miou", "train_fb_iou": "train/fb_iou",
                     "val_miou": "val/miou", "val_fb_iou": "val/fb_iou", "lr": "train/lr",
@@ -60,7 +60,7 @@ TENSORBOARD_TAGS = {"train_loss": "train/loss", "train_miou": "train/miou", "tra
 _RESUME_SENSITIVE = ("benchmark", "fold", "img_size", "bsz", "nshot", "seed", "episodes_per_epoch", "fg_weight",
                      "amp", "optimizer")
 _STOP_NOTICE = ("{signal}: finishing the current step (or validation), then saving last.pt and stopping (a second "
-                "signal stops at once)")
+                "signal before the save is done stops at once)")
 
 EpochHook = Callable[[int, dict[str, Any]], None]
 StepHook = Callable[[int, int], None]
@@ -213,6 +213,15 @@ class _Run:
         return f"{self.last_path} ({self.saved_at})" if self.saved_at else "none was written yet"
 
 
+def mute_stop_signals() -> None:
+    """SIGTERM, SIGINT and SIGUSR1 ignored from now on (set from the main thread only, as signal handlers are).
+    What a run does once its stop is saved, and train/run.py outside train(), which installs its own handlers
+    while it runs and puts these back: the exit status a run decided cannot be changed by a late signal."""
+    if threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
 def previous_checkpoint(path: str | Path) -> Path:
     """The file a checkpoint's predecessor is kept in: last.pt -> last.prev.pt."""
     path = Path(path)
@@ -289,32 +298,39 @@ def train(cfg: TrainConfig, on_epoch_end: EpochHook | None = None,
     that may follow it; `on_epoch_end(epoch, record)` after the epoch's checkpoints are written (epochs and
     steps from 1). An exception raised in a hook stops the run as a kill would.
 
-    Raises ConfigError (bad settings, a folder in use) before anything is built or written; NonFiniteLossError
-    on a NaN/inf loss; WriteError when a file cannot be written; RunStopped when a signal stopped the run after
-    a checkpoint; runtime.Interrupted when a second signal stopped it at once.
+    SIGTERM, SIGINT and SIGUSR1 are handled from the first line to the return, and the caller's handlers put
+    back then: while the run is set up, and during the final test, a signal stops it at once; while it trains,
+    the first one stops it after the current step and a checkpoint, a second one before that checkpoint is
+    written stops it at once, and any after it is ignored.
+
+    Raises ConfigError (bad settings, a folder in use, a checkpoint that cannot be resumed) before anything
+    but the folder's lock file is written; NonFiniteLossError on a NaN/inf loss; WriteError when a file cannot
+    be written; RunStopped when a signal stopped the run after a checkpoint; runtime.Interrupted when a signal
+    stopped it at once.
     """
-    cfg = resolve_config(cfg)
-    rank, world, device, owned_group = setup_distributed()
-    cfg = from_rank0(cfg)  # one run folder: the default name holds rank 0's clock
-    try:
-        with cpu_threads(cfg.threads if device.type == "cpu" else None), \
-                StopRequests(_STOP_NOTICE if rank == 0 else None) as stop:
-            return _train(cfg, rank, world, device, stop, on_epoch_end, on_step_end)
-    except Interrupted as err:
-        last = Path(cfg.logdir) / "last.pt"
-        note = f"{last} holds the last save" if last.exists() else "no checkpoint was written"
-        raise Interrupted(err.signum, note) from None
-    finally:
-        if owned_group:
-            dist.destroy_process_group()
+    with StopRequests() as stop:
+        cfg = resolve_config(cfg)
+        rank, world, device, owned_group = setup_distributed()
+        try:
+            cfg = from_rank0(cfg)  # one run folder: the default name holds rank 0's clock
+            stop.notice = _STOP_NOTICE if rank == 0 else None
+            with cpu_threads(cfg.threads if device.type == "cpu" else None):
+                return _train(cfg, rank, world, device, stop, on_epoch_end, on_step_end)
+        except Interrupted as err:
+            last = Path(cfg.logdir) / "last.pt"
+            note = f"{last} holds the last save" if last.exists() else "no checkpoint was written"
+            raise Interrupted(err.signum, note) from None
+        finally:
+            if owned_group:
+                dist.destroy_process_group()
 
 
 def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, stop: StopRequests,
            on_epoch_end: EpochHook | None, on_step_end: StepHook | None) -> TrainResult:
     run = _build(cfg, rank, world, device, stop)
-    if cfg.resume is not None:
-        _resume(run)
     with _locked(run):
+        if cfg.resume is not None:
+            _resume(run)  # under the lock: a folder another run holds is refused before its checkpoint is read
         with stop.deferred():  # a signal from here on stops the run after the current step, with a checkpoint
             net, sampler, loader = _distribute(run)
             writer = _start_logs(run)
@@ -329,7 +345,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, stop: 
                         raise _stopped(run)
             finally:
                 if writer is not None:
-                    writer.close()
+                    with suppress(OSError):  # _log flushed (and checked) every epoch: closing writes nothing new
+                        writer.close()
         test = _test(run) if cfg.test_episodes else None  # training is saved: a signal stops the test at once
     return TrainResult(logdir=run.logdir, best_checkpoint=run.best_path, last_checkpoint=run.last_path,
                        best_val_miou=run.state.best_miou, best_epoch=run.state.best_epoch, epochs=cfg.epochs,
@@ -435,7 +452,7 @@ def _check_resume_matches(blob: dict[str, Any], run: _Run, path: str) -> None:
     before = blob.get("train_config", {})
     changed = [k for k in _RESUME_SENSITIVE if k in before and before[k] != getattr(run.cfg, k)]
     if changed and run.rank == 0:
-        print(f"note: resuming {path} with different {', '.join(changed)} than it was trained with; "
+        print(f"note: resuming {path} with different {', '.join(map(flag, changed))} than it was trained with; "
               "the run will not repeat an uninterrupted one", flush=True)
 
 
@@ -451,17 +468,18 @@ def _where(cfg: TrainConfig, blob: dict[str, Any]) -> str:
 @contextmanager
 def _locked(run: _Run) -> Iterator[None]:
     """The run folder locked by rank 0 until the block ends, and the folder checked again under the lock: a
-    second run there is refused on every rank (ConfigError) while this one is alive."""
+    second run there is refused on every rank (ConfigError) while this one is alive. A folder that cannot be
+    written is a WriteError, on every rank."""
     with ExitStack() as stack:
-        problem = ""
-        if run.rank == 0:
+        def lock() -> str:
             try:
                 stack.enter_context(folder_lock(run.logdir))
-                problem = _clash(run.cfg)
             except FolderInUseError as err:
-                problem = f"--logdir {run.logdir} is in use by another run ({err.holder}): wait for it to end or " \
-                          "choose another --logdir"
-        problem = from_rank0(problem)
+                return f"--logdir {run.logdir} is in use by another run ({err.holder}): wait for it to end or " \
+                       "choose another --logdir"
+            return _clash(run.cfg)
+
+        problem = from_rank0(_on_rank0(run, str(run.logdir / LOCK_NAME), lock, after="the run did not start"))
         if problem:
             raise ConfigError(problem)
         yield
@@ -663,9 +681,11 @@ def _write_checkpoint(run: _Run, path: Path, extra: dict[str, Any], where: str |
         run.clock.reset()
 
 
-def _on_rank0(run: _Run, what: str, write: Callable[[], Any]) -> Any:
-    """`write()` on rank 0 only, and every rank told whether it worked: an OSError (a full disk, a lost mount)
-    becomes WriteError on every rank, so that none waits for the others forever. A collective."""
+def _on_rank0(run: _Run, what: str, write: Callable[[], Any], after: str | None = None) -> Any:
+    """`write()` on rank 0 only (its result there, None elsewhere), and every rank told whether it worked: an
+    OSError (a full disk, no permission, a lost mount) becomes WriteError on every rank, one line naming `what`
+    and the system's reason, then `after` (by default: the run stopped, where its last good checkpoint is), so
+    that none waits for the others forever. A collective."""
     result, failure = None, ""
     if run.rank == 0:
         try:
@@ -674,12 +694,16 @@ def _on_rank0(run: _Run, what: str, write: Callable[[], Any]) -> Any:
             failure = f"cannot write {what}: {err.strerror or err}"
     failure = from_rank0(failure)
     if failure:
-        raise WriteError(f"{failure}; the run stopped, the files written before are intact (last good checkpoint: "
-                         f"{run.last_good()})", run.last_path if run.saved_at else None)
+        after = after or f"the run stopped, the files written before are intact (last good checkpoint: " \
+                         f"{run.last_good()})"
+        raise WriteError(f"{failure}; {after}", run.last_path if run.saved_at else None)
     return result
 
 
 def _stopped(run: _Run) -> RunStopped:
+    """How the run ends once a stop's checkpoint is written. From here until train() returns (and restores the
+    caller's handlers) the stop signals are ignored: the save is done, so no later signal changes the outcome."""
+    mute_stop_signals()
     requested = run.stop.requested
     name = signal.Signals(requested).name if requested is not None else "a signal to another process"
     return RunStopped(name, run.last_path, run.saved_at)
@@ -704,17 +728,18 @@ def _start_logs(run: _Run) -> SummaryWriter | None:
 
 
 def _log(run: _Run, writer: SummaryWriter | None, record: dict[str, Any]) -> None:
-    """The epoch's scalars to TensorBoard and its summary line to stdout (rank 0 only)."""
-    if writer is None:
-        return
-    for key, tag in TENSORBOARD_TAGS.items():
-        writer.add_scalar(tag, record[key], record["epoch"])
-    writer.flush()
-    epochs = run.cfg.epochs
-    print(f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f}  train mIoU {record['train_miou']:.2f}  "
-          f"val mIoU {record['val_miou']:.2f}  val FB-IoU {record['val_fb_iou']:.2f}  (best "
-          f"{record['best_val_miou']:.2f} at epoch {record['best_epoch']}/{epochs})  "
-          f"{record['episodes_per_s']:.1f} episodes/s", flush=True)
+    """The epoch's scalars to TensorBoard and its summary line to stdout (rank 0 only). A collective."""
+    def write() -> None:
+        for key, tag in TENSORBOARD_TAGS.items():
+            writer.add_scalar(tag, record[key], record["epoch"])
+        writer.flush()  # raises what the writer's thread met (a full disk)
+        epochs = run.cfg.epochs
+        print(f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f}  train mIoU "
+              f"{record['train_miou']:.2f}  val mIoU {record['val_miou']:.2f}  val FB-IoU {record['val_fb_iou']:.2f}  "
+              f"(best {record['best_val_miou']:.2f} at epoch {record['best_epoch']}/{epochs})  "
+              f"{record['episodes_per_s']:.1f} episodes/s", flush=True)
+
+    _on_rank0(run, str(run.logdir / "tensorboard"), write)
 
 
 # ------------------------------------------------------------------------------------------------- test
@@ -722,8 +747,10 @@ def _test(run: _Run) -> dict[str, Any]:
     """The best checkpoint on the test split, written to test.json."""
     cfg = run.cfg
     # The protocol's fixed test seed, so `eval/run.py --checkpoint best.pt` repeats these episodes.
-    return evaluate_checkpoint(run.best_path, benchmark=cfg.benchmark, datapath=cfg.datapath, fold=cfg.fold,
-                               nshot=cfg.nshot, episodes=cfg.test_episodes, seed=TEST_SEED, img_size=cfg.img_size,
-                               backbone=cfg.backbone, attn_impl=cfg.attn_impl, amp=cfg.amp, workers=cfg.workers,
-                               device=str(run.device), batch_size=cfg.bsz, json_path=run.logdir / "test.json",
-                               progress=cfg.progress)
+    result = evaluate_checkpoint(run.best_path, benchmark=cfg.benchmark, datapath=cfg.datapath, fold=cfg.fold,
+                                 nshot=cfg.nshot, episodes=cfg.test_episodes, seed=TEST_SEED, img_size=cfg.img_size,
+                                 backbone=cfg.backbone, attn_impl=cfg.attn_impl, amp=cfg.amp, workers=cfg.workers,
+                                 device=str(run.device), batch_size=cfg.bsz, progress=cfg.progress)
+    path = run.logdir / "test.json"
+    _on_rank0(run, str(path), lambda: write_json(path, result))
+    return result

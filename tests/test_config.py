@@ -1,10 +1,12 @@
 """The project's shared settings (dcama/config.py) agree with the modules that use them."""
 
+from pathlib import Path
+
 import pytest
 
 import kernels
 from dcama.config import (AMP_DTYPES, AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, PUBLISHED_IMG_SIZE,
-                          default_img_size)
+                          SAVE_EVERY_MIN, default_img_size)
 from dcama.data import BENCHMARKS
 from dcama.train import TrainConfig
 
@@ -31,3 +33,13 @@ def test_published_setting_and_image_sizes():
 
 def test_amp_modes():
     assert AMP_MODES == ("off", *AMP_DTYPES)
+
+
+def test_the_training_doc_states_the_save_every_min_defaults_of_the_code():
+    doc = " ".join((Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text().split())
+    sentence = doc[doc.index("`--save-every-min` defaults to"):].split(". ")[0]
+    saving, off = sentence.split(", and to 0, ")
+    assert saving.startswith(f"`--save-every-min` defaults to {SAVE_EVERY_MIN:g} (`SAVE_EVERY_MIN`")
+    for text, minutes in ((saving, SAVE_EVERY_MIN), (off, 0.0)):
+        named = {name for name in BENCHMARK_DEFAULTS if f"`{name}`" in text}
+        assert named == {name for name, d in BENCHMARK_DEFAULTS.items() if d["save_every_min"] == minutes}, text

@@ -4,6 +4,7 @@ lock and the one-line errors for bad flags."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -26,7 +27,7 @@ from dcama.evaluate import evaluate_checkpoint
 from dcama.files import folder_lock
 from dcama.model import DCAMA
 from dcama.runtime import Interrupted, move_batch
-from dcama.train import ConfigError, NonFiniteLossError, RunStopped, TrainConfig, train, train_step
+from dcama.train import ConfigError, NonFiniteLossError, RunStopped, TrainConfig, WriteError, train, train_step
 from helpers import exit_status
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,6 +237,87 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatc
     assert load_checkpoint_file(tmp_path / "last.pt")["epochs_done"] == 1
 
 
+def permissions_apply(folder: Path) -> bool:
+    """Whether a read-only folder refuses this process a new file (root's, as a rule, does not)."""
+    probe = folder / "read-only"
+    probe.mkdir(mode=0o555)
+    try:
+        (probe / "file").touch()
+    except PermissionError:
+        return True
+    finally:
+        probe.chmod(0o755)
+    return False
+
+
+def unwritable_from_step_1(parent: Path, logdir: Path, read_only: bool):
+    """A hook that makes `logdir` unwritable once the run is under way, past every check made at the start: a
+    read-only folder (`read_only`: where permissions apply), else a file put where its parent folder was."""
+    def hook(epoch: int, step: int) -> None:
+        if (epoch, step) != (1, 1):
+            return
+        if read_only:
+            logdir.chmod(0o555)
+        else:
+            parent.rename(parent.with_name("moved"))
+            parent.write_text("")
+
+    return hook
+
+
+def test_cli_an_unwritable_run_folder_is_one_line_naming_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture, load_cli) -> None:
+    import dcama.train as engine
+
+    cli, logdir, read_only = load_cli("train"), tmp_path / "parent" / "run", permissions_apply(tmp_path)
+    monkeypatch.setattr(cli, "train", lambda cfg: engine.train(cfg, on_step_end=unwritable_from_step_1(
+        tmp_path / "parent", logdir, read_only)))
+    try:
+        rc = cli.main(tiny_args(logdir, "--save-every-min", str(EVERY_STEP)))
+    finally:
+        if logdir.is_dir():
+            logdir.chmod(0o755)
+    reason = "Permission denied" if read_only else "Not a directory"
+    assert rc == 1
+    assert capsys.readouterr().err == (f"error: cannot write {logdir / 'last.pt'}: {reason}; the run stopped, the "
+                                       "files written before are intact (last good checkpoint: none was written "
+                                       "yet)\n")
+
+
+def test_cli_a_run_folder_that_cannot_be_made_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture, load_cli) -> None:
+    # The folder's parent becomes a file after the checks at the start, before the run locks its folder.
+    import dcama.train as engine
+
+    real_build, logdir = engine._build, tmp_path / "parent" / "run"
+
+    def build_then_block(*args):
+        run = real_build(*args)
+        (tmp_path / "parent").write_text("")
+        return run
+
+    monkeypatch.setattr(engine, "_build", build_then_block)
+    rc = load_cli("train").main(tiny_args(logdir))
+    assert rc == 1
+    assert capsys.readouterr().err == f"error: cannot write {logdir / '.lock'}: Not a directory; the run did not " \
+                                      "start\n"
+
+
+def test_a_failed_tensorboard_write_stops_the_run_with_one_line(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    def disk_full(self) -> None:  # what the writer's thread met, raised in the training process
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(SummaryWriter, "flush", disk_full)
+    with pytest.raises(WriteError) as failed:
+        train(TrainConfig(logdir=str(tmp_path), **TINY))
+    assert str(failed.value) == (f"cannot write {tmp_path / 'tensorboard'}: No space left on device; the run stopped, "
+                                 f"the files written before are intact (last good checkpoint: {tmp_path / 'last.pt'} "
+                                 "(the end of epoch 1/2))")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
 def test_a_stop_signal_finishes_the_step_and_saves(tmp_path: Path, sig: signal.Signals,
                                                    capfd: pytest.CaptureFixture) -> None:
@@ -294,6 +376,46 @@ def test_cli_sigterm_to_a_subprocess_saves_and_prints_the_resume_command(tmp_pat
     assert blob["epochs_done"] == 1 and "in_epoch" not in blob and blob["history"][0]["steps"] == 30
 
 
+def test_cli_a_signal_after_the_stop_is_saved_keeps_exit_status_75(tmp_path: Path) -> None:
+    # A real process and real signals, more than REPEAT_WINDOW_S apart (so none counts as a launcher's repeat):
+    # one while train() ends after the save, one after it returned, while train/run.py reports the stop.
+    cmd = [sys.executable, str(REPO / "tests" / "train_with_pauses.py"),
+           *tiny_args(tmp_path, "--epochs", "1", "--bsz", "1", "--episodes-per-epoch", "30")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first = proc.stdout.readline()
+    assert first == f"run folder: {tmp_path}\n", first + proc.stderr.read()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    sent, stderr = time.monotonic(), []
+    for pause, late in (("train() is ending", signal.SIGTERM), ("train/run.py reports the stop", signal.SIGUSR1)):
+        stderr.append(proc.stderr.readline())
+        while stderr[-1] and not stderr[-1].startswith("paused: "):
+            stderr.append(proc.stderr.readline())
+        assert stderr[-1] == f"paused: {pause}\n", "".join(stderr) + proc.stderr.read()
+        time.sleep(max(0.0, sent + runtime.REPEAT_WINDOW_S + 0.2 - time.monotonic()))
+        proc.send_signal(late)
+        sent = time.monotonic()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, "".join(stderr) + err
+    stopped, resume = out.splitlines()
+    assert stopped.startswith("stopped by SIGTERM at epoch 1/1, step ") and resume.startswith("resume with: ")
+    assert "in_epoch" in load_checkpoint_file(tmp_path / "last.pt")
+
+
+def test_cli_resume_command_gives_the_same_settings_back(monkeypatch: pytest.MonkeyPatch, load_cli) -> None:
+    cli = load_cli("train")
+    cfg = cli.parse_args(["--episodes-per-epoch", "30", "--img-size", "64", "--fg-weight", "2", "--no-progress",
+                          "--resume", "my runs/a/last.pt"])
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # two nodes
+    lead, command = cli.resume_hint(cfg, Path("my runs/a")).split(": ", 1)
+    assert lead == "resume with (on each node, with its torchrun options as in this run)"
+    argv = shlex.split(command)
+    assert argv[:4] == ["torchrun", "--nproc_per_node", "4", os.path.relpath(REPO / "train" / "run.py")]
+    assert cli.parse_args(argv[4:]) == dataclasses.replace(cfg, logdir="my runs/a", resume="last")
+
+
 def test_cli_maps_a_second_signal_to_its_exit_status(monkeypatch: pytest.MonkeyPatch, capsys, load_cli) -> None:
     cli = load_cli("train")
 
@@ -313,6 +435,29 @@ def test_a_second_run_in_a_folder_in_use_is_refused(tmp_path: Path, capsys: pyte
     assert capsys.readouterr().err == (f"error: --logdir {tmp_path} is in use by another run (pid {os.getpid()} on "
                                        f"{os.uname().nodename}): wait for it to end or choose another --logdir\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
+def test_resume_into_a_folder_in_use_is_refused_before_its_checkpoint_is_read(
+        tmp_path: Path, uninterrupted, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+        load_cli) -> None:
+    import dcama.train as engine
+
+    (tmp_path / "last.pt").write_bytes(uninterrupted.last_checkpoint.read_bytes())
+    real_load, read = engine.load_checkpoint_file, []
+    monkeypatch.setattr(engine, "load_checkpoint_file", lambda path: read.append(path) or real_load(path))
+    with folder_lock(tmp_path):  # as a live run holds it
+        rc = load_cli("train").main(tiny_args(tmp_path, "--resume"))
+    assert rc == 2 and read == []
+    assert capsys.readouterr().err == (f"error: --logdir {tmp_path} is in use by another run (pid {os.getpid()} on "
+                                       f"{os.uname().nodename}): wait for it to end or choose another --logdir\n")
+
+
+def test_resume_with_other_settings_names_them_as_flags(tmp_path: Path, uninterrupted,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "last.pt").write_bytes(uninterrupted.last_checkpoint.read_bytes())
+    train(TrainConfig(logdir=str(tmp_path), resume="last", **{**TINY, "episodes_per_epoch": 4, "fg_weight": 2.0}))
+    assert f"note: resuming {tmp_path / 'last.pt'} with different --episodes-per-epoch, --fg-weight than it was " \
+           "trained with; the run will not repeat an uninterrupted one" in capsys.readouterr().out
 
 
 def test_resume_checks_backbone_and_logdir_clash(tmp_path: Path, uninterrupted) -> None:

@@ -2,11 +2,8 @@
 `torchrun --nproc_per_node 4 train/run.py --benchmark coco --datapath DATA --fold 0 --backbone swin_b
 --backbone-weights swin_b.pth`. Every flag left out takes the benchmark's default (dcama/config.py).
 
-SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 finish the current step, save last.pt and print the command that resumes;
-a second signal stops at once. Exit status: 0 done; 1 failed while training (NaN/inf loss, a file that could
-not be written); 2 refused before starting (a bad flag, missing data, an unreadable checkpoint, a run folder in
-use); 75 stopped by a signal after saving (resume); 128 + the signal's number when stopped at once
-(docs/training.md, "Interruptions")."""
+SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 finish the current step, save last.pt and print the command that resumes.
+What is saved when, what a second signal does and the exit statuses: docs/training.md, "Interruptions"."""
 
 from __future__ import annotations
 
@@ -34,7 +31,7 @@ from dcama.data import DatasetFileError
 from dcama.flags import FlagParser
 from dcama.runtime import Interrupted
 from dcama.train import (ConfigError, NonFiniteLossError, RunStopped, TrainConfig, TrainResult, WriteError,
-                         train)
+                         mute_stop_signals, train)
 
 EXIT_STOPPED = 75  # sysexits.h EX_TEMPFAIL: "try again later", what a requeue script looks for
 
@@ -54,7 +51,8 @@ def build_parser() -> FlagParser:
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov when > 0)")
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--fg-weight", type=float, default=None,
-                   help="cross-entropy weight of the foreground pixels (1 = the paper's loss; shapes default 4)")
+                   help="cross-entropy weight of the foreground pixels (1 = the paper's loss; shapes default "
+                        f"{BENCHMARK_DEFAULTS['shapes']['fg_weight']:g})")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--nshot", type=int, default=1, help="support images per episode (K-shot training)")
     p.add_argument("--attn-impl", default="auto", choices=ATTN_IMPLS,
@@ -63,14 +61,15 @@ def build_parser() -> FlagParser:
     p.add_argument("--logdir", default=None, help="run folder (default: logs/<benchmark>-fold<f>-...-<time>)")
     p.add_argument("--resume", nargs="?", const="last", default=None,
                    help="checkpoint to continue from; bare --resume continues <logdir>/last.pt")
+    save_defaults = ", ".join(f"{name} {d['save_every_min']:g}" for name, d in BENCHMARK_DEFAULTS.items())
     p.add_argument("--save-every-min", type=float, default=None,
-                   help="minutes between checkpoints inside an epoch (0: at epoch ends only; real benchmarks 10)")
+                   help=f"minutes between checkpoints inside an epoch; 0: at epoch ends only ({save_defaults})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes per process")
     p.add_argument("--episodes-per-epoch", type=int, default=None)
     p.add_argument("--val-episodes", type=int, default=None)
     p.add_argument("--test-episodes", type=int, default=None,
-                   help="after training, evaluate best.pt on this many test episodes (seed 0); 0 skips")
+                   help=f"after training, evaluate best.pt on this many test episodes (seed {TEST_SEED}); 0 skips")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
@@ -80,14 +79,16 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**vars(build_parser().parse_args(argv)))
 
 
-def resume_command(cfg: TrainConfig, logdir: Path) -> str:
-    """The command that continues this run from `<logdir>/last.pt` (the flags given, the same launcher)."""
+def resume_hint(cfg: TrainConfig, logdir: Path, lead: str = "resume with") -> str:
+    """`lead`, then the command that continues this run from `<logdir>/last.pt` (the flags given, the same
+    launcher), which can be pasted as it is on one node; on several, each node adds its torchrun options."""
     values = {**vars(cfg), "logdir": str(logdir), "resume": "last"}
     script = os.path.relpath(os.path.abspath(__file__))
     world, local = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("LOCAL_WORLD_SIZE", "1")
     launcher = ["python"] if world == 1 else ["torchrun", "--nproc_per_node", local]
     command = shlex.join([*launcher, script, *build_parser().flags_for(values)])
-    return command + (" (with the same torchrun node options)" if world > int(local) else "")
+    nodes = " (on each node, with its torchrun options as in this run)" if world > int(local) else ""
+    return f"{lead}{nodes}: {command}"
 
 
 def report(cfg: TrainConfig, result: TrainResult) -> None:
@@ -116,20 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as stop:
         if rank0:
             print(stop)
-            print(f"resume with: {resume_command(cfg, stop.checkpoint.parent)}", flush=True)
+            print(resume_hint(cfg, stop.checkpoint.parent), flush=True)
         return EXIT_STOPPED
     except Interrupted as err:
         if rank0:
             print(f"stopped at once by {err}", file=sys.stderr)
         return err.exit_status
-    except KeyboardInterrupt:  # Ctrl-C before the run installed its handlers
-        print("stopped by SIGINT before training started; nothing was written", file=sys.stderr)
-        return 130
     except WriteError as err:
         print(f"error: {err}", file=sys.stderr)
         if err.checkpoint is not None and rank0:
-            print(f"once it can be written, resume with: {resume_command(cfg, err.checkpoint.parent)}",
-                  file=sys.stderr)
+            print(resume_hint(cfg, err.checkpoint.parent, "once it can be written, resume with"), file=sys.stderr)
         return 1
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -143,4 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Outside train(), which handles the stop signals while it runs and then puts this back, they are ignored:
+    # once train() has ended the run (saved after a stop: 75), no signal changes the exit status.
+    mute_stop_signals()
     sys.exit(main())
