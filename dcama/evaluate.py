@@ -28,7 +28,8 @@ from .model import DCAMA
 from .runtime import Batch, ShardSampler, autocast_context, cpu_threads, dist_info, ignore_stop_signals, move_batch
 from .visualize import save_episode_png
 
-__all__ = ["BASELINES", "baseline_predictor", "evaluate", "evaluate_checkpoint", "format_result", "model_predictor"]
+__all__ = ["BASELINES", "baseline_predictor", "evaluate", "evaluate_checkpoint", "format_result", "model_predictor",
+           "note_unseen_classes"]
 
 Predictor = Callable[[Batch], torch.Tensor]
 
@@ -108,15 +109,17 @@ def evaluate(predictor: Predictor, dataset: Dataset, *, device: torch.device | s
     metric.all_reduce()
     result = metric.compute()
     result["episodes"] = len(dataset)
-    unseen = [c for c, iou in result["per_class"].items() if math.isnan(iou)]
-    if unseen and rank == 0:
-        print(f"note: {len(unseen)} of {len(result['per_class'])} classes had no episode ({_listed(unseen)}): "
-              "left out of the mIoU mean", file=sys.stderr)
     return result
 
 
-def _listed(items: list[Any], shown: int = 8) -> str:
-    return ", ".join(map(str, items[:shown])) + (f", ... ({len(items) - shown} more)" if len(items) > shown else "")
+def note_unseen_classes(result: dict[str, Any], shown: int = 8) -> None:
+    """One line on stderr (rank 0) when some classes had no episode: NaN in per_class, left out of the mIoU."""
+    unseen = [c for c, iou in result["per_class"].items() if math.isnan(iou)]
+    if unseen and dist_info()[0] == 0:
+        listed = ", ".join(map(str, unseen[:shown])) + (f", ... ({len(unseen) - shown} more)"
+                                                        if len(unseen) > shown else "")
+        print(f"note: {len(unseen)} of {len(result['per_class'])} classes had no episode ({listed}): left out of "
+              "the mIoU mean", file=sys.stderr)
 
 
 def _draw_episodes(folder: Path, batch: Batch, pred: torch.Tensor, indices: list[int]) -> None:
@@ -176,6 +179,7 @@ def evaluate_checkpoint(checkpoint: str | Path | None, *, benchmark: str = "shap
     with cpu_threads(threads if dev.type == "cpu" else None):
         result = evaluate(predictor, dataset, device=dev, batch_size=batch_size, workers=workers,
                           progress=progress, visualize_dir=visualize_dir, desc=f"{benchmark} fold {fold} {nshot}-shot")
+    note_unseen_classes(result)
     result["settings"] = {
         "checkpoint": None if checkpoint is None else str(checkpoint), "baseline": baseline,
         "benchmark": benchmark, "datapath": datapath, "fold": fold, "nshot": nshot, "episodes": len(dataset),
