@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Any
 
 import timm
 import torch
@@ -140,21 +141,38 @@ class BlockFeatures(nn.Module):
         where = f"backbone weights {os.fspath(path)!r} do not fit backbone {self.name!r} ({_expects(self.name)})"
         try:
             state = self.convert_state_dict(state)
-        except Exception as exc:  # timm's converter fails on tensors of unexpected shapes
-            raise CheckpointError(f"{where}: {exc}") from exc
+        except CheckpointError as exc:  # the message names the tensor that does not convert
+            raise CheckpointError(f"{where}: {exc}") from None
         load_fitting_state(self.net, state, where)
 
     def convert_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map a timm/torchvision ResNet or a Microsoft Swin state dict to `self.net`'s keys.
 
-        The ImageNet classifier ('fc.*' / 'head.*') is dropped: the features never reach it.
+        The ImageNet classifier ('fc.*' / 'head.*') is dropped: the features never reach it. CheckpointError
+        names the first tensor that cannot be converted (Swin: resized to this network's windows and patches).
         """
         if self.spec.kind == "swin":
             # Renames the patch-merging layers and drops the relative_position_index / attn_mask buffers.
-            state = checkpoint_filter_fn(state, self.net)
+            try:
+                state = checkpoint_filter_fn(state, self.net)
+            except Exception:  # timm's converter fails on tensors of unexpected shapes or layers it lacks
+                raise CheckpointError(self._unconvertible(state)) from None
             return {k: v for k, v in state.items() if not k.startswith("head.")}
         state = state.get("state_dict", state)
         return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+    def _unconvertible(self, state: dict[str, Any]) -> str:
+        """Which tensor of a Swin state dict timm's converter fails on, and why, in words."""
+        own = self.net.state_dict()
+        for key, value in state.items():
+            try:
+                checkpoint_filter_fn({key: value}, self.net)
+            except Exception:
+                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                if key not in own:
+                    return f"{key} {shape} belongs to no layer of {self.name} (is it another Swin variant?)"
+                return f"{key} {shape} cannot be resized to this model's {tuple(own[key].shape)}"
+        return "its tensors cannot be converted together (a mix of Swin variants?)"
 
 
 def build_backbone(name: str, weights: str | os.PathLike | None = None, img_size: int | None = None) -> BlockFeatures:

@@ -20,16 +20,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import PUBLISHED_IMG_SIZE
 from .files import atomic_open
 
 __all__ = ["CheckpointError", "FORMAT", "VERSION", "checkpoint_parts", "is_own_checkpoint", "load_checkpoint_file",
-           "load_fitting_state", "load_torch_file", "save_checkpoint", "state_dict_mismatch"]
+           "load_fitting_state", "load_torch_file", "save_checkpoint", "state_dict_mismatch", "torch_files_in",
+           "trained_img_size"]
 
 FORMAT = "dcama-triton"
 VERSION = 1
 _RESERVED = ("format", "version", "config", "state_dict")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # the pickled magic number of the old format
+TORCH_SUFFIXES = (".pt", ".pth")
 
 
 class CheckpointError(ValueError):
@@ -66,12 +69,18 @@ def load_torch_file(path: str | os.PathLike, what: str, expected: str = "") -> d
     """
     path = os.fspath(path)
     hint = f" ({expected})" if expected else ""
+    if os.path.isdir(path):
+        found = torch_files_in(path)
+        raise CheckpointError(f"{what} {path!r} is a folder, not a file"
+                              + (f"; it holds {', '.join(found)}: pass one of them" if found else hint))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file {path!r} not found{hint}")
     try:
         with warnings.catch_warnings():  # torch warns about unusual pickle protocols, with its own advice
             warnings.simplefilter("ignore")
             blob = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:  # the file itself cannot be read (permission, an I/O error)
+        raise CheckpointError(f"{what} {path!r} cannot be read: {exc.strerror or exc}") from None
     except Exception as exc:  # zip, pickle, EOF and runtime errors: told apart by what the file holds
         raise CheckpointError(f"{what} {path!r} {_unreadable(path, exc)}{hint}") from None
     if not isinstance(blob, dict):
@@ -103,6 +112,22 @@ def _unreadable(path: str, exc: Exception) -> str:
 def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint file's dict (this project's or the authors'), read as `load_torch_file` does."""
     return load_torch_file(path, "checkpoint")
+
+
+def torch_files_in(folder: str | os.PathLike) -> list[str]:
+    """The names of the .pt/.pth files in a folder, sorted (what to suggest when a folder is passed as a file)."""
+    return sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.endswith(TORCH_SUFFIXES))
+
+
+def trained_img_size(blob: dict[str, Any]) -> int | None:
+    """The image side a loaded checkpoint was trained at, the default size of every command that runs it:
+    what this project's training run recorded (its "train_config"), else the side its model was built for
+    (a Swin, or a model saved from Python with img_size=); the published 384 for an authors' file (their
+    models were all trained at 384x384, docs/training.md); None when a file of ours does not say."""
+    if not is_own_checkpoint(blob):
+        return PUBLISHED_IMG_SIZE
+    trained = blob.get("train_config", {}).get("img_size") or blob.get("config", {}).get("img_size")
+    return int(trained) if trained else None
 
 
 def is_own_checkpoint(blob: dict[str, Any]) -> bool:

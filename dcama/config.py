@@ -6,6 +6,7 @@ kernels' list of attention implementations. The published recipe is described in
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -31,13 +32,19 @@ TEST_SEED = 0
 # --save-every-min where an epoch is long (why, and where: docs/training.md, "Interruptions").
 SAVE_EVERY_MIN = 10.0
 
+# DataLoader workers per process on the real benchmarks: 8, or the CPUs this process may use when fewer (a
+# laptop with a folder benchmark). Episodes are the same for any count (docs/data.md, "Splits, episodes and
+# seeding").
+USABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+DATA_WORKERS = min(8, USABLE_CPUS)
+
 # Real benchmarks follow the published recipe; so does "folder", a person's own classes in FSS-1000's layout
 # (docs/data.md), which is FSS-1000's protocol on other images. "shapes" is the embedded synthetic benchmark,
 # tuned so that `python train/run.py` learns on 2 CPU cores in a few minutes with a random frozen ResNet-18.
 BENCHMARK_DEFAULTS: dict[str, dict[str, Any]] = {
     name: dict(backbone="swin_b", img_size=PUBLISHED_IMG_SIZE, bsz=PUBLISHED_BATCH, optimizer="sgd", lr=1e-3,
                weight_decay=1e-4, fg_weight=1.0, epochs=50, episodes_per_epoch=None, val_episodes=EVAL_EPISODES,
-               test_episodes=0, workers=8, threads=None, save_every_min=SAVE_EVERY_MIN)
+               test_episodes=0, workers=DATA_WORKERS, threads=None, save_every_min=SAVE_EVERY_MIN)
     for name in ("coco", "pascal", "fss", "folder")
 }
 # Why these values (the image side, the foreground weight, one thread): docs/training.md, "The first run in detail".

@@ -7,6 +7,8 @@ initialised torch.distributed group, shards the episodes over the ranks and sums
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,16 +18,18 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint_file
+from .checkpoint import load_checkpoint_file, trained_img_size
 from .config import EVAL_EPISODES, TEST_SEED, default_img_size
 from .data import build_dataset, collate_episodes
 from .files import write_json
+from .flags import check_device, check_img_size, writing
 from .metrics import FewShotIoU, episode_iou
 from .model import DCAMA
-from .runtime import Batch, ShardSampler, autocast_context, dist_info, ignore_stop_signals, move_batch
+from .runtime import Batch, ShardSampler, autocast_context, cpu_threads, dist_info, ignore_stop_signals, move_batch
 from .visualize import save_episode_png
 
-__all__ = ["BASELINES", "baseline_predictor", "evaluate", "evaluate_checkpoint", "format_result", "model_predictor"]
+__all__ = ["BASELINES", "baseline_predictor", "evaluate", "evaluate_checkpoint", "format_result", "model_predictor",
+           "note_unseen_classes"]
 
 Predictor = Callable[[Batch], torch.Tensor]
 
@@ -92,26 +96,42 @@ def evaluate(predictor: Predictor, dataset: Dataset, *, device: torch.device | s
     metric = FewShotIoU(dataset.class_ids, device=device)
     if visualize_dir is not None:
         visualize_dir = Path(visualize_dir)
-        visualize_dir.mkdir(parents=True, exist_ok=True)
+        with writing(visualize_dir, folder=True):
+            visualize_dir.mkdir(parents=True, exist_ok=True)
     seen = 0
     for batch in tqdm(loader, desc=desc, disable=not progress or rank != 0, dynamic_ncols=True, leave=False):
         batch = move_batch(batch, device)
         pred = predictor(batch).long()
-        target = batch["query_mask"]
-        metric.update(pred, target, batch["class_id"])
+        metric.update(pred, batch["query_mask"], batch["class_id"])
         if visualize_dir is not None:
-            for b in range(pred.shape[0]):
-                idx, iou = indices[seen + b], episode_iou(pred[b], target[b])
-                cls = int(batch["class_id"][b])
-                save_episode_png(visualize_dir / f"episode{idx:05d}_class{cls}_iou{iou:05.1f}.png",
-                                 batch["support_imgs"][b], batch["support_masks"][b], batch["query_img"][b],
-                                 target[b], pred[b], f"episode {idx}  ·  class {cls}  ·  {batch['query_name'][b]}",
-                                 iou=iou)
+            _draw_episodes(visualize_dir, batch, pred, indices[seen:seen + pred.shape[0]])
         seen += pred.shape[0]
     metric.all_reduce()
     result = metric.compute()
     result["episodes"] = len(dataset)
     return result
+
+
+def note_unseen_classes(result: dict[str, Any], shown: int = 8) -> None:
+    """One line on stderr (rank 0) when some classes had no episode: NaN in per_class, left out of the mIoU."""
+    unseen = [c for c, iou in result["per_class"].items() if math.isnan(iou)]
+    if unseen and dist_info()[0] == 0:
+        listed = ", ".join(map(str, unseen[:shown])) + (f", ... ({len(unseen) - shown} more)"
+                                                        if len(unseen) > shown else "")
+        print(f"note: {len(unseen)} of {len(result['per_class'])} classes had no episode ({listed}): left out of "
+              "the mIoU mean", file=sys.stderr)
+
+
+def _draw_episodes(folder: Path, batch: Batch, pred: torch.Tensor, indices: list[int]) -> None:
+    """One PNG per episode of the batch, named by its index, class and IoU."""
+    target = batch["query_mask"]
+    for b, idx in enumerate(indices):
+        iou, cls = episode_iou(pred[b], target[b]), int(batch["class_id"][b])
+        path = folder / f"episode{idx:05d}_class{cls}_iou{iou:05.1f}.png"
+        with writing(path):
+            save_episode_png(path, batch["support_imgs"][b], batch["support_masks"][b], batch["query_img"][b],
+                             target[b], pred[b], f"episode {idx}  ·  class {cls}  ·  {batch['query_name'][b]}",
+                             iou=iou)
 
 
 def format_result(result: dict[str, Any]) -> str:
@@ -125,40 +145,49 @@ def evaluate_checkpoint(checkpoint: str | Path | None, *, benchmark: str = "shap
                         fold: int = 0, nshot: int = 1, episodes: int = EVAL_EPISODES, seed: int = TEST_SEED,
                         use_original_imgsize: bool = False, img_size: int | None = None,
                         backbone: str | None = None, attn_impl: str = "auto", amp: str = "off",
-                        baseline: str | None = None, workers: int = 0, batch_size: int = 1,
-                        device: str | None = None,
+                        baseline: str | None = None, workers: int = 0, threads: int | None = None,
+                        batch_size: int = 1, device: str | None = None,
                         json_path: str | Path | None = None, visualize_dir: str | Path | None = None,
                         progress: bool = True) -> dict[str, Any]:
     """Load a checkpoint (this project's or the authors' released file) and evaluate it on the test split.
 
-    `baseline` evaluates a trivial predictor instead of a checkpoint. `batch_size` must stay 1 with
-    `use_original_imgsize` (episodes of different sizes). Returns (and with `json_path` writes)
+    `baseline` evaluates a trivial predictor instead of a checkpoint. `img_size` None: the size the checkpoint
+    was trained at (`dcama.checkpoint.trained_img_size`), else the benchmark's. `threads`: torch CPU threads
+    on the CPU (None: torch's default). `batch_size` must stay 1 with `use_original_imgsize` (episodes of
+    different sizes). Returns (and with `json_path` writes)
     {"miou", "fb_iou", "per_class", "episodes", "settings"}; settings["data"] is what the data set says of
-    itself (the folder benchmark's class split). Same arguments, same numbers.
+    itself (the folder benchmark's class split). Same arguments, same numbers. A device this machine lacks or
+    an image size the model cannot take is a ConfigError, a result that cannot be written an OutputError.
     """
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = check_device(device)
     if (checkpoint is None) == (baseline is None):
         raise ValueError("give exactly one of a checkpoint or a baseline")
-    if img_size is None:  # our checkpoints remember the size they were trained at; otherwise the benchmark's
-        trained = load_checkpoint_file(checkpoint).get("train_config", {}) if checkpoint is not None else {}
-        same = trained.get("benchmark") == benchmark and trained.get("img_size")
-        img_size = trained["img_size"] if same else default_img_size(benchmark)
+    blob = None if checkpoint is None else load_checkpoint_file(checkpoint)  # read once, for the size and weights
+    trained = None if blob is None else trained_img_size(blob)
+    img_size = img_size or trained or default_img_size(benchmark)
     # The data set first: a missing benchmark is reported before a large model is loaded.
     dataset = build_dataset(benchmark, datapath, fold=fold, split="test", shot=nshot, img_size=img_size,
                             use_original_imgsize=use_original_imgsize, episodes=episodes, seed=seed)
-    if baseline is not None:
+    if blob is None:
         predictor, model_config = baseline_predictor(baseline), None
     else:
-        model = DCAMA.from_checkpoint(str(checkpoint), backbone=backbone, attn_impl=attn_impl).to(dev).eval()
+        model = DCAMA.from_loaded(blob, str(checkpoint), backbone=backbone, attn_impl=attn_impl)
+        del blob  # its tensors are the model's now
+        check_img_size(model.config["backbone"], img_size, built_for=model.backbone.img_size)
+        model = model.to(dev).eval()
         predictor, model_config = model_predictor(model, amp=amp), dict(model.config)
-    result = evaluate(predictor, dataset, device=dev, batch_size=batch_size, workers=workers, progress=progress,
-                      visualize_dir=visualize_dir, desc=f"{benchmark} fold {fold} {nshot}-shot")
+    with cpu_threads(threads if dev.type == "cpu" else None):
+        result = evaluate(predictor, dataset, device=dev, batch_size=batch_size, workers=workers,
+                          progress=progress, visualize_dir=visualize_dir, desc=f"{benchmark} fold {fold} {nshot}-shot")
+    note_unseen_classes(result)
     result["settings"] = {
         "checkpoint": None if checkpoint is None else str(checkpoint), "baseline": baseline,
         "benchmark": benchmark, "datapath": datapath, "fold": fold, "nshot": nshot, "episodes": len(dataset),
         "seed": seed, "use_original_imgsize": use_original_imgsize, "img_size": img_size, "attn_impl": attn_impl,
-        "amp": amp, "device": str(dev), "model_config": model_config, "data": dataset.describe(),
+        "amp": amp, "device": str(dev), "threads": threads, "model_config": model_config,
+        "data": dataset.describe(listed_in=None if json_path is None else str(json_path)),
     }
     if json_path is not None and dist_info()[0] == 0:
-        write_json(json_path, result)
+        with writing(json_path):
+            write_json(json_path, result)
     return result

@@ -1,9 +1,11 @@
-"""Checks of the command-line flags of train/run.py and eval/run.py, made before anything is built or written.
+"""Checks of the command-line flags of train/run.py, eval/run.py and eval/predict.py, made before anything is
+built or written, and the one-line errors of the files a command writes.
 
 Each failure is a ConfigError whose message is one line naming the flag, in its command-line form, and what
 it accepts; the command lines print it and exit with status 2. What a benchmark accepts is read from its data
 set class (`n_folds`, `max_shot`, `needs_root`) and what a backbone accepts from `dcama.backbones`, so a new
-benchmark or backbone brings its own rules.
+benchmark or backbone brings its own rules. An output that cannot be written once the work is done (a full
+disk) is an OutputError naming the path and the system's reason (`writing`).
 """
 
 from __future__ import annotations
@@ -11,14 +13,20 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
+import torch
+
 from .backbones import BACKBONES, img_size_problem
+from .checkpoint import torch_files_in
 from .data import BENCHMARKS
 
-__all__ = ["ConfigError", "FlagParser", "check_at_least", "check_benchmark", "check_choice", "check_file",
-           "check_fraction", "check_img_size", "check_non_negative", "check_positive", "flag"]
+__all__ = ["ConfigError", "FlagParser", "OutputError", "check_at_least", "check_benchmark",
+           "check_checkpoint_model", "check_choice", "check_device", "check_file", "check_fraction",
+           "check_img_size", "check_non_negative", "check_output", "check_positive", "error_line", "flag",
+           "output_problem", "writing"]
 
 
 class ConfigError(ValueError):
@@ -80,19 +88,109 @@ def check_benchmark(benchmark: str, datapath: str | None, fold: int, nshot: int)
                           f"{dataset.max_shot + 1} images and one is the query)")
 
 
-def check_img_size(backbone: str, img_size: int) -> None:
-    """A backbone the project knows, and an image side it takes."""
+def check_img_size(backbone: str, img_size: int, built_for: int | None = None) -> None:
+    """A backbone the project knows, and an image side it takes; `built_for`: the side a loaded model was
+    built for (Swin), which it must be."""
     check_choice("backbone", backbone, BACKBONES)
     check_at_least("img_size", img_size, 1)
     problem = img_size_problem(backbone, img_size)
     if problem:
         raise ConfigError(f"--img-size {img_size}: {problem}")
+    if built_for is not None and img_size != built_for:
+        raise ConfigError(f"--img-size {img_size}: this checkpoint's {backbone} model is built for {built_for}x"
+                          f"{built_for} images (--img-size {built_for})")
+
+
+def check_checkpoint_model(backbone: str | None, img_size: int | None) -> None:
+    """--backbone and --img-size of a command that loads a checkpoint, each None when the checkpoint decides:
+    the size is checked against the backbone here when both are given, else once the model is loaded."""
+    if backbone is not None:
+        check_choice("backbone", backbone, BACKBONES)
+    if img_size is not None and backbone is not None:
+        check_img_size(backbone, img_size)
+    else:
+        check_at_least("img_size", img_size, 1)
 
 
 def check_file(name: str, path: str | None) -> None:
-    """A file flag (None: unset, allowed) that must name an existing file."""
-    if path is not None and not os.path.isfile(path):
+    """A file flag (None: unset, allowed) that must name an existing file; for a folder, the weight files in
+    it are suggested."""
+    if path is None or os.path.isfile(path):
+        return
+    if not os.path.isdir(path):
         raise ConfigError(f"{flag(name)} {path}: no such file")
+    found = torch_files_in(path)
+    hint = f"; it holds {', '.join(found)}: pass one of them" if found else " (and holds no .pt or .pth file)"
+    raise ConfigError(f"{flag(name)} {path}: is a folder, not a file{hint}")
+
+
+def check_output(name: str, path: str | None, *, folder: bool) -> None:
+    """An output flag (None: unset, allowed): a file (folder=False) or a folder this process can create or
+    write in. Refused: an existing entry of the other kind, a path under a file, a folder without write
+    permission (files are written as a temporary file renamed, so a file's folder must be writable)."""
+    problem = None if path is None else output_problem(path, folder)
+    if problem:
+        raise ConfigError(f"{flag(name)} {path}: {problem}")
+
+
+def output_problem(path: str | os.PathLike, folder: bool) -> str:
+    """Why `path` cannot be written as a file or a folder ('' when nothing is seen against it)."""
+    target = os.path.abspath(path)
+    if os.path.isdir(target) and not folder:
+        return "is a folder; give a file name"
+    if os.path.exists(target) and not os.path.isdir(target) and folder:
+        return "is a file, not a folder"
+    nearest = target if folder else os.path.dirname(target)
+    while not os.path.lexists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        return f"{nearest} is a file, so nothing can be written under it"
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        return f"no permission to write in {nearest}"
+    return ""
+
+
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The device --device names (None: CUDA when there is one, else the CPU), if this machine has it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: choose cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if dev.type == "cuda" and torch.cuda.is_available() else 0
+    if dev.type == "cuda" and count == 0:
+        raise ConfigError(f"--device {device}: this machine has no CUDA device (torch sees none); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= count:
+        raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return dev
+
+
+class OutputError(OSError):
+    """A result file or folder that could not be written; the message names the path and the system's reason."""
+
+
+@contextmanager
+def writing(path: str | os.PathLike, folder: bool = False) -> Iterator[None]:
+    """The OSErrors of the block that writes the file (or makes the folder) `path`, a full disk or a missing
+    permission, as one OutputError naming `path` and the reason."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as err:  # the system's reason can mislead: making a folder under a file is "File exists"
+        reason = output_problem(path, folder) or err.strerror or str(err)
+        raise OutputError(f"cannot write {os.fspath(path)}: {reason}") from None
+
+
+def error_line(err: BaseException) -> str:
+    """The one line a command prints for an error it stops on: the project's message or, for an OSError the
+    system raised, the file and the system's reason."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    return str(err)
 
 
 class FlagParser(argparse.ArgumentParser):
@@ -101,6 +199,11 @@ class FlagParser(argparse.ArgumentParser):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(allow_abbrev=False, **kwargs)
+
+    def add_threads(self, default: str = "torch's") -> None:
+        """--threads, the one definition every command shares (checked with check_at_least("threads", n, 0))."""
+        self.add_argument("--threads", type=int, default=None,
+                          help=f"torch CPU threads (0: torch's default; default: {default})")
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (--help lists the flags)\n")

@@ -5,14 +5,13 @@ mIoU = mean of IoU_c over the split's classes. FB-IoU = mean of the foreground I
 each summed over all episodes. Pixels whose target is 255 (PASCAL boundaries) count in neither.
 Results are percentages (0..100).
 
-Classes with no episode are left out of the mIoU mean (with a warning) and reported as NaN in per_class;
+Classes with no episode are left out of the mIoU mean and reported as NaN in per_class (eval says so in a line);
 a class whose episodes all have an empty union (empty target and empty prediction) scores 100.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -124,11 +123,6 @@ class FewShotIoU:
                 per_class[c] = math.nan
             else:
                 per_class[c] = 100.0 * (fg_i[k] / fg_u[k]).item() if fg_u[k] > 0 else 100.0
-        if not seen.all():
-            # Fixed text, so the default filter shows it once rather than at every running compute() of a
-            # training epoch; per_class names the classes (NaN).
-            warnings.warn("some classes had no episode (NaN in per_class): left out of the mIoU mean",
-                          stacklevel=2)
         scored = [per_class[c] for k, c in enumerate(self.class_ids) if seen[k]]
         miou = sum(scored) / len(scored) if scored else math.nan
 

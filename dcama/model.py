@@ -276,7 +276,13 @@ class DCAMA(nn.Module):
         agree with the file.
         """
         path = os.fspath(path)
-        blob = load_checkpoint_file(path)
+        return cls.from_loaded(load_checkpoint_file(path), path, backbone=backbone, attn_impl=attn_impl)
+
+    @classmethod
+    def from_loaded(cls, blob: dict[str, Any], path: str, backbone: str | None = None,
+                    attn_impl: str = "auto") -> "DCAMA":
+        """DCAMA from a checkpoint file already read (`load_checkpoint_file(path)`), as `from_checkpoint`:
+        for a command that also reads the file's other entries, so that it reads the file once."""
         if is_own_checkpoint(blob):
             config, state = checkpoint_parts(blob, path)
             # The state dict carries the backbone weights: do not read the ImageNet file again.
@@ -302,9 +308,9 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: DCAMA, source: str =
     out = {f"head.{k[len(_HEAD_PREFIX):]}": v for k, v in state.items() if k.startswith(_HEAD_PREFIX)}
     try:
         backbone = model.backbone.convert_state_dict(backbone)
-    except Exception as exc:  # timm's Swin converter fails on tensors of unexpected shapes
+    except CheckpointError as exc:  # the message names the tensor that does not convert
         raise CheckpointError(f"the backbone weights in {source!r} do not fit {model.config['backbone']}: "
-                              f"{exc}") from exc
+                              f"{exc}") from None
     out.update({f"backbone.net.{k}": v for k, v in backbone.items()})
     out.update({k: v for k, v in state.items() if not k.startswith((_BACKBONE_PREFIX, _HEAD_PREFIX))})
     return out

@@ -24,12 +24,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import is_own_checkpoint, load_checkpoint_file
+from .checkpoint import load_checkpoint_file, trained_img_size
 from .config import PUBLISHED_IMG_SIZE
 from .data.common import (MASK_THRESHOLD, grey_to_binary, image_size, load_grey_mask, load_rgb, mask_grey,
                           preprocess_image, resize_mask)
-from .data.folder import EXIF_ORIENTATION, IMAGE_SUFFIXES, image_names, natural_key
+from .data.folder import FOLLOW_EXIF_ORIENTATION, IMAGE_SUFFIXES, image_names, natural_key
 from .files import write_json
+from .flags import check_device, check_img_size, check_output, writing
 from .model import DCAMA
 from .runtime import autocast_context, cpu_threads
 from .visualize import SUPPORT, Panel, draw_panel, prediction_picture, save_picture
@@ -47,7 +48,7 @@ class InputError(ValueError):
 # ------------------------------------------------------------------------------------------------ inputs
 def _image(image: ImageLike) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
-        return load_rgb(os.fspath(image), exif_orientation=EXIF_ORIENTATION)
+        return load_rgb(os.fspath(image), exif_orientation=FOLLOW_EXIF_ORIENTATION)
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     return Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
@@ -125,15 +126,15 @@ def query_files(patterns: Sequence[str | os.PathLike]) -> list[str]:
 # ------------------------------------------------------------------------------------------------- model
 def load_model(checkpoint: str | os.PathLike, *, backbone: str | None = None, attn_impl: str = "auto",
                device: str | torch.device | None = None) -> tuple[DCAMA, int]:
-    """A checkpoint's model (ours or the authors', `DCAMA.from_checkpoint`) on `device` in eval mode, and the
-    image side to run it at: the one it was trained at when the checkpoint records it, else the model's
-    fixed size (Swin), else the published 384."""
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """A checkpoint's model (ours or the authors', `DCAMA.from_checkpoint`) on `device` (None: CUDA when there
+    is one) in eval mode, and the image side to run it at: the one it was trained at
+    (`dcama.checkpoint.trained_img_size`), else the published 384. The file is read once."""
+    dev = check_device(device)
     blob = load_checkpoint_file(checkpoint)
-    trained = blob.get("train_config", {}).get("img_size") if is_own_checkpoint(blob) else None
+    trained = trained_img_size(blob)
+    model = DCAMA.from_loaded(blob, os.fspath(checkpoint), backbone=backbone, attn_impl=attn_impl)
     del blob
-    model = DCAMA.from_checkpoint(checkpoint, backbone=backbone, attn_impl=attn_impl).to(dev).eval()
-    return model, int(trained or model.config.get("img_size") or PUBLISHED_IMG_SIZE)
+    return model.to(dev).eval(), trained or PUBLISHED_IMG_SIZE
 
 
 # --------------------------------------------------------------------------------------------- inference
@@ -194,9 +195,9 @@ def segment(model: DCAMA, supports: Sequence[tuple[ImageLike, ImageLike]], queri
 
 # ----------------------------------------------------------------------------------------- files in, out
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """--out must be new or empty unless overwrite: results of another run are never mixed in silently."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out {out_dir} is a file, not a folder")
+    """--out must be a folder this process can write in (`check_output`), new or empty unless overwrite:
+    results of another run are never mixed in silently."""
+    check_output("out", os.fspath(out_dir), folder=True)
     if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
         raise InputError(f"--out {out_dir} already holds files (e.g. {next(out_dir.iterdir()).name}): choose a new "
                          "or empty folder, or pass --overwrite to replace the results of the same names")
@@ -220,7 +221,7 @@ def check_queries(queries: Sequence[str]) -> list[tuple[int, int]]:
     sizes, bad = [], []
     for q in queries:
         try:
-            sizes.append(image_size(q, exif_orientation=EXIF_ORIENTATION))
+            sizes.append(image_size(q, exif_orientation=FOLLOW_EXIF_ORIENTATION))
         except OSError as err:  # DatasetFileError and FileNotFoundError name the file
             bad.append(str(err))
     if bad:
@@ -240,22 +241,20 @@ def predict_files(checkpoint: str | os.PathLike, supports: Sequence[tuple[str, s
     (None: torch's default). Returns the predictions.json content."""
     out = Path(out_dir)
     check_out_dir(out, overwrite)
-    if img_size is not None and img_size < 1:
-        raise InputError(f"image size must be >= 1, got {img_size}")
     paths = query_files(queries)
     pairs = [read_support(img, m, k) for k, (img, m) in enumerate(supports)]
     sizes, names = check_queries(paths), output_names(paths)
     batches = size_batches(sizes, batch_size)
     model, trained_size = load_model(checkpoint, backbone=backbone, attn_impl=attn_impl, device=device)
     side = img_size or trained_size
-    model.backbone.check_input_size(side, side)
+    check_img_size(model.config["backbone"], side, built_for=model.backbone.img_size)
     support_set = SupportSet.build(pairs, side)
     panels = _support_panels(pairs, supports) if overlays else []
     records: list[dict[str, Any]] = [{} for _ in paths]
     dev = next(model.parameters()).device
     start = time.perf_counter()
     with cpu_threads(threads if dev.type == "cpu" else None):
-        load = lambda i: load_rgb(paths[i], exif_orientation=EXIF_ORIENTATION)  # noqa: E731
+        load = lambda i: load_rgb(paths[i], exif_orientation=FOLLOW_EXIF_ORIENTATION)  # noqa: E731
         for i, image, mask in _segment_iter(model, support_set, batches, load, side, amp, progress):
             title = names[i] + os.path.splitext(paths[i])[1]
             records[i] = _write_outputs(out, names[i], paths[i], title, image, mask, panels)
@@ -264,7 +263,8 @@ def predict_files(checkpoint: str | os.PathLike, supports: Sequence[tuple[str, s
                            "device": str(dev), "threads": threads, "model_config": dict(model.config),
                            "seconds": round(time.perf_counter() - start, 3)},
               "queries": records}
-    write_json(out / RESULTS_FILE, result)
+    with writing(out / RESULTS_FILE):
+        write_json(out / RESULTS_FILE, result)
     return result
 
 
@@ -278,8 +278,10 @@ def _write_outputs(out: Path, name: str, path: str, title: str, image: Image.Ima
     """One query's mask PNG (0/255) and overlay picture; its predictions.json entry."""
     record: dict[str, Any] = {"image": path, "height": int(mask.shape[0]), "width": int(mask.shape[1]),
                               "foreground": round(float(mask.mean()), 6), "mask": f"masks/{name}.png"}
-    save_picture(out / record["mask"], Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)))
+    with writing(out / record["mask"]):
+        save_picture(out / record["mask"], Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)))
     if panels:
         record["overlay"] = f"overlays/{name}.png"
-        save_picture(out / record["overlay"], prediction_picture(image, mask, panels, title))
+        with writing(out / record["overlay"]):
+            save_picture(out / record["overlay"], prediction_picture(image, mask, panels, title))
     return record

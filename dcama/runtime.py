@@ -57,12 +57,6 @@ def setup_distributed() -> tuple[int, int, torch.device, bool]:
     return rank, world, device, owned
 
 
-def barrier() -> None:
-    """Wait for every rank (no-op in a single process)."""
-    if dist_info()[1] > 1:
-        dist.barrier()
-
-
 def any_rank(*flags: bool) -> tuple[bool, ...]:
     """Each flag, true on every rank when it is true on any rank: how the ranks agree to save or stop. A
     collective (every rank must call it); no communication in a single process."""
@@ -98,7 +92,9 @@ def from_rank0(obj: Any) -> Any:
 @contextmanager
 def cpu_threads(threads: int | None) -> Iterator[None]:
     """torch.set_num_threads(threads) inside the block (None or 0: unchanged); the previous count restored
-    after it, so a library call leaves the process as it found it."""
+    after it, so a library call leaves the process as it found it. ValueError for a negative count."""
+    if threads is not None and threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 or None: torch's default), got {threads}")
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)

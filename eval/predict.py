@@ -23,14 +23,14 @@ try:
 except ImportError:  # run from a checkout that was not installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dcama.checkpoint import CheckpointError
 from dcama.config import AMP_MODES, ATTN_IMPLS
-from dcama.data import DatasetFileError
+from dcama.flags import (FlagParser, check_at_least, check_checkpoint_model, check_device, check_file,
+                         check_output, error_line)
 from dcama.predict import RESULTS_FILE, predict_files
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a .pt/.pth file: ours (best.pt) or the authors' release")
     p.add_argument("--support", nargs=2, action="append", required=True, metavar=("IMAGE", "MASK"),
                    help="a support image and its mask; repeat for K shots")
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attn-impl", default="auto", choices=ATTN_IMPLS)
     p.add_argument("--amp", default="off", choices=AMP_MODES)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_threads()
     p.add_argument("--overwrite", action="store_true",
                    help="write into a folder that holds files: same-named results are replaced, others kept")
     p.add_argument("--no-overlays", dest="overlays", action="store_false", help="write the masks only")
@@ -52,16 +52,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Every flag checked before any file is read: ConfigError, one line naming the flag. An --img-size given
+    without --backbone is checked against the checkpoint's backbone once the model is loaded, before any
+    query runs."""
+    check_file("checkpoint", args.checkpoint)
+    check_checkpoint_model(args.backbone, args.img_size)
+    check_at_least("bsz", args.bsz, 1)
+    check_at_least("threads", args.threads, 0)
+    check_device(args.device)
+    check_output("out", args.out, folder=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_flags(args)
         result = predict_files(args.checkpoint, args.support, args.query, args.out, img_size=args.img_size,
                                batch_size=args.bsz, backbone=args.backbone, attn_impl=args.attn_impl, amp=args.amp,
                                device=args.device, threads=args.threads, overwrite=args.overwrite,
                                overlays=args.overlays, progress=args.progress)
-    except (FileNotFoundError, DatasetFileError, CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (OSError, ValueError) as err:  # bad flags or input files, checkpoint errors, outputs not written
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"stopped by SIGINT; the masks written so far are complete, {RESULTS_FILE} was not written",
+              file=sys.stderr)
+        return 130
     n, s = len(result["queries"]), result["settings"]
     print(f"{n} mask{'s' * (n != 1)} in {os.path.join(args.out, 'masks')}"
           + (f", overlays in {os.path.join(args.out, 'overlays')}" if args.overlays else "")

@@ -18,13 +18,10 @@ try:
 except ImportError:  # run from a checkout that was not installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dcama.backbones import BACKBONES
-from dcama.checkpoint import CheckpointError
 from dcama.config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, EVAL_EPISODES, TEST_SEED
-from dcama.data import DatasetFileError
 from dcama.evaluate import BASELINES, evaluate_checkpoint, format_result
-from dcama.flags import (ConfigError, FlagParser, check_at_least, check_benchmark, check_choice, check_file,
-                         check_img_size)
+from dcama.flags import (ConfigError, FlagParser, check_at_least, check_benchmark, check_checkpoint_model,
+                         check_file, check_output, error_line)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--episodes", type=int, default=EVAL_EPISODES)
     p.add_argument("--seed", type=int, default=TEST_SEED)
     p.add_argument("--img-size", type=int, default=None,
-                   help="default: the size the checkpoint was trained at (ours), else the benchmark's")
+                   help="default: the size the checkpoint was trained at (ours; 384 for the authors'), else the "
+                        "benchmark's")
     p.add_argument("--use-original-imgsize", action="store_true",
                    help="score at each query's original size (logits resized before the argmax)")
     p.add_argument("--backbone", default=None,
@@ -49,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp", default="off", choices=AMP_MODES)
     p.add_argument("--bsz", type=int, default=1, help="episodes per forward pass (1 with --use-original-imgsize)")
     p.add_argument("--workers", type=int, default=0)
+    p.add_threads()
     p.add_argument("--json", dest="json_path", default=None, help="write the results and settings to this file")
     p.add_argument("--visualize", dest="visualize_dir", default=None, help="write one PNG per episode here")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -59,16 +58,13 @@ def check_flags(args: argparse.Namespace) -> None:
     """Every flag checked before anything is loaded: ConfigError, one line naming the flag."""
     check_benchmark(args.benchmark, args.datapath, args.fold, args.nshot)
     check_file("checkpoint", args.checkpoint)
-    if args.backbone is not None:
-        check_choice("backbone", args.backbone, BACKBONES)
-    if args.img_size is not None and args.backbone is not None:
-        check_img_size(args.backbone, args.img_size)
-    else:  # the backbone is read from the checkpoint later, and the model checks the size against it
-        check_at_least("img_size", args.img_size, 1)
-    for name, minimum in (("episodes", 1), ("seed", 0), ("bsz", 1), ("workers", 0)):
+    check_checkpoint_model(args.backbone, args.img_size)
+    for name, minimum in (("episodes", 1), ("seed", 0), ("bsz", 1), ("workers", 0), ("threads", 0)):
         check_at_least(name, getattr(args, name), minimum)
     if args.use_original_imgsize and args.bsz != 1:
         raise ConfigError(f"--bsz {args.bsz}: --use-original-imgsize needs --bsz 1 (the queries differ in size)")
+    check_output("json", args.json_path, folder=False)
+    check_output("visualize", args.visualize_dir, folder=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint, benchmark=args.benchmark, datapath=args.datapath, fold=args.fold, nshot=args.nshot,
             episodes=args.episodes, seed=args.seed, use_original_imgsize=args.use_original_imgsize,
             img_size=args.img_size, backbone=args.backbone, attn_impl=args.attn_impl, amp=args.amp,
-            baseline=args.baseline, workers=args.workers, batch_size=args.bsz, json_path=args.json_path,
-            visualize_dir=args.visualize_dir, progress=args.progress)
-    except (FileNotFoundError, DatasetFileError, CheckpointError, ValueError) as err:  # ConfigError too
-        print(f"error: {err}", file=sys.stderr)
+            baseline=args.baseline, workers=args.workers, threads=args.threads, batch_size=args.bsz,
+            json_path=args.json_path, visualize_dir=args.visualize_dir, progress=args.progress)
+    except (OSError, ValueError) as err:  # bad flags, files that cannot be read or written, checkpoint errors
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("stopped by SIGINT; nothing was written", file=sys.stderr)

@@ -174,3 +174,28 @@ def test_load_fitting_state_lists_what_does_not_fit():
     good = {k: torch.full_like(v, 0.5) for k, v in module.state_dict().items()}
     load_fitting_state(module, good, "the file")
     assert all(torch.equal(v, good[k]) for k, v in module.state_dict().items())
+
+
+def test_a_folder_or_an_unreadable_file_is_named_in_one_line(tmp_path, r18, monkeypatch):
+    save_checkpoint(tmp_path / "best.pt", r18)
+    (tmp_path / "last.pth").write_bytes((tmp_path / "best.pt").read_bytes())
+    with pytest.raises(CheckpointError, match=r"^checkpoint '.*' is a folder, not a file; it holds best\.pt, "
+                                              r"last\.pth: pass one of them$"):
+        load_checkpoint_file(tmp_path)
+    # Root reads any file whatever its mode, so the refusal is the one torch.load would meet.
+    def refused(path, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(torch, "load", refused)
+    path = tmp_path / "best.pt"
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint_file(path)
+    assert str(info.value) == f"checkpoint {str(path)!r} cannot be read: Permission denied"
+
+
+def test_trained_img_size_is_one_rule_for_every_command(tmp_path, r18):
+    assert ckpt.trained_img_size({"format": FORMAT, "config": {"img_size": None}}) is None
+    assert ckpt.trained_img_size({"format": FORMAT, "config": {"img_size": 192}}) == 192  # built for a size
+    assert ckpt.trained_img_size({"format": FORMAT, "config": {"img_size": 192},
+                                  "train_config": {"img_size": 64}}) == 64  # the training run's record first
+    assert ckpt.trained_img_size({"module.model.conv1.0.weight": torch.zeros(1)}) == 384  # the authors' files

@@ -3,13 +3,16 @@ report of every problem, splits.json and the seeded split, FSS-1000's own layout
 folder coming back as exactly the tensors the shapes benchmark gives."""
 
 import json
+import math
 import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from torch.utils.data import DataLoader
 
+from dcama.config import BENCHMARK_DEFAULTS
 from dcama.data import FolderLayoutError, build_dataset
 from dcama.data.common import preprocess_image
 from dcama.data.folder import SEEDED_FRACTION, image_names, pair_files, seeded_split
@@ -42,15 +45,15 @@ def test_pairing_rule():
     pairs, problems = pair_files(names)
     # Natural order (2 before 10); a .png is a mask beside an image of another format, otherwise an image.
     assert pairs == [("2.jpg", "2.png"), ("10.JPG", "10.png"), ("a.png", "a.mask.png"), ("b.webp", "b.png")]
-    assert problems == ["image without mask: lone.jpg (expected lone.png)",
-                        "PNG image without mask: solo.png (expected solo.mask.png; if it is a mask, its image "
+    assert problems == ["lone.jpg: image without mask (expected lone.png)",
+                        "solo.png: PNG image without mask (expected solo.mask.png; if it is a mask, its image "
                         "solo.jpg or another format is missing)",
-                        "mask without image: lone.mask.png (the mask of lone.jpg is named lone.png)",
-                        "mask without image: orphan.mask.png (expected the PNG image orphan.png)"]
+                        "lone.mask.png: mask without image (the mask of lone.jpg is named lone.png)",
+                        "orphan.mask.png: mask without image (expected the PNG image orphan.png)"]
     assert image_names(names) == ["2.jpg", "10.JPG", "a.png", "b.webp", "lone.jpg", "solo.png"]
     _, clash = pair_files(["c.jpg", "c.jpeg", "c.png", "d.jpg", "d.png", "d.mask.png"])
-    assert clash == ["files that differ only in case or extension: c.jpeg, c.jpg",
-                     "mask without image: d.mask.png (d.png is the mask of d.jpg)"]
+    assert clash == ["c.jpeg, c.jpg: names that differ only in case or extension",
+                     "d.mask.png: mask without image (d.png is the mask of d.jpg)"]
 
 
 def test_every_problem_reported_once_naming_the_files(tmp_path):
@@ -62,19 +65,25 @@ def test_every_problem_reported_once_naming_the_files(tmp_path):
     write_mask(tmp_path / "broken" / "3.png", height=5)
     write_image(tmp_path / "broken" / "4.jpg")  # no mask
     write_mask(tmp_path / "broken" / "5.mask.png")  # no image
-    (tmp_path / "splits.json").write_text(json.dumps({"trn": ["good", "broken"], "val": ["small"],
-                                                      "test": ["pngs"]}))
+    write_image(tmp_path / "broken" / "10.jpg")
+    (tmp_path / "broken" / "10.png").write_bytes(b"not a mask")
+    # "small" indexed first: the report is sorted all the same, by class, then file (in natural order), then
+    # what is wrong with the class as a whole.
+    (tmp_path / "splits.json").write_text(json.dumps({"trn": ["small", "good", "broken"], "test": ["pngs"]}))
     with pytest.raises(FolderLayoutError) as info:
         build_dataset("folder", tmp_path, split="test", shot=1, img_size=4)
     message = str(info.value)
-    assert "6 problem(s)" in message
-    for expected in ["cannot read image " + str(tmp_path / "broken" / "2.jpg"),
-                     "broken/3.png: the mask is 5x7 (HxW), its image broken/3.jpg 6x7",
-                     "image without mask: broken/4.jpg (expected broken/4.png)",
-                     "mask without image: broken/5.mask.png (expected the PNG image broken/5.png)",
-                     "broken/: 1 image(s) with masks, 1-shot episodes need 2",
-                     "small/: 1 image(s) with masks, 1-shot episodes need 2"]:
-        assert expected in message, expected
+    assert f"folder benchmark {tmp_path}: 7 problem(s) found while indexing" in message
+    listed = [line[2:] for line in message.splitlines() if line.startswith("  ") and not line.startswith("  <")]
+    # Every file named from the folder root, never by its absolute path.
+    assert listed[:7] == ["broken/2.jpg: cannot read the image (not an image file PIL can identify)",
+                          "broken/3.png: the mask is 5x7 (HxW), its image broken/3.jpg 6x7",
+                          "broken/4.jpg: image without mask (expected broken/4.png)",
+                          "broken/5.mask.png: mask without image (expected the PNG image broken/5.png)",
+                          "broken/10.png: cannot read the mask (not an image file PIL can identify)",
+                          "broken/: 1 image(s) with masks, 1-shot episodes need 2",
+                          "small/: 1 image(s) with masks, 1-shot episodes need 2"]
+    assert str(tmp_path / "broken") not in message
     assert "<datapath>/<class>/<name>.jpg" in message  # the layout follows the list
     # The classes of no split are not indexed: a splits.json that leaves the broken ones out works.
     (tmp_path / "splits.json").write_text(json.dumps({"trn": ["good"], "test": ["pngs"]}))
@@ -193,3 +202,18 @@ def test_shapes_written_to_a_folder_come_back_exactly(tmp_path):
             assert {n.split("/")[0] for n in item["support_names"]} == {item["query_name"].split("/")[0]}
             assert len({item["query_name"], *item["support_names"]}) == 3
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_default_workers_fit_the_machine_and_any_count_gives_the_same_episodes(tmp_path):
+    # The real benchmarks' default of 8 DataLoader workers, capped by the CPUs this process may use (2 on
+    # the CI VM: 8 workers there only compete with the main process).
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert BENCHMARK_DEFAULTS["folder"]["workers"] == min(8, cpus)
+    export_folder(tmp_path, images_per_class=4, img_size=24, splits=("test",))
+    ds = build_dataset("folder", tmp_path, split="test", shot=2, img_size=24)
+    runs = [list(DataLoader(ds, batch_size=3, num_workers=w)) for w in (0, 2)]
+    assert len(runs[0]) == len(runs[1]) == math.ceil(len(ds) / 3)
+    for a, b in zip(*runs):
+        assert a["query_name"] == b["query_name"] and a["support_names"] == b["support_names"]
+        for key in ("query_img", "query_mask", "support_imgs", "support_masks"):
+            assert torch.equal(a[key], b[key]), key

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from dcama.checkpoint import save_checkpoint
+from dcama.checkpoint import CheckpointError, save_checkpoint
 from dcama.data import build_dataset
 from dcama.evaluate import baseline_predictor, evaluate, evaluate_checkpoint
+from dcama.flags import OutputError
 from dcama.model import DCAMA
 from dcama.visualize import GAP, MARGIN, PANEL_HEIGHT
 from helpers import exit_status
@@ -120,14 +122,86 @@ BAD_FLAGS = [
     (["--use-original-imgsize", "--bsz", "4"], "--bsz 4: --use-original-imgsize needs --bsz 1 (the queries differ in "
                                                "size)"),
     (["--fold", "one"], "argument --fold: invalid int value: 'one' (--help lists the flags)"),
+    (["--threads", "-1"], "--threads -1: must be an integer >= 0"),
+    # Outputs, checked before anything is loaded (a path under a regular file fails even for root).
+    (["--json", "{ckpt}/r.json"], "--json {ckpt}/r.json: {ckpt} is a file, so nothing can be written under it"),
+    (["--json", "{tmp}"], "--json {tmp}: is a folder; give a file name"),
+    (["--visualize", "{ckpt}"], "--visualize {ckpt}: is a file, not a folder"),
+    (["--visualize", "{ckpt}/a/b"], "--visualize {ckpt}/a/b: {ckpt} is a file, so nothing can be written under it"),
+    # Checked against the checkpoint's backbone (resnet18) when --backbone is not given, before any episode.
+    (["--img-size", "50"], "--img-size 50: resnet18 takes a side that is a positive multiple of 32 (its total "
+                           "stride): 32, 64, 96, ..."),
 ]
 
 
 @pytest.mark.parametrize("argv, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
 def test_cli_bad_flag_is_one_line_naming_it(argv: list[str], message: str, checkpoint: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture, load_cli) -> None:
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    argv = ["--checkpoint", str(checkpoint), "--json", str(tmp_path / "out.json"), *argv]
+    def fill(text: str) -> str:
+        return text.replace("{tmp}", str(tmp_path)).replace("{ckpt}", str(checkpoint))
+
+    argv = ["--checkpoint", str(checkpoint), "--json", str(tmp_path / "out.json"), *map(fill, argv)]
     assert exit_status(load_cli("eval").main, argv) == 2
-    assert capsys.readouterr().err == f"error: {message.replace('{tmp}', str(tmp_path))}\n"
+    assert capsys.readouterr().err == f"error: {fill(message)}\n"
     assert not (tmp_path / "out.json").exists()
+
+
+def test_cli_names_the_checkpoints_in_a_folder_passed_as_the_checkpoint(checkpoint: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture,
+                                                                        load_cli) -> None:
+    for name in ("last.pt", "best.pt", "notes.txt"):
+        (tmp_path / name).write_bytes(checkpoint.read_bytes() if name.endswith(".pt") else b"x")
+    assert load_cli("eval").main(["--checkpoint", str(tmp_path), "--episodes", "2", "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"error: --checkpoint {tmp_path}: is a folder, not a file; it holds best.pt, "
+                                       "last.pt: pass one of them\n")
+    with pytest.raises(CheckpointError, match="is a folder, not a file; it holds best.pt, last.pt"):
+        evaluate_checkpoint(tmp_path, episodes=2, progress=False)
+
+
+def test_results_that_cannot_be_written_are_one_line_naming_the_path(checkpoint: Path, tmp_path: Path) -> None:
+    # Past the command line's checks (the Python entry point): the system's reason, no traceback text.
+    kw = dict(episodes=2, img_size=64, attn_impl="sdpa", progress=False)
+    with pytest.raises(OutputError) as info:
+        evaluate_checkpoint(checkpoint, json_path=checkpoint / "r.json", **kw)
+    assert str(info.value) == f"cannot write {checkpoint / 'r.json'}: {checkpoint} is a file, so nothing can be " \
+                              "written under it"
+    with pytest.raises(OutputError) as info:
+        evaluate_checkpoint(checkpoint, visualize_dir=checkpoint / "vis", **kw)
+    assert str(info.value) == f"cannot write {checkpoint / 'vis'}: {checkpoint} is a file, so nothing can be " \
+                              "written under it"
+
+
+def test_classes_without_an_episode_are_a_printed_note(checkpoint: Path, capfd: pytest.CaptureFixture,
+                                                       load_cli) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a Python warning (with its source line) fails the test
+        rc = load_cli("eval").main(["--checkpoint", str(checkpoint), "--episodes", "2", "--img-size", "64",
+                                    "--attn-impl", "sdpa", "--no-progress"])
+    err = capfd.readouterr().err
+    assert rc == 0
+    classes = len(shapes().class_ids)
+    assert err.startswith(f"note: {classes - 2} of {classes} classes had no episode (") or \
+        err.startswith(f"note: {classes - 1} of {classes} classes had no episode (")
+    assert err.endswith("): left out of the mIoU mean\n") and err.count("\n") == 1
+
+
+def test_the_checkpoint_file_is_read_once(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: reads.append(a[0]) or load(*a, **kw))
+    result = evaluate_checkpoint(checkpoint, episodes=2, attn_impl="sdpa", progress=False)
+    assert reads == [str(checkpoint)]
+    # A checkpoint saved from Python records no training size: the benchmark's (shapes: 96).
+    assert result["settings"]["img_size"] == 96
+
+
+def test_a_full_disk_at_the_end_is_one_line_naming_the_file(checkpoint: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    def full_disk(path, payload):
+        raise OSError(28, "No space left on device", str(path) + ".tmp")
+
+    monkeypatch.setattr("dcama.evaluate.write_json", full_disk)
+    with pytest.raises(OutputError) as info:
+        evaluate_checkpoint(checkpoint, episodes=2, img_size=64, attn_impl="sdpa", progress=False,
+                            json_path=tmp_path / "r.json")
+    assert str(info.value) == f"cannot write {tmp_path / 'r.json'}: No space left on device"

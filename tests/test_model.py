@@ -405,6 +405,20 @@ def test_authors_swin_layout_converts_values(swin32):
         assert torch.equal(converted[k], v), k
 
 
+def test_authors_swin_file_that_does_not_convert_names_the_tensor(swin32):
+    # timm's converter fails with its own text (an index error deep in a resize): the message is the project's,
+    # naming the file, the tensor and the shapes.
+    state = authors_state(swin32)
+    table = "layers.0.blocks.0.attn.relative_position_bias_table"
+    state[f"module.feature_extractor.{table}"] = torch.zeros(7, 5, 3)
+    with pytest.raises(CheckpointError) as info:
+        checkpoint_filter_fn(state, swin32, "authors.pt")
+    own = tuple(swin32.state_dict()[f"backbone.net.{table}"].shape)
+    assert str(info.value) == (f"the backbone weights in 'authors.pt' do not fit swin_b: {table} (7, 5, 3) cannot "
+                               f"be resized to this model's {own}")
+    assert info.value.__suppress_context__  # no chained timm traceback
+
+
 @pytest.mark.parametrize("name", ["swin_b", "resnet101", "resnet50"])
 def test_authors_key_layout_matches_the_documented_one(name):
     with torch.device("meta"):  # the published sizes, shapes only

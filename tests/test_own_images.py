@@ -161,12 +161,14 @@ def test_train_and_eval_commands_on_a_folder_benchmark(tmp_path: Path, capsys: p
     split = data_config["splits"]
     assert data_config["split_from"] == "seeded split (split_seed 0)" and len(split["test"]) == 10
     assert f"folder benchmark {data}: seeded split (split_seed 0)" in out and "test: 10 classes" in out
+    assert "(2 more; all in the run's config.json)" in out  # where the whole split is
     assert json.loads((logdir / "config.json").read_text())["train_episodes_per_epoch"] == 2 * len(split["trn"])
     rc = load_script("eval/run.py").main(["--checkpoint", str(logdir / "best.pt"), "--benchmark", "folder",
                                           "--datapath", str(data), "--attn-impl", "sdpa", "--no-progress",
                                           "--json", str(tmp_path / "test.json")])
     out = capsys.readouterr().out
     assert rc == 0 and "mIoU" in out and "test: 10 classes" in out
+    assert f"(2 more; all in {tmp_path / 'test.json'})" in out and "config.json" not in out
     result = json.loads((tmp_path / "test.json").read_text())
     assert result["episodes"] == 20 and result["settings"]["data"]["splits"] == split
     assert sorted(result["per_class"]) == sorted(str(data_config["class_ids"][c]) for c in split["test"])

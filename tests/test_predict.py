@@ -1,16 +1,22 @@
 """eval/predict.py and dcama/predict.py: which files are queries, and the errors a person sees for bad input,
 each one line naming the file, with nothing written. (Predictions themselves: tests/test_own_images.py.)"""
 
+import errno
 import importlib.util
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from dcama.backbones import BACKBONES
+from dcama.checkpoint import save_checkpoint
 from dcama.data import DatasetFileError
-from dcama.predict import InputError, output_names, query_files, read_support, size_batches
+from dcama.model import DCAMA
+from dcama.predict import InputError, load_model, output_names, query_files, read_support, size_batches
+from helpers import exit_status
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,3 +117,71 @@ def test_cli_errors_are_one_line_naming_the_file_and_write_nothing(case, tmp_pat
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert os.path.join(str(tmp_path), named) in err or (case == "out" and f"--out {out}" in err), err
     assert sorted(p.name for p in out.rglob("*")) == (["masks"] if case == "out" else [])
+
+
+@pytest.fixture(scope="module")
+def resnet18_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(path, DCAMA("resnet18", attn_impl="sdpa"))
+    return path
+
+
+NO_CUDA = "--device cuda: this machine has no CUDA device (torch sees none); use --device cpu"
+BAD_FLAGS = [
+    (["--threads", "-1"], "--threads -1: must be an integer >= 0"),
+    (["--device", "bogus"], "--device bogus: choose cpu, cuda or cuda:N"),
+    (["--device", "cuda"], NO_CUDA),
+    (["--bsz", "0"], "--bsz 0: must be an integer >= 1"),
+    (["--img-size", "0"], "--img-size 0: must be an integer >= 1"),
+    (["--backbone", "vgg"], "--backbone vgg: choose from " + ", ".join(BACKBONES)),
+    (["--backbone", "resnet18", "--img-size", "50"], "--img-size 50: resnet18 takes a side that is a positive "
+                                                     "multiple of 32 (its total stride): 32, 64, 96, ..."),
+    # Without --backbone: checked against the checkpoint's backbone once it is loaded, before any query.
+    (["--img-size", "50"], "--img-size 50: resnet18 takes a side that is a positive multiple of 32 (its total "
+                           "stride): 32, 64, 96, ..."),
+    (["--out", "{ckpt}/out"], "--out {ckpt}/out: {ckpt} is a file, so nothing can be written under it"),
+    (["--out", "{ckpt}"], "--out {ckpt}: is a file, not a folder"),
+    (["--checkpoint", "{tmp}"], "--checkpoint {tmp}: is a folder, not a file; it holds model.pt: pass one of them"),
+    (["--fold", "1"], "unrecognized arguments: --fold 1 (--help lists the flags)"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_cli_bad_flag_is_one_line_naming_it(argv, message, resnet18_checkpoint, tmp_path, capsys):
+    if message == NO_CUDA and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is valid here")
+    (tmp_path / "model.pt").write_bytes(resnet18_checkpoint.read_bytes())
+
+    def fill(text):
+        return text.replace("{tmp}", str(tmp_path)).replace("{ckpt}", str(resnet18_checkpoint))
+
+    args = ["--checkpoint", str(resnet18_checkpoint), "--support", str(image(tmp_path / "s.jpg")),
+            str(mask(tmp_path / "s.png")), "--query", str(image(tmp_path / "q" / "q.jpg")),
+            "--out", str(tmp_path / "out"), "--attn-impl", "sdpa", "--no-progress", *map(fill, argv)]
+    assert exit_status(predict_cli().main, args) == 2
+    assert capsys.readouterr().err == f"error: {fill(message)}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_outputs_that_cannot_be_written_are_one_line(resnet18_checkpoint, tmp_path, capsys, monkeypatch):
+    # A full disk while the masks are written (past the checks made before): the path and the system's reason.
+    def full_disk(path, picture):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path) + ".tmp")
+
+    monkeypatch.setattr("dcama.predict.save_picture", full_disk)
+    args = ["--checkpoint", str(resnet18_checkpoint), "--support", str(image(tmp_path / "s.jpg")),
+            str(mask(tmp_path / "s.png")), "--query", str(image(tmp_path / "q" / "q.jpg")),
+            "--out", str(tmp_path / "out"), "--img-size", "32", "--attn-impl", "sdpa", "--no-progress"]
+    assert predict_cli().main(args) == 2
+    assert capsys.readouterr().err == f"error: cannot write {tmp_path / 'out' / 'masks' / 'q.png'}: No space left " \
+                                      "on device\n"
+
+
+def test_load_model_reads_the_checkpoint_once(resnet18_checkpoint, monkeypatch):
+    reads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: reads.append(a[0]) or load(*a, **kw))
+    model, side = load_model(resnet18_checkpoint, attn_impl="sdpa", device="cpu")
+    assert reads == [str(resnet18_checkpoint)] and side == 384  # no recorded size: the published one
+    assert not model.training

@@ -36,6 +36,10 @@ def test_cpu_threads_restores_the_count():
     with pytest.raises(RuntimeError), cpu_threads(1):
         raise RuntimeError
     assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match=r"threads must be >= 0 \(0 or None: torch's default\), got -1"):
+        with cpu_threads(-1):
+            pass
+    assert torch.get_num_threads() == before
 
 
 def test_autocast_context():

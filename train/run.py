@@ -28,7 +28,7 @@ from dcama.backbones import BACKBONES
 from dcama.checkpoint import CheckpointError
 from dcama.config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, OPTIMIZERS, TEST_SEED
 from dcama.data import DatasetFileError
-from dcama.flags import FlagParser
+from dcama.flags import FlagParser, check_output
 from dcama.runtime import Interrupted
 from dcama.train import (ConfigError, NonFiniteLossError, RunStopped, TrainConfig, TrainResult, WriteError,
                          mute_stop_signals, train)
@@ -70,7 +70,7 @@ def build_parser() -> FlagParser:
     p.add_argument("--val-episodes", type=int, default=None)
     p.add_argument("--test-episodes", type=int, default=None,
                    help=f"after training, evaluate best.pt on this many test episodes (seed {TEST_SEED}); 0 skips")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_threads(default="the benchmark's, 1 for shapes")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     try:
+        check_output("logdir", cfg.logdir, folder=True)
         result = train(cfg)
     except RunStopped as stop:
         if rank0:

@@ -18,7 +18,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = ("trn", "val", "test")
 # Binary masks (FSS-1000, the folder benchmark, eval/predict.py): grey value >= 128 is foreground.
 MASK_THRESHOLD = 128
-_EXIF_ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose follows
+_EXIF_ORIENTATION_TAG = 0x0112  # the EXIF tag ImageOps.exif_transpose follows
 
 
 class DatasetFileError(OSError):
@@ -64,11 +64,11 @@ def load_rgb(path: str, exif_orientation: bool = False) -> Image.Image:
         return (ImageOps.exif_transpose(img) if exif_orientation else img).convert("RGB")
 
 
-def image_size(path: str, exif_orientation: bool = False) -> tuple[int, int]:
+def image_size(path: str, exif_orientation: bool = False, what: str = "image") -> tuple[int, int]:
     """(height, width) of an image file from its header, without decoding the pixels (as load_rgb would
-    return it); errors as load_rgb's."""
-    with open_image(path, "image") as img:
-        turned = exif_orientation and img.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
+    return it); errors as load_rgb's, naming the file as `what` ("mask")."""
+    with open_image(path, what) as img:
+        turned = exif_orientation and img.getexif().get(_EXIF_ORIENTATION_TAG) in (5, 6, 7, 8)
         return (img.width, img.height) if turned else (img.height, img.width)
 
 
@@ -196,9 +196,10 @@ class FewShotDataset(Dataset):
     def rng(self, index: int) -> np.random.Generator:
         return episode_rng(self.seed, self.epoch, index)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, listed_in: str | None = "the run's config.json") -> dict[str, Any]:
         """What a run records about its data beyond the settings that built it (the folder benchmark: its
-        class split, with a "summary" for people); {} for the benchmarks whose classes are fixed."""
+        class split, with a "summary" for people that says the record is `listed_in`, None: not written);
+        {} for the benchmarks whose classes are fixed."""
         return {}
 
     def check_index(self, index: int) -> int:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from dcama.config import EVAL_EPISODES, PUBLISHED_IMG_SIZE
 from dcama.data.common import (
@@ -42,7 +42,7 @@ SPLITS_FILE = "splits.json"
 # A seeded split without splits.json: 20% of the classes test, 20% val (at least one each), the rest trn.
 SEEDED_FRACTION = {"test": 0.2, "val": 0.2}
 MAX_LISTED = 100  # problems named in one report (the count of the others follows)
-EXIF_ORIENTATION = True  # images are turned as their EXIF orientation says, as photo viewers show them
+FOLLOW_EXIF_ORIENTATION = True  # images are turned as their EXIF orientation says, as photo viewers show them
 _IGNORED_FOLDERS = ("__MACOSX",)  # left by zip archives made on macOS
 
 LAYOUT = f"""Expected folder benchmark layout (docs/data.md, "Your own classes: the folder benchmark"):
@@ -74,15 +74,16 @@ def _kind(name: str) -> tuple[str | None, str]:
 
 def pair_files(names: list[str], folder: str = "") -> tuple[list[tuple[str, str]], list[str]]:
     """The (image, mask) file names among the file names of one class folder, by the layout's rule, in
-    natural order of the image names, and the problems found (unpaired or ambiguous files), which name the
-    files as <folder>/<name>. Hidden files and files of other formats are ignored."""
+    natural order of the image names, and the problems found (unpaired or ambiguous files), each "<file>:
+    <what is wrong>" with the files named as <folder>/<name>. Hidden files and files of other formats are
+    ignored."""
     at = (lambda name: f"{folder}/{name}") if folder else (lambda name: name)  # noqa: E731
     found: dict[str, dict[str, list[str]]] = {k: defaultdict(list) for k in ("image", "png", "png-mask")}
     for name in names:
         kind, stem = _kind(name)
         if kind is not None and not name.startswith("."):
             found[kind][stem].append(name)
-    problems = [f"files that differ only in case or extension: {', '.join(at(f) for f in sorted(files))}"
+    problems = [f"{', '.join(at(f) for f in sorted(files))}: names that differ only in case or extension"
                 for kind in found.values() for files in kind.values() if len(files) > 1]
     single = {kind: {stem: files[0] for stem, files in by_stem.items() if len(files) == 1}
               for kind, by_stem in found.items()}
@@ -92,7 +93,7 @@ def pair_files(names: list[str], folder: str = "") -> tuple[list[tuple[str, str]
         if stem in single["png"]:
             pairs.append((image, single["png"][stem]))
         elif stem not in unclear["png"]:
-            problems.append(f"image without mask: {at(image)} (expected {at(stem + '.png')})")
+            problems.append(f"{at(image)}: image without mask (expected {at(stem + '.png')})")
     # The .png files that no image of another format claims as its mask are images.
     for stem, image in single["png"].items():
         if stem in found["image"]:
@@ -100,7 +101,7 @@ def pair_files(names: list[str], folder: str = "") -> tuple[list[tuple[str, str]
         if stem in single["png-mask"]:
             pairs.append((image, single["png-mask"].pop(stem)))
         elif stem not in unclear["png-mask"]:
-            problems.append(f"PNG image without mask: {at(image)} (expected {at(stem + PNG_MASK_SUFFIX)}; if it is "
+            problems.append(f"{at(image)}: PNG image without mask (expected {at(stem + PNG_MASK_SUFFIX)}; if it is "
                             f"a mask, its image {at(stem + '.jpg')} or another format is missing)")
     for stem, mask in single["png-mask"].items():
         if stem not in unclear["png"]:
@@ -108,7 +109,7 @@ def pair_files(names: list[str], folder: str = "") -> tuple[list[tuple[str, str]
             why = (f"expected the PNG image {at(stem + '.png')}" if image is None else
                    f"{at(stem + '.png')} is the mask of {at(image)}" if stem in found["png"] else
                    f"the mask of {at(image)} is named {at(stem + '.png')}")
-            problems.append(f"mask without image: {at(mask)} ({why})")
+            problems.append(f"{at(mask)}: mask without image ({why})")
     return sorted(pairs, key=lambda pair: natural_key(pair[0])), problems
 
 
@@ -196,6 +197,7 @@ def index_folder(root: str, shot: int, split_seed: int = 0) -> FolderIndex:
     for name in (c for s in SPLITS for c in splits[s]):
         files[name], found = _index_class(root, name, shot)
         problems += found
+    problems.sort(key=natural_key)  # "<class>/<file>: ..." lines: by class, then by file
     if problems:
         shown = "\n  ".join(problems[:MAX_LISTED])
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
@@ -211,22 +213,32 @@ def _index_class(root: str, name: str, shot: int) -> tuple[list[tuple[str, str]]
     pairs, problems = pair_files([e.name for e in entries if e.is_file()], name)
     paths = []
     for image, mask in pairs:
-        image_path, mask_path = os.path.join(folder, image), os.path.join(folder, mask)
-        try:
-            sizes = image_size(image_path, exif_orientation=EXIF_ORIENTATION), image_size(mask_path)
-        except DatasetFileError as err:  # the message names the file
-            problems.append(str(err))
+        sizes = []
+        for file, what, turned in ((image, "image", FOLLOW_EXIF_ORIENTATION), (mask, "mask", False)):
+            try:
+                sizes.append(image_size(os.path.join(folder, file), exif_orientation=turned, what=what))
+            except OSError as err:  # DatasetFileError: corrupt or unreadable; named from the root here
+                problems.append(f"{name}/{file}: cannot read the {what} ({_unreadable(err)})")
+        if len(sizes) < 2:
             continue
         if sizes[0] != sizes[1]:
             problems.append(f"{name}/{mask}: the mask is {sizes[1][0]}x{sizes[1][1]} (HxW), "
                             f"its image {name}/{image} {sizes[0][0]}x{sizes[0][1]}")
             continue
-        paths.append((image_path, mask_path))
+        paths.append((os.path.join(folder, image), os.path.join(folder, mask)))
     if len(paths) < shot + 1:
         folders = [e.name for e in entries if e.is_dir()]
         hint = f" (it holds folders {folders[:3]}: is --datapath one level too high?)" if folders and not pairs else ""
         problems.append(f"{name}/: {len(paths)} image(s) with masks, {shot}-shot episodes need {shot + 1}{hint}")
     return paths, problems
+
+
+def _unreadable(err: OSError) -> str:
+    """Why a file could not be read, without its absolute path (the report names it from the root)."""
+    cause = err.__cause__ or err
+    if isinstance(cause, UnidentifiedImageError):
+        return "not an image file PIL can identify"
+    return cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
 
 
 class FolderDataset(ImageFilesDataset):
@@ -236,7 +248,7 @@ class FolderDataset(ImageFilesDataset):
     follow their EXIF orientation (as photo viewers show them); masks must have that size.
     """
 
-    exif_orientation = EXIF_ORIENTATION
+    exif_orientation = FOLLOW_EXIF_ORIENTATION
 
     def __init__(self, root: str, fold: int = 0, split: str = "test", shot: int = 1,
                  img_size: int = PUBLISHED_IMG_SIZE, use_original_imgsize: bool = False,
@@ -253,20 +265,25 @@ class FolderDataset(ImageFilesDataset):
         self.class_ids = list(self.class_names)
         self.set_files(root, {cid: self.index.files[n] for cid, n in self.class_names.items()})
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, listed_in: str | None = "the run's config.json") -> dict[str, Any]:
         index = self.index
         return {"benchmark": "folder", "root": index.root, "split_from": index.split_from,
                 "splits": index.splits, "class_ids": {n: index.class_id(n) for s in SPLITS for n in index.splits[s]},
-                "summary": split_summary(index)}
+                "summary": split_summary(index, listed_in)}
 
 
-def split_summary(index: FolderIndex, shown: int = 8) -> str:
-    """One line per split for people: how the split was made and the first class names of each split."""
+def split_summary(index: FolderIndex, listed_in: str | None, shown: int = 8) -> str:
+    """One line per split for people: how the split was made and the first class names of each split, with
+    where all of them are: `listed_in` (the file the caller writes them to), else splits.json if it made the
+    split."""
+    from_file = index.split_from == SPLITS_FILE
     lines = [f"folder benchmark {index.root}: {index.split_from}"
-             + ("" if index.split_from == SPLITS_FILE else f" (write {SPLITS_FILE} to choose your own)")]
+             + ("" if from_file else f" (write {SPLITS_FILE} to choose your own)")]
+    listed_in = listed_in or (os.path.join(index.root, SPLITS_FILE) if from_file else None)
+    where = f"; all in {listed_in}" if listed_in else ""
     for s in SPLITS:
         names = index.splits[s]
-        more = f", ... ({len(names) - shown} more; all in the run's config)" if len(names) > shown else ""
+        more = f", ... ({len(names) - shown} more{where})" if len(names) > shown else ""
         lines.append(f"  {s}: {len(names)} classes: {', '.join(names[:shown])}{more}")
     return "\n".join(lines)
 
