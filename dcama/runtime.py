@@ -254,11 +254,19 @@ class StopRequests:
             os.write(2, (self.notice.format(signal=signal.Signals(signum).name) + "\n").encode())
 
 
+def mute_stop_signals() -> None:
+    """SIGTERM, SIGINT and SIGUSR1 ignored from now on (set from the main thread only, as signal handlers are).
+    What a run does once its stop is saved, and train/run.py outside train(), which installs its own handlers
+    while it runs and puts these back: the exit status a run decided cannot be changed by a late signal."""
+    if threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader `worker_init_fn`: the workers ignore the stop signals, which the main process handles (a
     worker ended by SLURM's SIGTERM would otherwise fail the step the main process is finishing)."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+    mute_stop_signals()
 
 
 # ----------------------------------------------------------------------------------------------- versions

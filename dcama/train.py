@@ -19,9 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
-import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -45,12 +43,12 @@ from .flags import (ConfigError, check_at_least, check_benchmark, check_choice, 
                     check_img_size, check_non_negative, check_positive, flag)
 from .metrics import FewShotIoU
 from .model import DCAMA
-from .runtime import (STOP_SIGNALS, EpochSampler, Interrupted, StopRequests, all_gather, any_rank, autocast_context,
-                      cpu_threads, dist_info, from_rank0, gather_rng_states, ignore_stop_signals, move_batch,
+from .runtime import (EpochSampler, Interrupted, StopRequests, all_gather, any_rank, autocast_context, cpu_threads,
+                      dist_info, from_rank0, gather_rng_states, ignore_stop_signals, move_batch, mute_stop_signals,
                       seed_everything, set_rng_state, setup_distributed, software_versions)
 
 __all__ = ["ConfigError", "NonFiniteLossError", "RunStopped", "TrainConfig", "TrainResult", "WriteError",
-           "build_optimizer", "fill_defaults", "mute_stop_signals", "previous_checkpoint", "resolve_config",
+           "build_optimizer", "fill_defaults", "previous_checkpoint", "resolve_config",
            "segmentation_loss", "train", "train_step", "trainable_parameters"]
 
 TENSORBOARD_TAGS = {"train_loss": "train/loss", "train_miou": "train/miou", "train_fb_iou": "train/fb_iou",
@@ -211,15 +209,6 @@ class _Run:
     def last_good(self) -> str:
         """Where the last good checkpoint is, for the messages of a run that stops."""
         return f"{self.last_path} ({self.saved_at})" if self.saved_at else "none was written yet"
-
-
-def mute_stop_signals() -> None:
-    """SIGTERM, SIGINT and SIGUSR1 ignored from now on (set from the main thread only, as signal handlers are).
-    What a run does once its stop is saved, and train/run.py outside train(), which installs its own handlers
-    while it runs and puts these back: the exit status a run decided cannot be changed by a late signal."""
-    if threading.current_thread() is threading.main_thread():
-        for s in STOP_SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
 
 
 def previous_checkpoint(path: str | Path) -> Path:
@@ -549,11 +538,11 @@ def _train_epoch(run: _Run, net: torch.nn.Module, sampler: EpochSampler, loader:
             on_step_end(epoch + 1, progress.steps)
         _between_steps(run, epoch, epoch_steps, progress, metric)
         if not bar.disable:
-            bar.set_postfix(loss=f"{progress.loss_sum / progress.steps:.4f}", miou=f"{_quiet_miou(metric):.1f}",
+            bar.set_postfix(loss=f"{progress.loss_sum / progress.steps:.4f}", miou=f"{metric.compute()['miou']:.1f}",
                             eps=f"{progress.episodes / max(progress.train_time_s, 1e-9):.1f}/s")
         tick = time.perf_counter()
     metric.all_reduce()
-    scores = _quiet_scores(metric)
+    scores = metric.compute()
     return {"train_loss": progress.loss_sum / max(progress.steps, 1), "train_miou": scores["miou"],
             "train_fb_iou": scores["fb_iou"], "steps": progress.steps,
             "episodes_per_s": progress.episodes / progress.train_time_s if progress.train_time_s > 0 else math.nan,
@@ -591,17 +580,6 @@ def _between_steps(run: _Run, epoch: int, epoch_steps: int, progress: EpochProgr
     if stop:
         raise _stopped(run)
 
-
-
-def _quiet_scores(metric: FewShotIoU) -> dict[str, Any]:
-    # Training episodes need not visit every class (early in an epoch, or in a short one): expected, not warned.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return metric.compute()
-
-
-def _quiet_miou(metric: FewShotIoU) -> float:
-    return _quiet_scores(metric)["miou"]
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, fg_weight: float = 1.0) -> torch.Tensor:

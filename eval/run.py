@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("stopped by SIGINT; nothing was written", file=sys.stderr)
+        print("stopped by SIGINT: no scores were written (--visualize keeps the pictures drawn so far)",
+              file=sys.stderr)
         return 130
     s = result["settings"]
     print(f"{s['checkpoint'] or s['baseline']}: {s['benchmark']} fold {s['fold']} {s['nshot']}-shot, "

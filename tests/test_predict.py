@@ -93,7 +93,7 @@ def test_support_checks(tmp_path):
                                   "no-query"])
 def test_cli_errors_are_one_line_naming_the_file_and_write_nothing(case, tmp_path, capsys):
     support, support_mask = image(tmp_path / "s.jpg"), mask(tmp_path / "s.png")
-    query = image(tmp_path / "q" / "q.jpg")
+    image(tmp_path / "q" / "q.jpg")
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_bytes(b"PK\x03\x04 not really a checkpoint")
     out = tmp_path / "out"

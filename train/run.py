@@ -29,9 +29,8 @@ from dcama.checkpoint import CheckpointError
 from dcama.config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, OPTIMIZERS, TEST_SEED
 from dcama.data import DatasetFileError
 from dcama.flags import FlagParser, check_output
-from dcama.runtime import Interrupted
-from dcama.train import (ConfigError, NonFiniteLossError, RunStopped, TrainConfig, TrainResult, WriteError,
-                         mute_stop_signals, train)
+from dcama.runtime import Interrupted, mute_stop_signals
+from dcama.train import ConfigError, NonFiniteLossError, RunStopped, TrainConfig, TrainResult, WriteError, train
 
 EXIT_STOPPED = 75  # sysexits.h EX_TEMPFAIL: "try again later", what a requeue script looks for
 
