@@ -23,9 +23,9 @@ from torch import nn
 from .config import PUBLISHED_IMG_SIZE
 from .files import atomic_open
 
-__all__ = ["CheckpointError", "FORMAT", "VERSION", "checkpoint_parts", "is_own_checkpoint", "load_checkpoint_file",
-           "load_fitting_state", "load_torch_file", "save_checkpoint", "state_dict_mismatch", "torch_files_in",
-           "trained_img_size"]
+__all__ = ["CheckpointError", "FORMAT", "VERSION", "checkpoint_parts", "folder_not_file", "is_own_checkpoint",
+           "load_checkpoint_file", "load_fitting_state", "load_torch_file", "save_checkpoint", "state_dict_mismatch",
+           "torch_files_in", "trained_img_size"]
 
 FORMAT = "dcama-triton"
 VERSION = 1
@@ -70,9 +70,7 @@ def load_torch_file(path: str | os.PathLike, what: str, expected: str = "") -> d
     path = os.fspath(path)
     hint = f" ({expected})" if expected else ""
     if os.path.isdir(path):
-        found = torch_files_in(path)
-        raise CheckpointError(f"{what} {path!r} is a folder, not a file"
-                              + (f"; it holds {', '.join(found)}: pass one of them" if found else hint))
+        raise CheckpointError(f"{what} {path!r} {folder_not_file(path)}{hint}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file {path!r} not found{hint}")
     try:
@@ -119,15 +117,26 @@ def torch_files_in(folder: str | os.PathLike) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.endswith(TORCH_SUFFIXES))
 
 
-def trained_img_size(blob: dict[str, Any]) -> int | None:
-    """The image side a loaded checkpoint was trained at, the default size of every command that runs it:
-    what this project's training run recorded (its "train_config"), else the side its model was built for
+def folder_not_file(folder: str | os.PathLike) -> str:
+    """What is said of a folder given where a torch file is expected (the message's end, after its name):
+    the .pt/.pth files in it, to pass one of them."""
+    found = torch_files_in(folder)
+    if found:
+        return f"is a folder, not a file; it holds {', '.join(found)}: pass one of them"
+    return "is a folder, not a file; it holds no .pt or .pth file"
+
+
+def trained_img_size(blob: dict[str, Any], default: int) -> int:
+    """The image side a loaded checkpoint runs at when none is given, the one rule of every command that runs
+    it: what this project's training run recorded (its "train_config"), else the side its model was built for
     (a Swin, or a model saved from Python with img_size=); the published 384 for an authors' file (their
-    models were all trained at 384x384, docs/training.md); None when a file of ours does not say."""
+    models were all trained at 384x384, docs/training.md); else, for a file of ours that does not say (a
+    model saved from Python), the command's `default` (eval/run.py: the benchmark's size; eval/predict.py:
+    384)."""
     if not is_own_checkpoint(blob):
         return PUBLISHED_IMG_SIZE
     trained = blob.get("train_config", {}).get("img_size") or blob.get("config", {}).get("img_size")
-    return int(trained) if trained else None
+    return int(trained) if trained else default
 
 
 def is_own_checkpoint(blob: dict[str, Any]) -> bool:

@@ -22,7 +22,7 @@ from .checkpoint import load_checkpoint_file, trained_img_size
 from .config import EVAL_EPISODES, TEST_SEED, default_img_size
 from .data import build_dataset, collate_episodes
 from .files import write_json
-from .flags import check_device, check_img_size, writing
+from .flags import check_device, check_img_size, check_output, writing
 from .metrics import FewShotIoU, episode_iou
 from .model import DCAMA
 from .runtime import Batch, ShardSampler, autocast_context, cpu_threads, dist_info, ignore_stop_signals, move_batch
@@ -156,22 +156,27 @@ def evaluate_checkpoint(checkpoint: str | Path | None, *, benchmark: str = "shap
     on the CPU (None: torch's default). `batch_size` must stay 1 with `use_original_imgsize` (episodes of
     different sizes). Returns (and with `json_path` writes)
     {"miou", "fb_iou", "per_class", "episodes", "settings"}; settings["data"] is what the data set says of
-    itself (the folder benchmark's class split). Same arguments, same numbers. A device this machine lacks or
-    an image size the model cannot take is a ConfigError, a result that cannot be written an OutputError.
+    itself (the folder benchmark's class split). Same arguments, same numbers. A device this machine lacks,
+    a `json_path` or `visualize_dir` that cannot be written (checked before anything is read) or an image
+    size the model cannot take is a ConfigError, a result that cannot be written at the end an OutputError.
     """
     dev = check_device(device)
     if (checkpoint is None) == (baseline is None):
         raise ValueError("give exactly one of a checkpoint or a baseline")
-    blob = None if checkpoint is None else load_checkpoint_file(checkpoint)  # read once, for the size and weights
-    trained = None if blob is None else trained_img_size(blob)
-    img_size = img_size or trained or default_img_size(benchmark)
-    # The data set first: a missing benchmark is reported before a large model is loaded.
+    check_output("json", None if json_path is None else str(json_path), folder=False)
+    check_output("visualize", None if visualize_dir is None else str(visualize_dir), folder=True)
+    # A checkpoint is read first only when its size is needed (the file is read once); otherwise the data set
+    # is built first, so a missing or malformed benchmark is reported before a large checkpoint is read.
+    blob = load_checkpoint_file(checkpoint) if checkpoint is not None and img_size is None else None
+    default = default_img_size(benchmark)
+    img_size = img_size or (default if blob is None else trained_img_size(blob, default))
     dataset = build_dataset(benchmark, datapath, fold=fold, split="test", shot=nshot, img_size=img_size,
                             use_original_imgsize=use_original_imgsize, episodes=episodes, seed=seed)
-    if blob is None:
+    if checkpoint is None:
         predictor, model_config = baseline_predictor(baseline), None
     else:
-        model = DCAMA.from_loaded(blob, str(checkpoint), backbone=backbone, attn_impl=attn_impl)
+        model = DCAMA.from_loaded(load_checkpoint_file(checkpoint) if blob is None else blob, str(checkpoint),
+                                  backbone=backbone, attn_impl=attn_impl)
         del blob  # its tensors are the model's now
         check_img_size(model.config["backbone"], img_size, built_for=model.backbone.img_size)
         model = model.to(dev).eval()

@@ -126,15 +126,16 @@ def query_files(patterns: Sequence[str | os.PathLike]) -> list[str]:
 # ------------------------------------------------------------------------------------------------- model
 def load_model(checkpoint: str | os.PathLike, *, backbone: str | None = None, attn_impl: str = "auto",
                device: str | torch.device | None = None) -> tuple[DCAMA, int]:
-    """A checkpoint's model (ours or the authors', `DCAMA.from_checkpoint`) on `device` (None: CUDA when there
-    is one) in eval mode, and the image side to run it at: the one it was trained at
-    (`dcama.checkpoint.trained_img_size`), else the published 384. The file is read once."""
+    """A checkpoint's model (ours or the authors') on `device` (None: CUDA when there is one) in eval mode,
+    and the image side to run it at: `dcama.checkpoint.trained_img_size`, whose fallback here is the
+    published 384 (a file of ours that records no size). The file is read once: its dict gives the size and
+    then the weights (`DCAMA.from_loaded`)."""
     dev = check_device(device)
     blob = load_checkpoint_file(checkpoint)
-    trained = trained_img_size(blob)
+    side = trained_img_size(blob, PUBLISHED_IMG_SIZE)
     model = DCAMA.from_loaded(blob, os.fspath(checkpoint), backbone=backbone, attn_impl=attn_impl)
-    del blob
-    return model.to(dev).eval(), trained or PUBLISHED_IMG_SIZE
+    del blob  # its tensors are the model's now
+    return model.to(dev).eval(), side
 
 
 # --------------------------------------------------------------------------------------------- inference

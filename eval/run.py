@@ -21,7 +21,7 @@ except ImportError:  # run from a checkout that was not installed
 from dcama.config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, EVAL_EPISODES, TEST_SEED
 from dcama.evaluate import BASELINES, evaluate_checkpoint, format_result
 from dcama.flags import (ConfigError, FlagParser, check_at_least, check_benchmark, check_checkpoint_model,
-                         check_file, check_output, error_line)
+                         check_file, error_line)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """Every flag checked before anything is loaded: ConfigError, one line naming the flag."""
+    """Every flag checked before anything is loaded: ConfigError, one line naming the flag. --json and
+    --visualize are checked by `evaluate_checkpoint`, before it reads anything."""
     check_benchmark(args.benchmark, args.datapath, args.fold, args.nshot)
     check_file("checkpoint", args.checkpoint)
     check_checkpoint_model(args.backbone, args.img_size)
@@ -63,8 +64,6 @@ def check_flags(args: argparse.Namespace) -> None:
         check_at_least(name, getattr(args, name), minimum)
     if args.use_original_imgsize and args.bsz != 1:
         raise ConfigError(f"--bsz {args.bsz}: --use-original-imgsize needs --bsz 1 (the queries differ in size)")
-    check_output("json", args.json_path, folder=False)
-    check_output("visualize", args.visualize_dir, folder=True)
 
 
 def main(argv: list[str] | None = None) -> int:

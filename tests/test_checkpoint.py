@@ -11,7 +11,7 @@ from torch import nn
 
 import dcama.checkpoint as ckpt
 from dcama import DCAMA
-from dcama.checkpoint import (FORMAT, VERSION, CheckpointError, checkpoint_parts, is_own_checkpoint,
+from dcama.checkpoint import (FORMAT, VERSION, CheckpointError, checkpoint_parts, folder_not_file, is_own_checkpoint,
                               load_checkpoint_file, load_fitting_state, load_torch_file, save_checkpoint)
 
 
@@ -193,9 +193,24 @@ def test_a_folder_or_an_unreadable_file_is_named_in_one_line(tmp_path, r18, monk
     assert str(info.value) == f"checkpoint {str(path)!r} cannot be read: Permission denied"
 
 
+def test_a_folder_given_as_a_file_is_said_one_way(tmp_path):
+    # folder_not_file is the one wording (the --checkpoint/--backbone-weights flag check says it too).
+    (tmp_path / "notes.txt").write_text("x")
+    assert folder_not_file(tmp_path) == "is a folder, not a file; it holds no .pt or .pth file"
+    with pytest.raises(CheckpointError) as err:
+        load_torch_file(tmp_path, "backbone weights", expected="expects weights.pth")
+    assert str(err.value) == f"backbone weights {str(tmp_path)!r} {folder_not_file(tmp_path)} (expects weights.pth)"
+    (tmp_path / "b.pth").write_bytes(b"")
+    (tmp_path / "a.pt").write_bytes(b"")
+    assert folder_not_file(tmp_path) == "is a folder, not a file; it holds a.pt, b.pth: pass one of them"
+
+
 def test_trained_img_size_is_one_rule_for_every_command(tmp_path, r18):
-    assert ckpt.trained_img_size({"format": FORMAT, "config": {"img_size": None}}) is None
-    assert ckpt.trained_img_size({"format": FORMAT, "config": {"img_size": 192}}) == 192  # built for a size
+    # A file of ours that records no size (a model saved from Python): the command's own fallback.
+    assert ckpt.trained_img_size({"format": FORMAT, "config": {"img_size": None}}, 96) == 96
+    assert ckpt.trained_img_size({"format": FORMAT, "config": {"img_size": None}}, 384) == 384
+    assert ckpt.trained_img_size({"format": FORMAT, "config": {"img_size": 192}}, 96) == 192  # built for a size
     assert ckpt.trained_img_size({"format": FORMAT, "config": {"img_size": 192},
-                                  "train_config": {"img_size": 64}}) == 64  # the training run's record first
-    assert ckpt.trained_img_size({"module.model.conv1.0.weight": torch.zeros(1)}) == 384  # the authors' files
+                                  "train_config": {"img_size": 64}}, 96) == 64  # the training run's record first
+    # The authors' files: the published 384, whatever the command's fallback.
+    assert ckpt.trained_img_size({"module.model.conv1.0.weight": torch.zeros(1)}, 96) == 384

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from dcama.checkpoint import CheckpointError, save_checkpoint
 from dcama.data import build_dataset
 from dcama.evaluate import baseline_predictor, evaluate, evaluate_checkpoint
-from dcama.flags import OutputError
+from dcama.flags import ConfigError, OutputError
 from dcama.model import DCAMA
 from dcama.visualize import GAP, MARGIN, PANEL_HEIGHT
 from helpers import exit_status
@@ -158,17 +159,47 @@ def test_cli_names_the_checkpoints_in_a_folder_passed_as_the_checkpoint(checkpoi
         evaluate_checkpoint(tmp_path, episodes=2, progress=False)
 
 
-def test_results_that_cannot_be_written_are_one_line_naming_the_path(checkpoint: Path, tmp_path: Path) -> None:
-    # Past the command line's checks (the Python entry point): the system's reason, no traceback text.
-    kw = dict(episodes=2, img_size=64, attn_impl="sdpa", progress=False)
-    with pytest.raises(OutputError) as info:
-        evaluate_checkpoint(checkpoint, json_path=checkpoint / "r.json", **kw)
-    assert str(info.value) == f"cannot write {checkpoint / 'r.json'}: {checkpoint} is a file, so nothing can be " \
-                              "written under it"
-    with pytest.raises(OutputError) as info:
-        evaluate_checkpoint(checkpoint, visualize_dir=checkpoint / "vis", **kw)
-    assert str(info.value) == f"cannot write {checkpoint / 'vis'}: {checkpoint} is a file, so nothing can be " \
-                              "written under it"
+def test_outputs_are_checked_before_anything_is_read(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The Python entry point checks json_path and visualize_dir as eval/run.py's --json and --visualize, before
+    # it reads the checkpoint or builds the data set (a path under a regular file fails even for root).
+    def not_now(*args, **kwargs):
+        raise AssertionError("read before the outputs were checked")
+
+    monkeypatch.setattr("dcama.evaluate.load_checkpoint_file", not_now)
+    monkeypatch.setattr("dcama.evaluate.build_dataset", not_now)
+    kw = dict(episodes=2, attn_impl="sdpa", progress=False)
+    for name, key in (("json", "json_path"), ("visualize", "visualize_dir")):
+        for img_size in (None, 64):
+            with pytest.raises(ConfigError) as info:
+                evaluate_checkpoint(checkpoint, img_size=img_size, **{key: checkpoint / "r"}, **kw)
+            assert str(info.value) == f"--{name} {checkpoint / 'r'}: {checkpoint} is a file, so nothing can be " \
+                                      "written under it"
+    with pytest.raises(ConfigError, match="is a file, so nothing can be written under it"):
+        evaluate_checkpoint(None, baseline="all-foreground", json_path=checkpoint / "r", **kw)
+
+
+def test_a_bad_benchmark_folder_is_reported_before_the_checkpoint_is_read(checkpoint: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys: pytest.CaptureFixture,
+                                                                          load_cli) -> None:
+    reads = []
+    monkeypatch.setattr("dcama.evaluate.load_checkpoint_file", lambda path: reads.append(path) or {})
+    for name in ("a", "b", "c"):  # a folder benchmark whose images have no masks
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "1.jpg")
+    argv = ["--checkpoint", str(checkpoint), "--benchmark", "folder", "--datapath", str(tmp_path),
+            "--img-size", "64", "--no-progress"]
+    assert load_cli("eval").main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"error: folder benchmark {tmp_path}: 6 problem(s) found while "
+                                              "indexing; fix them and run again:\n  a/1.jpg: image without mask")
+    with pytest.raises(FileNotFoundError, match="folder benchmark not found"):
+        evaluate_checkpoint(checkpoint, benchmark="folder", datapath=str(tmp_path / "absent"), img_size=64,
+                            progress=False)
+    assert reads == []
+    # Without img_size the checkpoint decides the size, so it is read first (once).
+    with pytest.raises(FileNotFoundError, match="folder benchmark not found"):
+        evaluate_checkpoint(checkpoint, benchmark="folder", datapath=str(tmp_path / "absent"), progress=False)
+    assert reads == [checkpoint]
 
 
 def test_classes_without_an_episode_are_a_printed_note(checkpoint: Path, capfd: pytest.CaptureFixture,

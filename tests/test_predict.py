@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import dcama.flags as flags
 from dcama.backbones import BACKBONES
 from dcama.checkpoint import save_checkpoint
 from dcama.data import DatasetFileError
@@ -89,6 +90,14 @@ def test_support_checks(tmp_path):
         read_support(tmp_path / "bad.jpg", tmp_path / "s.png")
 
 
+def test_an_unreadable_mask_is_named_once_in_the_folder_benchmarks_words(tmp_path):
+    (tmp_path / "afile").write_bytes(b"not an image")
+    with pytest.raises(DatasetFileError) as err:
+        read_support(image(tmp_path / "s.jpg"), tmp_path / "afile")
+    # The reason is the one the folder benchmark's report gives (tests/test_data_folder.py), without the path.
+    assert str(err.value) == f"cannot read mask {tmp_path / 'afile'}: not an image file PIL can identify"
+
+
 @pytest.mark.parametrize("case", ["query", "support", "size", "empty", "checkpoint", "missing-checkpoint", "out",
                                   "no-query"])
 def test_cli_errors_are_one_line_naming_the_file_and_write_nothing(case, tmp_path, capsys):
@@ -117,6 +126,21 @@ def test_cli_errors_are_one_line_naming_the_file_and_write_nothing(case, tmp_pat
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert os.path.join(str(tmp_path), named) in err or (case == "out" and f"--out {out}" in err), err
     assert sorted(p.name for p in out.rglob("*")) == (["masks"] if case == "out" else [])
+
+
+def test_out_is_checked_once_by_the_engine_before_any_input_is_read(tmp_path, monkeypatch, capsys):
+    # predict_files checks --out for its Python callers as well; the command line does not check it again.
+    checked = []
+    check = flags.output_problem
+    monkeypatch.setattr(flags, "output_problem", lambda path, folder: checked.append(path) or check(path, folder))
+    support = image(tmp_path / "s.jpg")
+    support.write_bytes(b"garbage")  # an input error: the run stops before the checkpoint is read
+    (tmp_path / "model.pt").write_bytes(b"")
+    args = ["--checkpoint", str(tmp_path / "model.pt"), "--support", str(support), str(mask(tmp_path / "s.png")),
+            "--query", str(image(tmp_path / "q.jpg")), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert predict_cli().main(args) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    assert checked == [str(tmp_path / "out")]
 
 
 @pytest.fixture(scope="module")

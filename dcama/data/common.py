@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -50,7 +50,16 @@ def open_image(path: str, what: str) -> Iterator[Image.Image]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} file missing: {path}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise DatasetFileError(f"cannot read {what} {path}: {err}") from err
+        raise DatasetFileError(f"cannot read {what} {path}: {unreadable_reason(err)}") from err
+
+
+def unreadable_reason(err: BaseException) -> str:
+    """Why an image or mask file could not be read, in words that do not name it (the message names it once):
+    `err` is what PIL or the system raised, or the DatasetFileError `open_image` raised from it."""
+    cause = err.__cause__ if isinstance(err, DatasetFileError) and err.__cause__ else err
+    if isinstance(cause, UnidentifiedImageError):  # PIL's text repeats the path
+        return "not an image file PIL can identify"
+    return cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
 
 
 def load_rgb(path: str, exif_orientation: bool = False) -> Image.Image:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from dcama.config import EVAL_EPISODES, PUBLISHED_IMG_SIZE
 from dcama.data.common import (
@@ -31,6 +31,7 @@ from dcama.data.common import (
     ImageFilesDataset,
     check_dir,
     image_size,
+    unreadable_reason,
     validate_args,
 )
 from dcama.files import atomic_open
@@ -218,7 +219,7 @@ def _index_class(root: str, name: str, shot: int) -> tuple[list[tuple[str, str]]
             try:
                 sizes.append(image_size(os.path.join(folder, file), exif_orientation=turned, what=what))
             except OSError as err:  # DatasetFileError: corrupt or unreadable; named from the root here
-                problems.append(f"{name}/{file}: cannot read the {what} ({_unreadable(err)})")
+                problems.append(f"{name}/{file}: cannot read the {what} ({unreadable_reason(err)})")
         if len(sizes) < 2:
             continue
         if sizes[0] != sizes[1]:
@@ -231,14 +232,6 @@ def _index_class(root: str, name: str, shot: int) -> tuple[list[tuple[str, str]]
         hint = f" (it holds folders {folders[:3]}: is --datapath one level too high?)" if folders and not pairs else ""
         problems.append(f"{name}/: {len(paths)} image(s) with masks, {shot}-shot episodes need {shot + 1}{hint}")
     return paths, problems
-
-
-def _unreadable(err: OSError) -> str:
-    """Why a file could not be read, without its absolute path (the report names it from the root)."""
-    cause = err.__cause__ or err
-    if isinstance(cause, UnidentifiedImageError):
-        return "not an image file PIL can identify"
-    return cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
 
 
 class FolderDataset(ImageFilesDataset):
