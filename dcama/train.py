@@ -4,10 +4,10 @@
 `_train` calls them: build (data sets, model, optimiser), lock the run folder, resume, distribute, then every
 epoch: train one epoch, validate, save, log; at the end, test the best checkpoint.
 
-Checkpoints (docs/training.md, "Interruptions"): the end of every epoch writes `last.pt` and, when validation
-mIoU improves, `best.pt`; inside an epoch `last.pt` is written between two steps every `save_every_min`
-minutes and when SIGTERM, SIGINT or SIGUSR1 asks the run to stop. The file each write replaces is kept as
-`last.prev.pt`. A checkpoint holds everything the rest of the run depends on: weights, optimiser, gradient
+Checkpoints (docs/training.md, "Interruptions"): the end of every epoch writes `best.pt` when validation mIoU
+improves, then `last.pt` (the commit point); inside an epoch `last.pt` is written between two steps every
+`save_every_min` minutes and when SIGTERM, SIGINT or SIGUSR1 asks the run to stop. The file each write replaces
+is kept as `last.prev.pt`. A checkpoint holds everything the rest of the run depends on: weights, optimiser, gradient
 scaler, epochs done and, inside an epoch, the steps done, the loss sum and every rank's metric counts; the best
 score; every rank's RNG states. The episodes of epoch e are a pure function of (seed, e, i) and the sampler's
 order one of (seed, e), so a run killed at any step and resumed reaches the same weights as one that never
