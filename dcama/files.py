@@ -89,28 +89,49 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     The lock is an flock on `<folder>/.lock`, which the kernel drops when its holder exits, however it exits:
     a run killed with SIGKILL leaves the file but no lock, so the next run (a resume) takes it. The file holds
     the holder's pid and host for the message. On a file system without flock support the block runs unlocked.
+
+    The folders it made (`folder` and any missing parents) are removed at the end when they hold nothing but
+    the lock file: a run refused before it wrote anything leaves no half-made run folder behind.
     """
     folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
+    made = _missing_folders(folder)
     path = os.path.join(folder, LOCK_NAME)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise FolderInUseError(folder, f.read().strip() or "another process") from None
-        except OSError as err:
-            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
-            warnings.warn(f"{folder}: this file system does not support locks, so a second run started in this "
-                          "folder would not be refused", stacklevel=3)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            with suppress(OSError):  # clearing the holder's line is cosmetic: the lock goes with the file
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
                 f.seek(0)
-                f.truncate()
+                raise FolderInUseError(folder, f.read().strip() or "another process") from None
+            except OSError as err:
+                if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                warnings.warn(f"{folder}: this file system does not support locks, so a second run started in "
+                              "this folder would not be refused", stacklevel=3)
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+            try:
+                yield
+            finally:
+                with suppress(OSError):  # clearing the holder's line is cosmetic: the lock goes with the file
+                    f.seek(0)
+                    f.truncate()
+                with suppress(OSError):  # a folder that is left is untidy, not wrong
+                    if made and os.listdir(folder) == [LOCK_NAME]:
+                        os.unlink(path)  # while locked: a run that opened the file already is refused, not let in
+    finally:
+        for made_folder in made:
+            with suppress(OSError):  # not empty: something was written there (or another run came in)
+                os.rmdir(made_folder)
+
+
+def _missing_folders(folder: str) -> list[str]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    missing, current = [], os.path.abspath(folder)
+    while not os.path.lexists(current):
+        missing.append(current)
+        current = os.path.dirname(current)
+    return missing

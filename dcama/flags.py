@@ -5,7 +5,8 @@ Each failure is a ConfigError whose message is one line naming the flag, in its 
 it accepts; the command lines print it and exit with status 2. What a benchmark accepts is read from its data
 set class (`n_folds`, `max_shot`, `needs_root`) and what a backbone accepts from `dcama.backbones`, so a new
 benchmark or backbone brings its own rules. An output that cannot be written once the work is done (a full
-disk) is an OutputError naming the path and the system's reason (`writing`).
+disk) is an OutputError naming the path and the reason (`writing`); `write_failure` words it, for the training
+run's write errors too.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .data import BENCHMARKS
 __all__ = ["ConfigError", "FlagParser", "OutputError", "check_at_least", "check_benchmark",
            "check_checkpoint_model", "check_choice", "check_device", "check_file", "check_fraction",
            "check_img_size", "check_non_negative", "check_output", "check_positive", "error_line", "flag",
-           "output_problem", "writing"]
+           "output_problem", "write_failure", "writing"]
 
 
 class ConfigError(ValueError):
@@ -112,13 +113,13 @@ def check_checkpoint_model(backbone: str | None, img_size: int | None) -> None:
         check_at_least("img_size", img_size, 1)
 
 
-def check_file(name: str, path: str | None) -> None:
+def check_file(name: str, path: str | None, missing: str = "") -> None:
     """A file flag (None: unset, allowed) that must name an existing file; for a folder, the weight files in
-    it are suggested."""
+    it are suggested; `missing`: what to do instead, added to the message of a path that does not exist."""
     if path is None or os.path.isfile(path):
         return
     if not os.path.isdir(path):
-        raise ConfigError(f"{flag(name)} {path}: no such file")
+        raise ConfigError(f"{flag(name)} {path}: no such file" + (f" ({missing})" if missing else ""))
     found = torch_files_in(path)
     hint = f"; it holds {', '.join(found)}: pass one of them" if found else " (and holds no .pt or .pth file)"
     raise ConfigError(f"{flag(name)} {path}: is a folder, not a file{hint}")
@@ -180,9 +181,16 @@ def writing(path: str | os.PathLike, folder: bool = False) -> Iterator[None]:
         yield
     except OutputError:
         raise
-    except OSError as err:  # the system's reason can mislead: making a folder under a file is "File exists"
-        reason = output_problem(path, folder) or err.strerror or str(err)
-        raise OutputError(f"cannot write {os.fspath(path)}: {reason}") from None
+    except OSError as err:
+        raise OutputError(write_failure(path, err, folder)) from None
+
+
+def write_failure(path: str | os.PathLike, err: OSError, folder: bool = False) -> str:
+    """The one line for a file (or folder) `path` that could not be written, whichever command failed:
+    'cannot write <path>: <reason>', the reason seen on the path when there is one (the system's can mislead:
+    making a folder under a file is "File exists"), else the system's (a full disk)."""
+    reason = output_problem(path, folder) or err.strerror or str(err)
+    return f"cannot write {os.fspath(path)}: {reason}"
 
 
 def error_line(err: BaseException) -> str:

@@ -4,10 +4,10 @@
 `_train` calls them: build (data sets, model, optimiser), lock the run folder, resume, distribute, then every
 epoch: train one epoch, validate, save, log; at the end, test the best checkpoint.
 
-Checkpoints (docs/training.md, "Interruptions"): the end of every epoch writes `last.pt` and, when validation
-mIoU improves, `best.pt`; inside an epoch `last.pt` is written between two steps every `save_every_min`
-minutes and when SIGTERM, SIGINT or SIGUSR1 asks the run to stop. The file each write replaces is kept as
-`last.prev.pt`. A checkpoint holds everything the rest of the run depends on: weights, optimiser, gradient
+Checkpoints (docs/training.md, "Interruptions"): the end of every epoch writes `best.pt` when validation mIoU
+improves, then `last.pt` (the commit point); inside an epoch `last.pt` is written between two steps every
+`save_every_min` minutes and when SIGTERM, SIGINT or SIGUSR1 asks the run to stop. The file each write replaces
+is kept as `last.prev.pt`. A checkpoint holds everything the rest of the run depends on: weights, optimiser, gradient
 scaler, epochs done and, inside an epoch, the steps done, the loss sum and every rank's metric counts; the best
 score; every rank's RNG states. The episodes of epoch e are a pure function of (seed, e, i) and the sampler's
 order one of (seed, e), so a run killed at any step and resumed reaches the same weights as one that never
@@ -40,7 +40,7 @@ from .data import FewShotDataset, build_dataset
 from .evaluate import evaluate, evaluate_checkpoint, model_predictor
 from .files import LOCK_NAME, FolderInUseError, folder_lock, write_json, write_jsonl
 from .flags import (ConfigError, check_at_least, check_benchmark, check_choice, check_file, check_fraction,
-                    check_img_size, check_non_negative, check_positive, flag)
+                    check_img_size, check_non_negative, check_output, check_positive, flag, write_failure)
 from .metrics import FewShotIoU
 from .model import DCAMA
 from .runtime import (EpochSampler, Interrupted, StopRequests, all_gather, any_rank, autocast_context, cpu_threads,
@@ -231,21 +231,29 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     one line naming the flag), and the run folder chosen. Looks at files and folders but reads none."""
     out = fill_defaults(cfg)
     _check_settings(out)
-    if out.resume not in (None, "last") and out.logdir is None:
-        out.logdir = str(Path(out.resume).parent)  # resuming a file continues the run in its own folder
+    if out.resume not in (None, "last"):
+        _check_resume_file(out.resume)
+        if out.logdir is None:
+            out.logdir = str(Path(out.resume).parent)  # resuming a file continues the run in its own folder
     if out.logdir is None:
         if out.resume == "last":
             raise ConfigError("--resume without a path needs --logdir (the run folder holding last.pt)")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out.logdir = f"logs/{out.benchmark}-fold{out.fold}-{out.backbone}-{out.nshot}shot-{stamp}"
+    check_output("logdir", out.logdir, folder=True)  # the default's too: a file named logs in the working folder
     if out.resume == "last":
         out.resume = str(Path(out.logdir) / "last.pt")
-    if out.resume is not None and not any(p.is_file() for p in (Path(out.resume), previous_checkpoint(out.resume))):
-        raise ConfigError(f"--resume {out.resume}: no such file (to start a new run leave out --resume)")
+        _check_resume_file(out.resume)
     clash = _clash(out)
     if clash:
         raise ConfigError(clash)
     return out
+
+
+def _check_resume_file(path: str) -> None:
+    """--resume names a checkpoint file, or one whose predecessor (last.prev.pt) is there to resume from."""
+    if not previous_checkpoint(path).is_file():
+        check_file("resume", path, missing="to start a new run leave out --resume")
 
 
 def _check_settings(cfg: TrainConfig) -> None:
@@ -468,7 +476,7 @@ def _locked(run: _Run) -> Iterator[None]:
                        "choose another --logdir"
             return _clash(run.cfg)
 
-        problem = from_rank0(_on_rank0(run, str(run.logdir / LOCK_NAME), lock, after="the run did not start"))
+        problem = from_rank0(_on_rank0(run, run.logdir / LOCK_NAME, lock, after="the run did not start"))
         if problem:
             raise ConfigError(problem)
         yield
@@ -639,37 +647,46 @@ def _progress_entries(run: _Run) -> dict[str, Any]:
 
 
 def _save_epoch(run: _Run, record: dict[str, Any]) -> None:
-    """At the end of an epoch: `last.pt`, `best.pt` when this epoch is the best so far, and metrics.jsonl."""
+    """At the end of an epoch: `best.pt` when this epoch is the best so far, then `last.pt`, then metrics.jsonl.
+
+    `last.pt` is the commit point: a kill between the two writes leaves the previous `last.pt`, so the resumed
+    run redoes this epoch and writes `best.pt` again. Once `last.pt` is written, a stop asked for earlier
+    (during validation) is saved: the stop signals are muted, and the epoch's bookkeeping still finishes."""
     extra = {**_progress_entries(run), "rng": gather_rng_states(),
              "val": {"miou": record["val_miou"], "fb_iou": record["val_fb_iou"]}}
-    _write_checkpoint(run, run.last_path, extra, f"the end of epoch {record['epoch']}/{run.cfg.epochs}")
     if run.state.best_epoch == record["epoch"]:
         _write_checkpoint(run, run.best_path, extra)
+    _write_checkpoint(run, run.last_path, extra, f"the end of epoch {record['epoch']}/{run.cfg.epochs}")
+    if run.stop.requested is not None:
+        mute_stop_signals()
     # Rewritten whole from the checkpoint's history, so it always agrees with last.pt, even when a run was
     # killed between the two writes and resumed.
-    _on_rank0(run, "metrics.jsonl", lambda: write_jsonl(run.logdir / "metrics.jsonl", run.state.history))
+    metrics = run.logdir / "metrics.jsonl"
+    _on_rank0(run, metrics, lambda: write_jsonl(metrics, run.state.history))
 
 
 def _write_checkpoint(run: _Run, path: Path, extra: dict[str, Any], where: str | None = None) -> None:
     """A checkpoint written by rank 0; `where` (what it holds) marks `last.pt`, whose predecessor is kept."""
     previous = previous_checkpoint(path) if where is not None and run.last_is_good else None
-    _on_rank0(run, str(path), lambda: save_checkpoint(path, run.model, extra=extra, previous=previous))
+    _on_rank0(run, path, lambda: save_checkpoint(path, run.model, extra=extra, previous=previous))
     if where is not None:
         run.saved_at, run.last_is_good = where, True
         run.clock.reset()
 
 
-def _on_rank0(run: _Run, what: str, write: Callable[[], Any], after: str | None = None) -> Any:
-    """`write()` on rank 0 only (its result there, None elsewhere), and every rank told whether it worked: an
-    OSError (a full disk, no permission, a lost mount) becomes WriteError on every rank, one line naming `what`
-    and the system's reason, then `after` (by default: the run stopped, where its last good checkpoint is), so
-    that none waits for the others forever. A collective."""
+def _on_rank0(run: _Run, path: Path, write: Callable[[], Any], after: str | None = None,
+              folder: bool = False) -> Any:
+    """`write()` of the file (or folder) `path` on rank 0 only (its result there, None elsewhere), and every
+    rank told whether it worked: an OSError (a full disk, no permission, a lost mount) becomes WriteError on
+    every rank, the line every command gives for a failed write (flags.write_failure), then `after` (by default:
+    the run stopped, where its last good checkpoint is), so that none waits for the others forever. A
+    collective. `write()` writes files only: what it printed would be taken for the file's failure."""
     result, failure = None, ""
     if run.rank == 0:
         try:
             result = write()
         except OSError as err:
-            failure = f"cannot write {what}: {err.strerror or err}"
+            failure = write_failure(path, err, folder)
     failure = from_rank0(failure)
     if failure:
         after = after or f"the run stopped, the files written before are intact (last good checkpoint: " \
@@ -695,14 +712,13 @@ def _start_logs(run: _Run) -> SummaryWriter | None:
                   "device": str(run.device), "trainable_params": trainable,
                   "train_episodes_per_epoch": len(run.trn_ds), "data": data, "versions": software_versions()}
 
-    def start() -> SummaryWriter:
+    if run.rank == 0:
         print(f"run folder: {run.logdir}", flush=True)
         if data.get("summary"):
             print(data["summary"], flush=True)
-        write_json(run.logdir / "config.json", run_config)
-        return SummaryWriter(str(run.logdir / "tensorboard"))
-
-    return _on_rank0(run, f"the run folder {run.logdir}", start)
+    config_path, tensorboard = run.logdir / "config.json", run.logdir / "tensorboard"
+    _on_rank0(run, config_path, lambda: write_json(config_path, run_config))
+    return _on_rank0(run, tensorboard, lambda: SummaryWriter(str(tensorboard)), folder=True)
 
 
 def _log(run: _Run, writer: SummaryWriter | None, record: dict[str, Any]) -> None:
@@ -711,13 +727,14 @@ def _log(run: _Run, writer: SummaryWriter | None, record: dict[str, Any]) -> Non
         for key, tag in TENSORBOARD_TAGS.items():
             writer.add_scalar(tag, record[key], record["epoch"])
         writer.flush()  # raises what the writer's thread met (a full disk)
+
+    _on_rank0(run, run.logdir / "tensorboard", write, folder=True)
+    if run.rank == 0:  # outside _on_rank0: a closed stdout is not a failed write of the run folder
         epochs = run.cfg.epochs
         print(f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f}  train mIoU "
               f"{record['train_miou']:.2f}  val mIoU {record['val_miou']:.2f}  val FB-IoU {record['val_fb_iou']:.2f}  "
               f"(best {record['best_val_miou']:.2f} at epoch {record['best_epoch']}/{epochs})  "
               f"{record['episodes_per_s']:.1f} episodes/s", flush=True)
-
-    _on_rank0(run, str(run.logdir / "tensorboard"), write)
 
 
 # ------------------------------------------------------------------------------------------------- test
@@ -730,5 +747,5 @@ def _test(run: _Run) -> dict[str, Any]:
                                  backbone=cfg.backbone, attn_impl=cfg.attn_impl, amp=cfg.amp, workers=cfg.workers,
                                  device=str(run.device), batch_size=cfg.bsz, progress=cfg.progress)
     path = run.logdir / "test.json"
-    _on_rank0(run, str(path), lambda: write_json(path, result))
+    _on_rank0(run, path, lambda: write_json(path, result))
     return result

@@ -79,3 +79,18 @@ def test_folder_lock_refuses_a_live_holder_and_not_a_killed_one(tmp_path):
                 pass
     with folder_lock(tmp_path):  # released at the end of the block
         pass
+
+
+def test_folder_lock_removes_the_folders_it_made_when_nothing_else_was_written(tmp_path):
+    with folder_lock(tmp_path / "new" / "run"):  # refused before anything was written: no trace left
+        assert (tmp_path / "new" / "run" / ".lock").is_file()
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(RuntimeError), folder_lock(tmp_path / "new" / "run"):  # however the block ends
+        raise RuntimeError("refused")
+    assert os.listdir(tmp_path) == []
+    with folder_lock(tmp_path / "new" / "run"):  # a run that wrote something keeps its folder and lock file
+        (tmp_path / "new" / "run" / "config.json").write_text("{}")
+    assert sorted(os.listdir(tmp_path / "new" / "run")) == [".lock", "config.json"]
+    with folder_lock(tmp_path):  # a folder that was there before is left as it was, with the lock file
+        pass
+    assert sorted(os.listdir(tmp_path)) == [".lock", "new"]

@@ -25,6 +25,7 @@ from dcama.checkpoint import load_checkpoint_file, save_checkpoint
 from dcama.data import build_dataset
 from dcama.evaluate import evaluate_checkpoint
 from dcama.files import folder_lock
+from dcama.flags import OutputError, writing
 from dcama.model import DCAMA
 from dcama.runtime import Interrupted, move_batch
 from dcama.train import ConfigError, NonFiniteLossError, RunStopped, TrainConfig, WriteError, train, train_step
@@ -204,6 +205,32 @@ def test_corrupt_last_checkpoint_resumes_from_the_previous_one(tmp_path: Path, u
     assert load_checkpoint_file(previous)["epochs_done"] == 1  # the truncated file was not kept in its place
 
 
+def test_a_kill_between_the_epoch_end_writes_keeps_best_pt_and_last_pt_agreeing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Validation scores 30, 50, 40: epoch 2 is the best. The kill comes between epoch 2's two checkpoint writes
+    # (the 4th write; no save inside an epoch on shapes): the resumed run must end with a best.pt that is the
+    # epoch its records call the best, although no epoch after the kill improves on it.
+    import dcama.train as engine
+
+    scores, real_save, writes = [30.0, 50.0, 40.0], engine.save_checkpoint, []
+    monkeypatch.setattr(engine, "_validate", lambda run, epoch: {"miou": scores[epoch], "fb_iou": 0.0})
+
+    def killed_at_the_fourth_write(path, *args, **kwargs):
+        writes.append(Path(path).name)
+        if len(writes) == 4:
+            raise Killed
+        real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "save_checkpoint", killed_at_the_fourth_write)
+    with pytest.raises(Killed):
+        train(TrainConfig(logdir=str(tmp_path), **{**TINY, "epochs": 3}))
+    resumed = train(TrainConfig(logdir=str(tmp_path), resume="last", **{**TINY, "epochs": 3}))
+    assert resumed.best_epoch == 2 and resumed.best_val_miou == 50.0
+    assert load_checkpoint_file(tmp_path / "best.pt")["epochs_done"] == 2
+    assert load_checkpoint_file(tmp_path / "last.pt")["best_epoch"] == 2
+    assert writes[2:4] == ["best.pt", "last.pt"]  # best.pt first: last.pt is the commit point
+
+
 def test_resume_with_both_checkpoints_unreadable_says_so(tmp_path: Path, uninterrupted) -> None:
     for name in ("last.pt", "last.prev.pt"):
         (tmp_path / name).write_bytes(b"")
@@ -214,10 +241,13 @@ def test_resume_with_both_checkpoints_unreadable_says_so(tmp_path: Path, uninter
 
 def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture, load_cli) -> None:
+    import dcama.train as engine
+
     monkeypatch.chdir(REPO)
+    monkeypatch.setattr(engine, "_validate", lambda run, epoch: {"miou": 50.0 - epoch, "fb_iou": 0.0})
     real_save, calls, kept = torch.save, [0], {}
 
-    def disk_full_at_the_third_save(obj, f):  # epoch 1 writes last.pt and best.pt; epoch 2's last.pt fails
+    def disk_full_at_the_third_save(obj, f):  # epoch 1 writes best.pt and last.pt; epoch 2 (no better) last.pt
         calls[0] += 1
         if calls[0] == 3:
             kept["last"] = digest(tmp_path / "last.pt")
@@ -277,7 +307,9 @@ def test_cli_an_unwritable_run_folder_is_one_line_naming_the_file(tmp_path: Path
     finally:
         if logdir.is_dir():
             logdir.chmod(0o755)
-    reason = "Permission denied" if read_only else "Not a directory"
+    # The reason in the words every command uses for a failed write (flags.write_failure), not the system's.
+    reason = f"no permission to write in {logdir}" if read_only else \
+        f"{tmp_path / 'parent'} is a file, so nothing can be written under it"
     assert rc == 1
     assert capsys.readouterr().err == (f"error: cannot write {logdir / 'last.pt'}: {reason}; the run stopped, the "
                                        "files written before are intact (last good checkpoint: none was written "
@@ -299,8 +331,11 @@ def test_cli_a_run_folder_that_cannot_be_made_is_one_line(tmp_path: Path, monkey
     monkeypatch.setattr(engine, "_build", build_then_block)
     rc = load_cli("train").main(tiny_args(logdir))
     assert rc == 1
-    assert capsys.readouterr().err == f"error: cannot write {logdir / '.lock'}: Not a directory; the run did not " \
-                                      "start\n"
+    with pytest.raises(OutputError) as failed, writing(logdir / ".lock"):  # what eval/run.py would say
+        open(logdir / ".lock", "a")
+    assert capsys.readouterr().err == f"error: {failed.value}; the run did not start\n"
+    assert str(failed.value) == f"cannot write {logdir / '.lock'}: {tmp_path / 'parent'} is a file, so nothing can " \
+                                "be written under it"
 
 
 def test_a_failed_tensorboard_write_stops_the_run_with_one_line(tmp_path: Path,
@@ -316,6 +351,22 @@ def test_a_failed_tensorboard_write_stops_the_run_with_one_line(tmp_path: Path,
     assert str(failed.value) == (f"cannot write {tmp_path / 'tensorboard'}: No space left on device; the run stopped, "
                                  f"the files written before are intact (last good checkpoint: {tmp_path / 'last.pt'} "
                                  "(the end of epoch 1/2))")
+
+
+def test_a_closed_stdout_is_not_taken_for_a_failed_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class ClosedPipe:  # stdout piped into a command that has exited (`train/run.py | head -1`)
+        def write(self, text: str) -> int:
+            if text.startswith("epoch 1/2:"):
+                raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    with pytest.raises(BrokenPipeError):  # not WriteError("cannot write .../tensorboard: Broken pipe")
+        train(TrainConfig(logdir=str(tmp_path), **TINY))
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
@@ -376,31 +427,59 @@ def test_cli_sigterm_to_a_subprocess_saves_and_prints_the_resume_command(tmp_pat
     assert blob["epochs_done"] == 1 and "in_epoch" not in blob and blob["history"][0]["steps"] == 30
 
 
-def test_cli_a_signal_after_the_stop_is_saved_keeps_exit_status_75(tmp_path: Path) -> None:
-    # A real process and real signals, more than REPEAT_WINDOW_S apart (so none counts as a launcher's repeat):
-    # one while train() ends after the save, one after it returned, while train/run.py reports the stop.
-    cmd = [sys.executable, str(REPO / "tests" / "train_with_pauses.py"),
-           *tiny_args(tmp_path, "--epochs", "1", "--bsz", "1", "--episodes-per-epoch", "30")]
+def run_with_pauses(logdir: Path, pauses: list[tuple[str, signal.Signals]], *flags: str
+                    ) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """train/run.py in its own process (tests/train_with_pauses.py) with a SIGTERM once it has started, then
+    each signal of `pauses` sent while the run is paused at its point: real signals, more than REPEAT_WINDOW_S
+    apart (so none counts as a launcher's repeat). Returns the finished process and its stdout lines."""
+    names = ",".join(name for name, _ in pauses)
+    cmd = [sys.executable, str(REPO / "tests" / "train_with_pauses.py"), names, *tiny_args(logdir, *flags)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     first = proc.stdout.readline()
-    assert first == f"run folder: {tmp_path}\n", first + proc.stderr.read()
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    sent, stderr = time.monotonic(), []
-    for pause, late in (("train() is ending", signal.SIGTERM), ("train/run.py reports the stop", signal.SIGUSR1)):
+    assert first == f"run folder: {logdir}\n", first + proc.stderr.read()
+    stderr, sent = [], None
+    for pause, sig in pauses:
+        if sent is None and pause != "validation":
+            time.sleep(0.5)  # inside the first epoch
+            proc.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
         stderr.append(proc.stderr.readline())
         while stderr[-1] and not stderr[-1].startswith("paused: "):
             stderr.append(proc.stderr.readline())
         assert stderr[-1] == f"paused: {pause}\n", "".join(stderr) + proc.stderr.read()
-        time.sleep(max(0.0, sent + runtime.REPEAT_WINDOW_S + 0.2 - time.monotonic()))
-        proc.send_signal(late)
+        time.sleep(max(0.0, (sent or 0.0) + runtime.REPEAT_WINDOW_S + 0.2 - time.monotonic()))
+        proc.send_signal(sig)
         sent = time.monotonic()
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, "".join(stderr) + err
-    stopped, resume = out.splitlines()
+    done = subprocess.CompletedProcess(cmd, proc.returncode, out, "".join(stderr) + err)
+    return done, [first.rstrip("\n"), *out.splitlines()]
+
+
+def test_cli_a_signal_after_the_stop_is_saved_keeps_exit_status_75(tmp_path: Path) -> None:
+    # One signal while train() ends after the save, one after it returned, while train/run.py reports the stop.
+    done, out = run_with_pauses(tmp_path, [("train() is ending", signal.SIGTERM),
+                                           ("train/run.py reports the stop", signal.SIGUSR1)],
+                                "--epochs", "1", "--bsz", "1", "--episodes-per-epoch", "30")
+    assert done.returncode == 75, done.stderr
+    _, stopped, resume = out
     assert stopped.startswith("stopped by SIGTERM at epoch 1/1, step ") and resume.startswith("resume with: ")
     assert "in_epoch" in load_checkpoint_file(tmp_path / "last.pt")
+
+
+def test_cli_a_signal_after_the_epoch_end_save_keeps_exit_status_75(tmp_path: Path) -> None:
+    # The stop asked for during validation is saved by the epoch's last.pt; a second signal while the epoch's
+    # bookkeeping is still going on (metrics.jsonl not written yet) changes nothing: 75, and every file written.
+    done, out = run_with_pauses(tmp_path, [("validation", signal.SIGTERM), ("metrics.jsonl", signal.SIGINT)],
+                                "--epochs", "1")
+    assert done.returncode == 75, done.stderr
+    _, summary, stopped, resume = out
+    assert summary.startswith("epoch 1/1: loss ") and resume.startswith("resume with: ")
+    assert stopped == f"stopped by SIGTERM at the end of epoch 1/1: saved {tmp_path / 'last.pt'}"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1] and records[0]["best_epoch"] == 1
+    assert load_checkpoint_file(tmp_path / "best.pt")["epochs_done"] == 1
+    assert load_checkpoint_file(tmp_path / "last.pt")["epochs_done"] == 1
 
 
 def test_cli_resume_command_gives_the_same_settings_back(monkeypatch: pytest.MonkeyPatch, load_cli) -> None:
@@ -450,6 +529,47 @@ def test_resume_into_a_folder_in_use_is_refused_before_its_checkpoint_is_read(
     assert rc == 2 and read == []
     assert capsys.readouterr().err == (f"error: --logdir {tmp_path} is in use by another run (pid {os.getpid()} on "
                                        f"{os.uname().nodename}): wait for it to end or choose another --logdir\n")
+
+
+def test_cli_a_refused_resume_leaves_no_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                   load_cli) -> None:
+    # Refused once the run folder is locked (the checkpoint is read under the lock): the folders the run made
+    # for it, holding nothing but the lock file, are removed.
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    rc = load_cli("train").main(tiny_args(tmp_path / "new" / "run", "--resume", str(empty)))
+    assert rc == 2
+    assert capsys.readouterr().err == f"error: checkpoint '{empty}' is empty (a write or a copy that did not finish)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.pt"]
+
+
+def test_cli_resume_of_a_folder_names_its_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                      load_cli) -> None:
+    (tmp_path / "last.pt").write_bytes(b"")
+    (tmp_path / "best.pt").write_bytes(b"")
+    assert exit_status(load_cli("train").main, tiny_args(tmp_path / "run", "--resume", str(tmp_path))) == 2
+    assert capsys.readouterr().err == f"error: --resume {tmp_path}: is a folder, not a file; it holds best.pt, " \
+                                      "last.pt: pass one of them\n"
+
+
+def test_an_unwritable_default_run_folder_is_refused_before_anything_is_built(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, load_cli) -> None:
+    import dcama.train as engine
+
+    def no_build(*args):
+        raise AssertionError("built before the run folder was checked")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(engine, "_build", no_build)
+    (tmp_path / "logs").write_text("")  # where the default run folder would go
+    tiny = {k: v for k, v in TINY.items() if k != "logdir"}
+    with pytest.raises(ConfigError, match=rf"^--logdir logs/shapes-fold0-resnet18-1shot-\d{{8}}-\d{{6}}: "
+                                          rf"{tmp_path / 'logs'} is a file, so nothing can be written under it$"):
+        train(TrainConfig(**tiny))
+    argv = tiny_args(tmp_path)
+    del argv[argv.index("--logdir"):argv.index("--logdir") + 2]
+    assert exit_status(load_cli("train").main, argv) == 2
+    assert capsys.readouterr().err.endswith(f"{tmp_path / 'logs'} is a file, so nothing can be written under it\n")
 
 
 def test_resume_with_other_settings_names_them_as_flags(tmp_path: Path, uninterrupted,

@@ -28,7 +28,7 @@ from dcama.backbones import BACKBONES
 from dcama.checkpoint import CheckpointError
 from dcama.config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, OPTIMIZERS, TEST_SEED
 from dcama.data import DatasetFileError
-from dcama.flags import FlagParser, check_output
+from dcama.flags import FlagParser
 from dcama.runtime import Interrupted, mute_stop_signals
 from dcama.train import ConfigError, NonFiniteLossError, RunStopped, TrainConfig, TrainResult, WriteError, train
 
@@ -112,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     try:
-        check_output("logdir", cfg.logdir, folder=True)
         result = train(cfg)
     except RunStopped as stop:
         if rank0:
