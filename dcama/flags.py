@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import torch
 
 from .backbones import BACKBONES, img_size_problem
-from .checkpoint import torch_files_in
+from .checkpoint import folder_not_file
 from .data import BENCHMARKS
 
 __all__ = ["ConfigError", "FlagParser", "OutputError", "check_at_least", "check_benchmark",
@@ -120,9 +120,7 @@ def check_file(name: str, path: str | None, missing: str = "") -> None:
         return
     if not os.path.isdir(path):
         raise ConfigError(f"{flag(name)} {path}: no such file" + (f" ({missing})" if missing else ""))
-    found = torch_files_in(path)
-    hint = f"; it holds {', '.join(found)}: pass one of them" if found else " (and holds no .pt or .pth file)"
-    raise ConfigError(f"{flag(name)} {path}: is a folder, not a file{hint}")
+    raise ConfigError(f"{flag(name)} {path}: {folder_not_file(path)}")
 
 
 def check_output(name: str, path: str | None, *, folder: bool) -> None:
