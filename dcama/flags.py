@@ -27,7 +27,7 @@ from .data import BENCHMARKS
 __all__ = ["ConfigError", "FlagParser", "OutputError", "check_at_least", "check_benchmark",
            "check_checkpoint_model", "check_choice", "check_device", "check_file", "check_fraction",
            "check_img_size", "check_non_negative", "check_output", "check_positive", "error_line", "flag",
-           "output_problem", "write_failure", "writing"]
+           "output_problem", "unused_episodes_note", "write_failure", "writing"]
 
 
 class ConfigError(ValueError):
@@ -87,6 +87,15 @@ def check_benchmark(benchmark: str, datapath: str | None, fold: int, nshot: int)
     if dataset.max_shot is not None and nshot > dataset.max_shot:
         raise ConfigError(f"--nshot {nshot}: {benchmark} allows 1..{dataset.max_shot} (each class has "
                           f"{dataset.max_shot + 1} images and one is the query)")
+
+
+def unused_episodes_note(benchmark: str, name: str, value: int | None) -> str | None:
+    """The note for an episode count given to a benchmark whose protocol fixes the episodes (FSS-1000 and
+    folder: every image of the split is a query once), None when the count is used or not given."""
+    if value is None or BENCHMARKS[benchmark].takes_episodes:
+        return None
+    return (f"note: {flag(name)} {value} is not used: {benchmark} episodes are every image of the split once, "
+            f"its benchmark's protocol")
 
 
 def check_img_size(backbone: str, img_size: int, built_for: int | None = None) -> None:

@@ -40,7 +40,8 @@ from .data import FewShotDataset, build_dataset
 from .evaluate import evaluate, evaluate_checkpoint, model_predictor
 from .files import LOCK_NAME, FolderInUseError, folder_lock, write_json, write_jsonl
 from .flags import (ConfigError, check_at_least, check_benchmark, check_choice, check_file, check_fraction,
-                    check_img_size, check_non_negative, check_output, check_positive, flag, write_failure)
+                    check_img_size, check_non_negative, check_output, check_positive, flag, unused_episodes_note,
+                    write_failure)
 from .metrics import FewShotIoU
 from .model import DCAMA
 from .runtime import (EpochSampler, Interrupted, StopRequests, all_gather, any_rank, autocast_context, cpu_threads,
@@ -362,6 +363,9 @@ def _build(cfg: TrainConfig, rank: int, world: int, device: torch.device, stop: 
                                **data_kw)
     except ValueError as err:  # what the data allows, e.g. a K that leaves no class with K + 1 images
         raise ConfigError(str(err)) from None
+    note = unused_episodes_note(cfg.benchmark, "episodes_per_epoch", cfg.episodes_per_epoch)
+    if note and rank == 0:
+        print(note, flush=True)
     if cfg.backbone_weights is None and cfg.benchmark != "shapes" and rank == 0:
         print(f"note: no --backbone-weights: the {cfg.backbone} backbone stays randomly initialised (the published "
               f"recipe uses ImageNet weights, e.g. {BACKBONES[cfg.backbone].weights_file})", flush=True)

@@ -21,7 +21,7 @@ except ImportError:  # run from a checkout that was not installed
 from dcama.config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, EVAL_EPISODES, TEST_SEED
 from dcama.evaluate import BASELINES, evaluate_checkpoint, format_result
 from dcama.flags import (ConfigError, FlagParser, check_at_least, check_benchmark, check_checkpoint_model,
-                         check_file, error_line)
+                         check_file, error_line, unused_episodes_note)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="benchmark root folder; for folder, the folder of class folders (not needed for shapes)")
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--nshot", type=int, default=1)
-    p.add_argument("--episodes", type=int, default=EVAL_EPISODES)
+    p.add_argument("--episodes", type=int, default=None,
+                   help=f"default: {EVAL_EPISODES}; fss and folder take none (every test image is a query once)")
     p.add_argument("--seed", type=int, default=TEST_SEED)
     p.add_argument("--img-size", type=int, default=None,
                    help="default: the size the checkpoint was trained at (ours; 384 for the authors'), else the "
@@ -70,9 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_flags(args)
+        note = unused_episodes_note(args.benchmark, "episodes", args.episodes)
+        if note:
+            print(note, file=sys.stderr)
+        episodes = EVAL_EPISODES if args.episodes is None else args.episodes
         result = evaluate_checkpoint(
             args.checkpoint, benchmark=args.benchmark, datapath=args.datapath, fold=args.fold, nshot=args.nshot,
-            episodes=args.episodes, seed=args.seed, use_original_imgsize=args.use_original_imgsize,
+            episodes=episodes, seed=args.seed, use_original_imgsize=args.use_original_imgsize,
             img_size=args.img_size, backbone=args.backbone, attn_impl=args.attn_impl, amp=args.amp,
             baseline=args.baseline, workers=args.workers, threads=args.threads, batch_size=args.bsz,
             json_path=args.json_path, visualize_dir=args.visualize_dir, progress=args.progress)

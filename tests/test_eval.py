@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from dcama.checkpoint import CheckpointError, save_checkpoint
-from dcama.data import build_dataset
+from dcama.data import BENCHMARKS, build_dataset
+from dcama.data.shapes import export_folder
 from dcama.evaluate import baseline_predictor, evaluate, evaluate_checkpoint
-from dcama.flags import ConfigError, OutputError
+from dcama.flags import ConfigError, OutputError, unused_episodes_note
 from dcama.model import DCAMA
 from dcama.visualize import GAP, MARGIN, PANEL_HEIGHT
 from helpers import exit_status
@@ -236,3 +237,31 @@ def test_a_full_disk_at_the_end_is_one_line_naming_the_file(checkpoint: Path, tm
         evaluate_checkpoint(checkpoint, episodes=2, img_size=64, attn_impl="sdpa", progress=False,
                             json_path=tmp_path / "r.json")
     assert str(info.value) == f"cannot write {tmp_path / 'r.json'}: No space left on device"
+
+
+@pytest.mark.parametrize("benchmark", sorted(BENCHMARKS))
+def test_an_episode_count_a_benchmark_ignores_is_a_note(benchmark: str, tmp_path: Path) -> None:
+    """The note is said exactly when the benchmark's length does not follow `episodes` (FSS-1000, folder)."""
+    root = None
+    if benchmark == "folder":
+        root = str(tmp_path / "folder")
+        export_folder(root, images_per_class=3, img_size=32)
+    elif BENCHMARKS[benchmark].needs_root:
+        pytest.skip(f"{benchmark} needs its data set on disk")
+    lengths = {len(build_dataset(benchmark, root, split="test", img_size=32, episodes=n)) for n in (5, 7)}
+    note = unused_episodes_note(benchmark, "episodes", 5)
+    assert (note is not None) == (lengths != {5, 7}), (benchmark, lengths)
+    assert unused_episodes_note(benchmark, "episodes", None) is None
+
+
+def test_cli_notes_that_folder_takes_no_episode_count(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                     load_cli) -> None:
+    export_folder(str(tmp_path / "folder"), images_per_class=3, img_size=32)
+    argv = ["--baseline", "all-foreground", "--benchmark", "folder", "--datapath", str(tmp_path / "folder"),
+            "--img-size", "32", "--no-progress", "--json", str(tmp_path / "r.json")]
+    assert load_cli("eval").main([*argv, "--episodes", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --episodes 5 is not used: folder episodes are every image of the split once" in err
+    assert json.loads((tmp_path / "r.json").read_text())["episodes"] == 12 * 3  # the 12 test classes, 3 images
+    assert load_cli("eval").main(argv) == 0
+    assert "--episodes" not in capsys.readouterr().err

@@ -23,6 +23,7 @@ import dcama.checkpoint as checkpoint_module
 import dcama.runtime as runtime
 from dcama.checkpoint import load_checkpoint_file, save_checkpoint
 from dcama.data import build_dataset
+from dcama.data.shapes import export_folder
 from dcama.evaluate import evaluate_checkpoint
 from dcama.files import folder_lock
 from dcama.flags import OutputError, writing
@@ -711,3 +712,28 @@ def test_one_training_step_through_the_fused_triton_op() -> None:
     logits, loss = train_step(model, batch, optimizer, torch.amp.GradScaler(device.type, enabled=False))
     assert logits.shape == (1, 2, 64, 64) and torch.isfinite(loss)
     assert not torch.equal(before, model.head.DCAMA_blocks[0].linears[0].weight)  # gradients reached the op
+
+
+class Built(Exception):
+    """Raised in place of the model: the data sets are built, nothing more is needed."""
+
+
+@pytest.mark.parametrize("benchmark, noted", [("folder", True), ("shapes", False)])
+def test_an_episodes_per_epoch_the_benchmark_ignores_is_a_note(benchmark: str, noted: bool, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    import dcama.train as engine
+
+    def no_model(*args, **kwargs):
+        raise Built
+
+    root = None
+    if benchmark == "folder":
+        root = str(tmp_path / "folder")
+        export_folder(root, images_per_class=3, img_size=32)
+    monkeypatch.setattr(engine, "DCAMA", no_model)
+    with pytest.raises(Built):
+        train(TrainConfig(**{**TINY, "benchmark": benchmark, "datapath": root, "backbone": "resnet18",
+                             "logdir": str(tmp_path / "run")}))
+    note = "note: --episodes-per-epoch 6 is not used: folder episodes are every image of the split once"
+    assert (note in capsys.readouterr().out) == noted

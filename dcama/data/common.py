@@ -186,6 +186,7 @@ class FewShotDataset(Dataset):
     # on the data (classes with fewer than K+1 images are then skipped with a warning when the data is read).
     max_shot: ClassVar[int | None] = None
     needs_root: ClassVar[bool] = True  # whether the data lives in a folder (--datapath); shapes is generated
+    takes_episodes: ClassVar[bool] = True  # False: the protocol fixes the episodes and `episodes` is ignored
 
     def __init__(self, split: str, shot: int, img_size: int, use_original_imgsize: bool, seed: int) -> None:
         self.split = split
@@ -281,6 +282,7 @@ class ImageFilesDataset(FewShotDataset):
     Subclasses index their layout and call `set_files`.
     """
 
+    takes_episodes = False
     exif_orientation = False
 
     def set_files(self, base: str, files: dict[int, list[tuple[str, str]]]) -> None:
