@@ -593,7 +593,6 @@ def _between_steps(run: _Run, epoch: int, epoch_steps: int, progress: EpochProgr
         raise _stopped(run)
 
 
-
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, fg_weight: float = 1.0) -> torch.Tensor:
     """Cross-entropy over the 2 logits per pixel (docs/model.md); IGNORE_INDEX (255) marks pixels to ignore.
 
@@ -654,15 +653,13 @@ def _save_epoch(run: _Run, record: dict[str, Any]) -> None:
     """At the end of an epoch: `best.pt` when this epoch is the best so far, then `last.pt`, then metrics.jsonl.
 
     `last.pt` is the commit point: a kill between the two writes leaves the previous `last.pt`, so the resumed
-    run redoes this epoch and writes `best.pt` again. Once `last.pt` is written, a stop asked for earlier
-    (during validation) is saved: the stop signals are muted, and the epoch's bookkeeping still finishes."""
+    run redoes this epoch and writes `best.pt` again. A stop asked for earlier (during validation) is saved
+    with `last.pt` (`_write_checkpoint`), and the epoch's bookkeeping still finishes."""
     extra = {**_progress_entries(run), "rng": gather_rng_states(),
              "val": {"miou": record["val_miou"], "fb_iou": record["val_fb_iou"]}}
     if run.state.best_epoch == record["epoch"]:
         _write_checkpoint(run, run.best_path, extra)
     _write_checkpoint(run, run.last_path, extra, f"the end of epoch {record['epoch']}/{run.cfg.epochs}")
-    if run.stop.requested is not None:
-        mute_stop_signals()
     # Rewritten whole from the checkpoint's history, so it always agrees with last.pt, even when a run was
     # killed between the two writes and resumed.
     metrics = run.logdir / "metrics.jsonl"
@@ -670,12 +667,16 @@ def _save_epoch(run: _Run, record: dict[str, Any]) -> None:
 
 
 def _write_checkpoint(run: _Run, path: Path, extra: dict[str, Any], where: str | None = None) -> None:
-    """A checkpoint written by rank 0; `where` (what it holds) marks `last.pt`, whose predecessor is kept."""
+    """A checkpoint written by rank 0; `where` (what it holds) marks `last.pt`, whose predecessor is kept.
+    A `last.pt` written while a stop is asked for is the stop's save: from then on the stop signals are
+    ignored, so no later signal changes how the run ends (exit status 75)."""
     previous = previous_checkpoint(path) if where is not None and run.last_is_good else None
     _on_rank0(run, path, lambda: save_checkpoint(path, run.model, extra=extra, previous=previous))
     if where is not None:
         run.saved_at, run.last_is_good = where, True
         run.clock.reset()
+        if run.stop.requested is not None:
+            mute_stop_signals()
 
 
 def _on_rank0(run: _Run, path: Path, write: Callable[[], Any], after: str | None = None,
