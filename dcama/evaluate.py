@@ -163,8 +163,8 @@ def evaluate_checkpoint(checkpoint: str | Path | None, *, benchmark: str = "shap
     dev = check_device(device)
     if (checkpoint is None) == (baseline is None):
         raise ValueError("give exactly one of a checkpoint or a baseline")
-    check_output("json", None if json_path is None else str(json_path), folder=False)
-    check_output("visualize", None if visualize_dir is None else str(visualize_dir), folder=True)
+    check_output("json", json_path, folder=False)
+    check_output("visualize", visualize_dir, folder=True)
     # A checkpoint is read first only when its size is needed (the file is read once); otherwise the data set
     # is built first, so a missing or malformed benchmark is reported before a large checkpoint is read.
     blob = load_checkpoint_file(checkpoint) if checkpoint is not None and img_size is None else None

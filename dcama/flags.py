@@ -132,11 +132,14 @@ def check_file(name: str, path: str | None, missing: str = "") -> None:
     raise ConfigError(f"{flag(name)} {path}: {folder_not_file(path)}")
 
 
-def check_output(name: str, path: str | None, *, folder: bool) -> None:
+def check_output(name: str, path: str | os.PathLike | None, *, folder: bool) -> None:
     """An output flag (None: unset, allowed): a file (folder=False) or a folder this process can create or
     write in. Refused: an existing entry of the other kind, a path under a file, a folder without write
     permission (files are written as a temporary file renamed, so a file's folder must be writable)."""
-    problem = None if path is None else output_problem(path, folder)
+    if path is None:
+        return
+    path = os.fspath(path)
+    problem = output_problem(path, folder)
     if problem:
         raise ConfigError(f"{flag(name)} {path}: {problem}")
 
