@@ -198,7 +198,7 @@ def segment(model: DCAMA, supports: Sequence[tuple[ImageLike, ImageLike]], queri
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
     """--out must be a folder this process can write in (`check_output`), new or empty unless overwrite:
     results of another run are never mixed in silently."""
-    check_output("out", os.fspath(out_dir), folder=True)
+    check_output("out", out_dir, folder=True)
     if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
         raise InputError(f"--out {out_dir} already holds files (e.g. {next(out_dir.iterdir()).name}): choose a new "
                          "or empty folder, or pass --overwrite to replace the results of the same names")
@@ -240,19 +240,18 @@ def predict_files(checkpoint: str | os.PathLike, supports: Sequence[tuple[str, s
     and out_dir/predictions.json (the settings and one entry per query), written last. Every input is
     checked before the model is loaded; every file is written atomically. `threads`: torch CPU threads
     (None: torch's default). Returns the predictions.json content."""
-    out = Path(out_dir)
+    out, dev = Path(out_dir), check_device(device)
     check_out_dir(out, overwrite)
     paths = query_files(queries)
     pairs = [read_support(img, m, k) for k, (img, m) in enumerate(supports)]
     sizes, names = check_queries(paths), output_names(paths)
     batches = size_batches(sizes, batch_size)
-    model, trained_size = load_model(checkpoint, backbone=backbone, attn_impl=attn_impl, device=device)
+    model, trained_size = load_model(checkpoint, backbone=backbone, attn_impl=attn_impl, device=dev)
     side = img_size or trained_size
     check_img_size(model.config["backbone"], side, built_for=model.backbone.img_size)
     support_set = SupportSet.build(pairs, side)
     panels = _support_panels(pairs, supports) if overlays else []
     records: list[dict[str, Any]] = [{} for _ in paths]
-    dev = next(model.parameters()).device
     start = time.perf_counter()
     with cpu_threads(threads if dev.type == "cpu" else None):
         load = lambda i: load_rgb(paths[i], exif_orientation=FOLLOW_EXIF_ORIENTATION)  # noqa: E731
@@ -261,7 +260,8 @@ def predict_files(checkpoint: str | os.PathLike, supports: Sequence[tuple[str, s
             records[i] = _write_outputs(out, names[i], paths[i], title, image, mask, panels)
     result = {"settings": {"checkpoint": os.fspath(checkpoint), "supports": [list(map(os.fspath, s)) for s in supports],
                            "img_size": side, "batch_size": batch_size, "attn_impl": attn_impl, "amp": amp,
-                           "device": str(dev), "threads": threads, "model_config": dict(model.config),
+                           "device": str(next(model.parameters()).device), "threads": threads,
+                           "model_config": dict(model.config),
                            "seconds": round(time.perf_counter() - start, 3)},
               "queries": records}
     with writing(out / RESULTS_FILE):

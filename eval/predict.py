@@ -24,7 +24,7 @@ except ImportError:  # run from a checkout that was not installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dcama.config import AMP_MODES, ATTN_IMPLS
-from dcama.flags import FlagParser, check_at_least, check_checkpoint_model, check_device, check_file, error_line
+from dcama.flags import FlagParser, check_at_least, check_checkpoint_model, check_file, error_line
 from dcama.predict import RESULTS_FILE, predict_files
 
 
@@ -54,12 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_flags(args: argparse.Namespace) -> None:
     """Every flag checked before any file is read: ConfigError, one line naming the flag. An --img-size given
     without --backbone is checked against the checkpoint's backbone once the model is loaded, before any
-    query runs; --out by `predict_files`, before it reads anything."""
+    query runs; --device and --out by `predict_files`, before it reads anything."""
     check_file("checkpoint", args.checkpoint)
     check_checkpoint_model(args.backbone, args.img_size)
     check_at_least("bsz", args.bsz, 1)
     check_at_least("threads", args.threads, 0)
-    check_device(args.device)
 
 
 def main(argv: list[str] | None = None) -> int:

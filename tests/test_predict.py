@@ -209,3 +209,11 @@ def test_load_model_reads_the_checkpoint_once(resnet18_checkpoint, monkeypatch):
     model, side = load_model(resnet18_checkpoint, attn_impl="sdpa", device="cpu")
     assert reads == [str(resnet18_checkpoint)] and side == 384  # no recorded size: the published one
     assert not model.training
+
+
+def test_device_is_checked_before_any_input_is_read(resnet18_checkpoint, tmp_path, capsys):
+    args = ["--checkpoint", str(resnet18_checkpoint), "--support", str(tmp_path / "missing.jpg"),
+            str(tmp_path / "missing.png"), "--query", str(tmp_path / "missing-too.jpg"), "--out", str(tmp_path / "out"),
+            "--device", "bogus", "--no-progress"]
+    assert exit_status(predict_cli().main, args) == 2
+    assert capsys.readouterr().err == "error: --device bogus: choose cpu, cuda or cuda:N\n"
