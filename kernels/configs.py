@@ -48,6 +48,9 @@ SLICE_CONFIGS: dict[str, dict[str, dict[int, list[Config]]]] = {
     "bwd_dkdv": {"16bit": {16: [(64, 64, 2, 16, 16, 4, 1)], 32: [(64, 64, 2, 32, 32, 4, 1)]}},
     "bwd_dq": {"16bit": {16: [(128, 64, 16, 16, 8, 3)], 32: [(128, 64, 32, 32, 8, 3)]}},
 }
+# The dropout modes a launch can be in, as DROP_BITS: none, 1-bit decisions (p = 1/2), 16-bit slices (any other p).
+FINE_DROP_BITS = 16
+DROP_MODES = (0, 1, FINE_DROP_BITS)
 KEEP_MASK_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
 # Under TRITON_INTERPRET=1 (no autotuning possible) one small configuration keeps the interpreter fast;
 # D_CHUNK = min(D, 64) so that the tests exercise the resident and the chunked score paths, and a dk/dv program
@@ -67,6 +70,14 @@ def candidates(kernel: str, group: str, head_dim: int, drop_bits: int) -> list[C
     if drop_bits > 1 and head_dim in SLICE_CONFIGS.get(kernel, {}).get(group, {}):
         return SLICE_CONFIGS[kernel][group][head_dim]
     return GPU_CONFIGS[kernel][group][head_dim]
+
+
+def shipped_entries() -> list[tuple[str, str, int, int, Config]]:
+    """(kernel, group, head dim, DROP_BITS, entry) for every candidate the autotuner can be given: what the compile
+    report and the interpreter parity tests must cover."""
+    return [(kernel, group, head_dim, bits, entry)
+            for kernel, groups in GPU_CONFIGS.items() for group, by_dim in groups.items() for head_dim in by_dim
+            for bits in DROP_MODES for entry in candidates(kernel, group, head_dim, bits)]
 
 
 def split_config(kernel: str, entry: Config) -> tuple[dict[str, int], int, int]:

@@ -15,10 +15,9 @@ import torch
 import triton
 
 from kernels import fused
-from kernels.configs import KEEP_MASK_CONFIG, candidates, config_group, interpreter_meta, split_config
+from kernels.configs import FINE_DROP_BITS, KEEP_MASK_CONFIG, candidates, config_group, interpreter_meta, split_config
 
 LOG2E = 1.4426950408889634
-FINE_DROP_BITS = 16
 KERNELS = {"fwd": fused._fwd_kernel, "bwd_dkdv": fused._bwd_dkdv_kernel, "bwd_dq": fused._bwd_dq_kernel}
 AUTOTUNE_KEY = ["Nq", "Nk", "HEAD_DIM", "C", "DROP_BITS", "DOT_PRECISION"]
 
