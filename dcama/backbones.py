@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from itertools import accumulate
 from typing import Any
 
 import timm
@@ -13,45 +11,10 @@ from timm.models.swin_transformer import checkpoint_filter_fn
 from torch import nn
 
 from .checkpoint import CheckpointError, load_fitting_state, load_torch_file
-from .config import PUBLISHED_IMG_SIZE
+# The backbones' facts live in dcama.config (no torch needed to check a flag); exported here too.
+from .config import BACKBONES, STAGE_STRIDES, SWIN_DEFAULT_IMG_SIZE, BackboneSpec, backbone_spec, img_size_problem
 
 __all__ = ["BACKBONES", "STAGE_STRIDES", "BackboneSpec", "BlockFeatures", "build_backbone", "img_size_problem"]
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What the head needs to know about a backbone, and where its pretrained weights come from."""
-
-    timm_name: str
-    kind: str  # "resnet" or "swin"
-    depths: tuple[int, int, int, int]  # blocks per stage
-    channels: tuple[int, int, int, int]  # feature channels per stage
-    weights_file: str  # the file the authors used, or a description for the demo backbones
-    published: bool = False  # one of the paper's backbones (the others are small demos for CPU runs and tests)
-
-    @property
-    def stack_ids(self) -> list[int]:
-        """Cumulative block counts: block features [stack_ids[s-1], stack_ids[s]) belong to stage s+1."""
-        return list(accumulate(self.depths))
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "swin_b": BackboneSpec("swin_base_patch4_window12_384", "swin", (2, 2, 18, 2), (128, 256, 512, 1024),
-                           "swin_base_patch4_window12_384_22kto1k.pth", published=True),
-    "resnet50": BackboneSpec("resnet50", "resnet", (3, 4, 6, 3), (256, 512, 1024, 2048),
-                             "resnet50_a1h-35c100f8.pth", published=True),
-    "resnet101": BackboneSpec("resnet101", "resnet", (3, 4, 23, 3), (256, 512, 1024, 2048),
-                              "resnet101_a1h-36d3f2aa.pth", published=True),
-    "resnet18": BackboneSpec("resnet18", "resnet", (2, 2, 2, 2), (64, 128, 256, 512),
-                             "a timm resnet18 state dict (.pth)"),
-    "resnet34": BackboneSpec("resnet34", "resnet", (3, 4, 6, 3), (64, 128, 256, 512),
-                             "a timm resnet34 state dict (.pth)"),
-}
-
-# Downsampling of each stage's feature maps relative to the image (stage 1: 1/4, ..., stage 4: 1/32).
-STAGE_STRIDES = (4, 8, 16, 32)
-SWIN_DEFAULT_IMG_SIZE = PUBLISHED_IMG_SIZE
-_SWIN_WINDOW = 12
 
 
 class BlockFeatures(nn.Module):
@@ -64,7 +27,7 @@ class BlockFeatures(nn.Module):
     def __init__(self, name: str, img_size: int | None = None) -> None:
         super().__init__()
         self.name = name
-        self.spec = _spec(name)
+        self.spec = backbone_spec(name)
         if self.spec.kind == "swin":
             self.img_size = SWIN_DEFAULT_IMG_SIZE if img_size is None else int(img_size)
             self._check_side(self.img_size, "img_size")
@@ -184,39 +147,9 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None, img_size
     return backbone
 
 
-def _spec(name: str) -> BackboneSpec:
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
-    return BACKBONES[name]
-
-
 def _expects(name: str) -> str:
-    return f"backbone {name!r} expects {_spec(name).weights_file}"
+    return f"backbone {name!r} expects {backbone_spec(name).weights_file}"
 
 
 def _read_weights(name: str, path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_torch_file(path, "backbone weights", expected=_expects(name))
-
-
-def img_size_problem(name: str, side: int) -> str:
-    """'' when backbone `name` takes square images of this side, else one line saying which sides it takes."""
-    stride = STAGE_STRIDES[-1]
-    if _spec(name).kind == "resnet":
-        # Below the total stride stage 4 is empty; other sides make the 1/4 and 1/8 maps disagree by a pixel.
-        if side >= stride and side % stride == 0:
-            return ""
-        return f"{name} takes a side that is a positive multiple of {stride} (its total stride): 32, 64, 96, ..."
-    if _swin_fits(side):
-        return ""
-    sides = [s for s in range(stride, 2 * SWIN_DEFAULT_IMG_SIZE + 1, stride) if _swin_fits(s)]
-    return (f"{name} takes a side that is a multiple of {stride} whose stage grids (side/4 to side/32) are "
-            f"multiples of its {_SWIN_WINDOW}-token window or at most {_SWIN_WINDOW}: "
-            f"{', '.join(map(str, sides))}, ...")
-
-
-def _swin_fits(side: int) -> bool:
-    # Microsoft's Swin (the layout of the released weights) needs every stage's grid to be a multiple of the
-    # window or no larger than it (then the window shrinks to the grid); timm would pad instead.
-    stride = STAGE_STRIDES[-1]
-    grids = [side // s for s in STAGE_STRIDES]
-    return side >= stride and side % stride == 0 and all(g <= _SWIN_WINDOW or g % _SWIN_WINDOW == 0 for g in grids)

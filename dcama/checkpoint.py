@@ -21,18 +21,17 @@ import torch
 from torch import nn
 
 from .config import PUBLISHED_IMG_SIZE
-from .files import atomic_open
+from .files import atomic_open, folder_not_file
 
 __all__ = ["CheckpointError", "FORMAT", "VERSION", "checkpoint_parts", "folder_not_file", "is_own_checkpoint",
            "load_checkpoint_file", "load_fitting_state", "load_torch_file", "save_checkpoint", "state_dict_mismatch",
-           "torch_files_in", "trained_img_size"]
+           "trained_img_size"]
 
 FORMAT = "dcama-triton"
 VERSION = 1
 _RESERVED = ("format", "version", "config", "state_dict")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # the pickled magic number of the old format
-TORCH_SUFFIXES = (".pt", ".pth")
 
 
 class CheckpointError(ValueError):
@@ -110,20 +109,6 @@ def _unreadable(path: str, exc: Exception) -> str:
 def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint file's dict (this project's or the authors'), read as `load_torch_file` does."""
     return load_torch_file(path, "checkpoint")
-
-
-def torch_files_in(folder: str | os.PathLike) -> list[str]:
-    """The names of the .pt/.pth files in a folder, sorted (what to suggest when a folder is passed as a file)."""
-    return sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.endswith(TORCH_SUFFIXES))
-
-
-def folder_not_file(folder: str | os.PathLike) -> str:
-    """What is said of a folder given where a torch file is expected (the message's end, after its name):
-    the .pt/.pth files in it, to pass one of them."""
-    found = torch_files_in(folder)
-    if found:
-        return f"is a folder, not a file; it holds {', '.join(found)}: pass one of them"
-    return "is a folder, not a file; it holds no .pt or .pth file"
 
 
 def trained_img_size(blob: dict[str, Any], default: int) -> int:

@@ -19,21 +19,20 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint_file, trained_img_size
-from .config import EVAL_EPISODES, TEST_SEED, default_img_size
+from .config import BASELINES, EVAL_EPISODES, TEST_SEED, default_img_size
 from .data import build_dataset, collate_episodes
 from .files import write_json
-from .flags import check_device, check_img_size, check_output, writing
+from .flags import check_img_size, check_output, writing
 from .metrics import FewShotIoU, episode_iou
 from .model import DCAMA
-from .runtime import Batch, ShardSampler, autocast_context, cpu_threads, dist_info, ignore_stop_signals, move_batch
+from .runtime import (Batch, ShardSampler, autocast_context, check_device, cpu_threads, dist_info, ignore_stop_signals,
+                      move_batch)
 from .visualize import save_episode_png
 
 __all__ = ["BASELINES", "baseline_predictor", "evaluate", "evaluate_checkpoint", "format_result", "model_predictor",
            "note_unseen_classes"]
 
 Predictor = Callable[[Batch], torch.Tensor]
-
-BASELINES = ("all-foreground", "support-mask")
 
 
 def original_size(batch: Batch) -> tuple[int, int] | None:

@@ -1,5 +1,6 @@
-"""Atomic file writes (checkpoints, caches, logs and results are never left half-written by a crash) and the
-lock that keeps two runs out of one run folder."""
+"""Atomic file writes (checkpoints, caches, logs and results are never left half-written by a crash), the
+lock that keeps two runs out of one run folder, and the torch files a folder holds (named when a folder is
+given for a file)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import IO, Any
 
-__all__ = ["FolderInUseError", "atomic_open", "folder_lock", "write_json", "write_jsonl"]
+__all__ = ["FolderInUseError", "atomic_open", "folder_lock", "folder_not_file", "torch_files_in", "write_json",
+           "write_jsonl"]
 
 LOCK_NAME = ".lock"
+TORCH_SUFFIXES = (".pt", ".pth")
 
 
 class FolderInUseError(RuntimeError):
@@ -79,6 +82,20 @@ def write_jsonl(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
     """One JSON object per line, the whole file written atomically."""
     with atomic_open(path, "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in records))
+
+
+def torch_files_in(folder: str | os.PathLike) -> list[str]:
+    """The names of the .pt/.pth files in a folder, sorted (what to suggest when a folder is passed as a file)."""
+    return sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.endswith(TORCH_SUFFIXES))
+
+
+def folder_not_file(folder: str | os.PathLike) -> str:
+    """What is said of a folder given where a torch file is expected (the message's end, after its name):
+    the .pt/.pth files in it, to pass one of them."""
+    found = torch_files_in(folder)
+    if found:
+        return f"is a folder, not a file; it holds {', '.join(found)}: pass one of them"
+    return "is a folder, not a file; it holds no .pt or .pth file"
 
 
 @contextmanager

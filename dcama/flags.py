@@ -2,9 +2,10 @@
 built or written, and the one-line errors of the files a command writes.
 
 Each failure is a ConfigError whose message is one line naming the flag, in its command-line form, and what
-it accepts; the command lines print it and exit with status 2. What a benchmark accepts is read from its data
-set class (`n_folds`, `max_shot`, `needs_root`) and what a backbone accepts from `dcama.backbones`, so a new
-benchmark or backbone brings its own rules. An output that cannot be written once the work is done (a full
+it accepts; the command lines print it and exit with status 2. What a benchmark accepts (`BENCHMARK_RULES`:
+folds, K, a data folder) and what a backbone accepts (`img_size_problem`) are read from dcama/config.py, which
+the data set classes and the backbones read too. Like config.py this module imports no torch: the command
+lines check their flags before torch is imported. An output that cannot be written once the work is done (a full
 disk) is an OutputError naming the path and the reason (`writing`); `write_failure` words it, for the training
 run's write errors too.
 """
@@ -18,20 +19,13 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
-import torch
-
-from .backbones import BACKBONES, img_size_problem
-from .checkpoint import folder_not_file
-from .data import BENCHMARKS
+from .config import BACKBONES, BENCHMARK_RULES, ConfigError, img_size_problem
+from .files import folder_not_file
 
 __all__ = ["ConfigError", "FlagParser", "OutputError", "check_at_least", "check_benchmark",
-           "check_checkpoint_model", "check_choice", "check_device", "check_file", "check_fraction",
+           "check_checkpoint_model", "check_choice", "check_file", "check_fraction",
            "check_img_size", "check_non_negative", "check_output", "check_positive", "error_line", "flag",
            "output_problem", "unused_episodes_note", "write_failure", "writing"]
-
-
-class ConfigError(ValueError):
-    """A flag value or a combination of flags that cannot run; the message is one line naming the flag."""
 
 
 def flag(name: str) -> str:
@@ -73,8 +67,8 @@ def _is_number(value: Any) -> bool:
 
 def check_benchmark(benchmark: str, datapath: str | None, fold: int, nshot: int) -> None:
     """The benchmark, its data folder, the fold and K, as the benchmark's data set class allows them."""
-    check_choice("benchmark", benchmark, BENCHMARKS)
-    dataset = BENCHMARKS[benchmark]
+    check_choice("benchmark", benchmark, BENCHMARK_RULES)
+    dataset = BENCHMARK_RULES[benchmark]
     if dataset.needs_root and datapath is None:
         raise ConfigError(f"--datapath is needed for --benchmark {benchmark} (the folder that holds its data)")
     if datapath is not None and not os.path.isdir(datapath):
@@ -92,7 +86,7 @@ def check_benchmark(benchmark: str, datapath: str | None, fold: int, nshot: int)
 def unused_episodes_note(benchmark: str, name: str, value: int | None) -> str | None:
     """The note for an episode count given to a benchmark whose protocol fixes the episodes (FSS-1000 and
     folder: every image of the split is a query once), None when the count is used or not given."""
-    if value is None or BENCHMARKS[benchmark].takes_episodes:
+    if value is None or BENCHMARK_RULES[benchmark].takes_episodes:
         return None
     return (f"note: {flag(name)} {value} is not used: {benchmark} episodes are every image of the split once, "
             f"its benchmark's protocol")
@@ -159,24 +153,6 @@ def output_problem(path: str | os.PathLike, folder: bool) -> str:
     if not os.access(nearest, os.W_OK | os.X_OK):
         return f"no permission to write in {nearest}"
     return ""
-
-
-def check_device(device: str | torch.device | None) -> torch.device:
-    """The device --device names (None: CUDA when there is one, else the CPU), if this machine has it."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device}: choose cpu, cuda or cuda:N")
-    count = torch.cuda.device_count() if dev.type == "cuda" and torch.cuda.is_available() else 0
-    if dev.type == "cuda" and count == 0:
-        raise ConfigError(f"--device {device}: this machine has no CUDA device (torch sees none); use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= count:
-        raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    return dev
 
 
 class OutputError(OSError):

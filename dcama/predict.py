@@ -30,9 +30,9 @@ from .data.common import (MASK_THRESHOLD, grey_to_binary, image_size, load_grey_
                           preprocess_image, resize_mask)
 from .data.folder import FOLLOW_EXIF_ORIENTATION, IMAGE_SUFFIXES, image_names, natural_key
 from .files import write_json
-from .flags import check_device, check_img_size, check_output, writing
+from .flags import check_img_size, check_output, writing
 from .model import DCAMA
-from .runtime import autocast_context, cpu_threads
+from .runtime import autocast_context, check_device, cpu_threads
 from .visualize import SUPPORT, Panel, draw_panel, prediction_picture, save_picture
 
 __all__ = ["InputError", "SupportSet", "load_model", "predict_files", "query_files", "read_support", "segment"]

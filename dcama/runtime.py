@@ -25,9 +25,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
-from .config import AMP_DTYPES
+from .config import ConfigError
 
 Batch = dict[str, Any]
+# The autocast dtype of each --amp mode (dcama.config.AMP_MODES) but "off".
+AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ------------------------------------------------------------------------------------------- processes
@@ -87,6 +89,24 @@ def from_rank0(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The device --device names (None: CUDA when there is one, else the CPU), if this machine has it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: choose cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if dev.type == "cuda" and torch.cuda.is_available() else 0
+    if dev.type == "cuda" and count == 0:
+        raise ConfigError(f"--device {device}: this machine has no CUDA device (torch sees none); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= count:
+        raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return dev
 
 
 @contextmanager

@@ -5,14 +5,25 @@ from pathlib import Path
 import pytest
 
 import kernels
-from dcama.config import (AMP_DTYPES, AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, PUBLISHED_IMG_SIZE,
+from dcama.config import (AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, BENCHMARK_RULES, PUBLISHED_IMG_SIZE,
                           SAVE_EVERY_MIN, default_img_size)
 from dcama.data import BENCHMARKS
+from dcama.data.fss import IMAGES_PER_CLASS
+from dcama.data.shapes import POOL_SIZE
+from dcama.runtime import AMP_DTYPES
 from dcama.train import TrainConfig
 
 
 def test_the_one_list_of_attention_implementations():
-    assert ATTN_IMPLS is kernels.IMPLS and "auto" in ATTN_IMPLS
+    assert ATTN_IMPLS == kernels.IMPLS and "auto" in ATTN_IMPLS
+
+
+def test_every_data_set_class_follows_its_benchmarks_rules():
+    assert set(BENCHMARK_RULES) == set(BENCHMARKS)
+    assert all(BENCHMARKS[name].rules is rules for name, rules in BENCHMARK_RULES.items())
+    # The Ks the rules allow are what the data holds: each class's images less the query.
+    assert BENCHMARK_RULES["shapes"].max_shot == min(POOL_SIZE.values()) - 1
+    assert BENCHMARK_RULES["fss"].max_shot == IMAGES_PER_CLASS - 1
 
 
 def test_every_benchmark_has_defaults_for_every_defaultable_setting():

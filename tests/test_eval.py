@@ -246,7 +246,7 @@ def test_an_episode_count_a_benchmark_ignores_is_a_note(benchmark: str, tmp_path
     if benchmark == "folder":
         root = str(tmp_path / "folder")
         export_folder(root, images_per_class=3, img_size=32)
-    elif BENCHMARKS[benchmark].needs_root:
+    elif BENCHMARKS[benchmark].rules.needs_root:
         pytest.skip(f"{benchmark} needs its data set on disk")
     lengths = {len(build_dataset(benchmark, root, split="test", img_size=32, episodes=n)) for n in (5, 7)}
     note = unused_episodes_note(benchmark, "episodes", 5)

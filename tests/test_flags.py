@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcama.flags import ConfigError, check_device, check_output
+from dcama.flags import ConfigError, check_output
+from dcama.runtime import check_device
 from helpers import exit_status
 
 REPO = Path(__file__).resolve().parents[1]

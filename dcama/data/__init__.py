@@ -56,7 +56,7 @@ def build_dataset(
     """
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {sorted(BENCHMARKS)}")
-    if root is None and BENCHMARKS[benchmark].needs_root:
+    if root is None and BENCHMARKS[benchmark].rules.needs_root:
         raise ValueError(f"benchmark {benchmark!r} needs a data root (only 'shapes' runs without one)")
     return BENCHMARKS[benchmark](root, fold=fold, split=split, shot=shot, img_size=img_size,
                                  use_original_imgsize=use_original_imgsize, episodes=episodes, seed=seed,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from dcama.config import EVAL_EPISODES, PUBLISHED_IMG_SIZE
+from dcama.config import BENCHMARK_RULES, EVAL_EPISODES, PUBLISHED_IMG_SIZE
 from dcama.data.common import (
     DatasetFileError,
     FewShotDataset,
@@ -26,7 +26,7 @@ from dcama.data.common import (
 )
 from dcama.files import atomic_open
 
-N_FOLDS = 4
+N_FOLDS = BENCHMARK_RULES["coco"].n_folds
 N_CLASSES = 80
 INDEX_FORMAT = "dcama-coco-index"
 INDEX_VERSION = 1
@@ -119,12 +119,12 @@ class COCODataset(FewShotDataset):
     instances JSON (mask_source="json") or the release's label PNGs (mask_source="png").
     """
 
-    n_folds = N_FOLDS
+    rules = BENCHMARK_RULES["coco"]
 
     def __init__(self, root: str, fold: int = 0, split: str = "test", shot: int = 1, img_size: int = PUBLISHED_IMG_SIZE,
                  use_original_imgsize: bool = False, episodes: int = EVAL_EPISODES, seed: int = 0,
                  mask_source: str = "json") -> None:
-        validate_args(split, fold, self.n_folds, shot, img_size, seed, episodes)
+        validate_args(split, fold, self.rules.n_folds, shot, img_size, seed, episodes)
         if mask_source not in ("json", "png"):
             raise ValueError(f"mask_source must be 'json' or 'png', got {mask_source!r}")
         super().__init__(split, shot, img_size, use_original_imgsize, seed)

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
 
+from dcama.config import BenchmarkRules
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = ("trn", "val", "test")
@@ -180,13 +182,9 @@ def validate_args(split: str, fold: int, n_folds: int, shot: int, img_size: int,
 class FewShotDataset(Dataset):
     """Base of the episode datasets: seeding, epoch, and assembly of an item from loaded images and masks."""
 
-    # What a benchmark accepts, read by the flag checks (dcama/flags.py) before anything is built.
-    n_folds: ClassVar[int] = 1  # folds 0..n_folds-1; 1: the benchmark has no folds (fold 0 only)
-    # The largest K (support images) that every class allows, when the benchmark fixes it; None when it depends
-    # on the data (classes with fewer than K+1 images are then skipped with a warning when the data is read).
-    max_shot: ClassVar[int | None] = None
-    needs_root: ClassVar[bool] = True  # whether the data lives in a folder (--datapath); shapes is generated
-    takes_episodes: ClassVar[bool] = True  # False: the protocol fixes the episodes and `episodes` is ignored
+    # What the benchmark accepts (folds, K, a data folder): dcama.config.BENCHMARK_RULES, which the flag checks
+    # read before torch is imported.
+    rules: ClassVar[BenchmarkRules]
 
     def __init__(self, split: str, shot: int, img_size: int, use_original_imgsize: bool, seed: int) -> None:
         self.split = split
@@ -282,7 +280,6 @@ class ImageFilesDataset(FewShotDataset):
     Subclasses index their layout and call `set_files`.
     """
 
-    takes_episodes = False
     exif_orientation = False
 
     def set_files(self, base: str, files: dict[int, list[tuple[str, str]]]) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dcama.config import EVAL_EPISODES, PUBLISHED_IMG_SIZE
+from dcama.config import BENCHMARK_RULES, EVAL_EPISODES, PUBLISHED_IMG_SIZE
 from dcama.data.common import (
     SPLITS,
     DatasetFileError,
@@ -241,12 +241,13 @@ class FolderDataset(ImageFilesDataset):
     follow their EXIF orientation (as photo viewers show them); masks must have that size.
     """
 
+    rules = BENCHMARK_RULES["folder"]
     exif_orientation = FOLLOW_EXIF_ORIENTATION
 
     def __init__(self, root: str, fold: int = 0, split: str = "test", shot: int = 1,
                  img_size: int = PUBLISHED_IMG_SIZE, use_original_imgsize: bool = False,
                  episodes: int = EVAL_EPISODES, seed: int = 0, split_seed: int = 0) -> None:
-        validate_args(split, fold, self.n_folds, shot, img_size, seed, episodes)  # no folds: n_folds is 1
+        validate_args(split, fold, self.rules.n_folds, shot, img_size, seed, episodes)
         super().__init__(split, shot, img_size, use_original_imgsize, seed)
         root = str(root)
         check_dir(root, "folder benchmark", LAYOUT)

@@ -6,7 +6,7 @@ import os
 import re
 import warnings
 
-from dcama.config import EVAL_EPISODES, PUBLISHED_IMG_SIZE
+from dcama.config import BENCHMARK_RULES, EVAL_EPISODES, PUBLISHED_IMG_SIZE
 from dcama.data.common import ImageFilesDataset, check_dir, split_file, validate_args
 
 LAYOUT = """Expected FSS-1000 layout (HSNet/DCAMA convention):
@@ -17,7 +17,7 @@ LAYOUT = """Expected FSS-1000 layout (HSNet/DCAMA convention):
 # Class indices: position in the sorted class list of the split plus the split's offset (HSNet convention),
 # so the 1000 classes get distinct indices 0..999.
 CLASS_OFFSET = {"trn": 0, "val": 520, "test": 760}
-IMAGES_PER_CLASS = 10
+IMAGES_PER_CLASS = BENCHMARK_RULES["fss"].max_shot + 1
 _NUMBERED_JPG = re.compile(r"^(\d+)\.jpg$")
 
 
@@ -30,11 +30,11 @@ class FSSDataset(ImageFilesDataset):
     """FSS-1000 episodes: every image of the split's classes is a query once (len = number of images, for
     every split; `episodes` is ignored); supports are drawn from the other images of its class."""
 
-    max_shot = IMAGES_PER_CLASS - 1  # no folds: n_folds stays 1
+    rules = BENCHMARK_RULES["fss"]
 
     def __init__(self, root: str, fold: int = 0, split: str = "test", shot: int = 1, img_size: int = PUBLISHED_IMG_SIZE,
                  use_original_imgsize: bool = False, episodes: int = EVAL_EPISODES, seed: int = 0) -> None:
-        validate_args(split, fold, self.n_folds, shot, img_size, seed, episodes)
+        validate_args(split, fold, self.rules.n_folds, shot, img_size, seed, episodes)
         super().__init__(split, shot, img_size, use_original_imgsize, seed)
         check_dir(str(root), "FSS-1000 root", LAYOUT)
         base = os.path.join(str(root), "FSS-1000")

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from dcama.config import EVAL_EPISODES, IGNORE_INDEX, PUBLISHED_IMG_SIZE
+from dcama.config import BENCHMARK_RULES, EVAL_EPISODES, IGNORE_INDEX, PUBLISHED_IMG_SIZE
 from dcama.data.common import (
     FewShotDataset,
     check_dir,
@@ -21,7 +21,7 @@ from dcama.data.common import (
     validate_args,
 )
 
-N_FOLDS = 4
+N_FOLDS = BENCHMARK_RULES["pascal"].n_folds
 N_CLASSES = 20
 
 LAYOUT = """Expected PASCAL-5i layout (HSNet/DCAMA convention):
@@ -58,11 +58,11 @@ class PascalDataset(FewShotDataset):
     Supports are drawn from the entries of the same class in the same list, distinct and != the query image.
     """
 
-    n_folds = N_FOLDS
+    rules = BENCHMARK_RULES["pascal"]
 
     def __init__(self, root: str, fold: int = 0, split: str = "test", shot: int = 1, img_size: int = PUBLISHED_IMG_SIZE,
                  use_original_imgsize: bool = False, episodes: int = EVAL_EPISODES, seed: int = 0) -> None:
-        validate_args(split, fold, self.n_folds, shot, img_size, seed, episodes)
+        validate_args(split, fold, self.rules.n_folds, shot, img_size, seed, episodes)
         super().__init__(split, shot, img_size, use_original_imgsize, seed)
         voc = os.path.join(str(root), "VOC2012")
         check_dir(str(root), "PASCAL-5i root", LAYOUT)

@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from dcama.config import EVAL_EPISODES, PUBLISHED_IMG_SIZE
+from dcama.config import BENCHMARK_RULES, EVAL_EPISODES, PUBLISHED_IMG_SIZE
 from dcama.data.common import SPLITS, FewShotDataset, draw_others, uint8_to_tensor, validate_args
 from dcama.data.folder import write_image_and_mask, write_splits
 
 N_HUES = 12
 N_PATTERNS = 4  # 0 solid, 1 stripes, 2 checker, 3 dots
 N_CLASSES = N_HUES * N_PATTERNS
-N_FOLDS = 4
+N_FOLDS = BENCHMARK_RULES["shapes"].n_folds
 MIN_HUE_GAP = 3  # distractor hues differ from the target's by >= 90 degrees
 SHAPE_FAMILIES = ("ellipse", "rectangle", "triangle", "diamond", "star", "ring")
 # Images per class that episodes draw from (a finite pool gives images stable names).
@@ -201,14 +201,12 @@ class ShapesDataset(FewShotDataset):
     then a query and K distinct other support images from the class's pool.
     """
 
-    n_folds = N_FOLDS
-    max_shot = min(POOL_SIZE.values()) - 1
-    needs_root = False
+    rules = BENCHMARK_RULES["shapes"]  # its max_shot: the smallest pool less the query (tested)
 
     def __init__(self, root: str | None = None, fold: int = 0, split: str = "test", shot: int = 1,
                  img_size: int = PUBLISHED_IMG_SIZE, use_original_imgsize: bool = False, episodes: int = EVAL_EPISODES,
                  seed: int = 0) -> None:
-        validate_args(split, fold, self.n_folds, shot, img_size, seed, episodes)
+        validate_args(split, fold, self.rules.n_folds, shot, img_size, seed, episodes)
         super().__init__(split, shot, img_size, use_original_imgsize, seed)
         self.fold = fold
         self.class_ids = split_classes(fold, split)
