@@ -5,12 +5,17 @@ user sees. What the keys mean is left to the modules that own them: the authors'
 beside the model (`dcama.model.checkpoint_filter_fn`), the ImageNet files beside the backbone
 (`BlockFeatures.convert_state_dict`).
 
-This project's file: {"format": "dcama-triton", "version": 1, "config": model.config,
-"state_dict": model.state_dict(), **extra} (docs/model.md, "Checkpoints").
+This project's file: {"format": "dcama-triton", "version": 2, "config": model.config,
+"state_dict": model.state_dict(), **extra} (docs/model.md, "Checkpoints"). A training run's `last.pt` holds
+the trained part only: its "state_dict" lacks the frozen backbone, which the run folder holds once, in
+`backbone.pt`, named with its digest by the checkpoint's "backbone_file" entry; `checkpoint_parts` puts the
+two together. Buffers a model computes itself (non-persistent: the positional encodings) are in no file of
+version 2; the files that hold them (version 1, the authors') are read after checking them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import warnings
@@ -23,13 +28,17 @@ from torch import nn
 from .config import PUBLISHED_IMG_SIZE
 from .files import atomic_open, folder_not_file
 
-__all__ = ["CheckpointError", "FORMAT", "VERSION", "checkpoint_parts", "folder_not_file", "is_own_checkpoint",
-           "load_checkpoint_file", "load_fitting_state", "load_torch_file", "save_checkpoint", "state_dict_mismatch",
-           "trained_img_size"]
+__all__ = ["BACKBONE_FILE", "CheckpointError", "FORMAT", "VERSION", "checkpoint_parts", "folder_not_file",
+           "is_own_checkpoint", "load_checkpoint_file", "load_fitting_state", "load_torch_file", "save_backbone",
+           "save_checkpoint", "state_dict_mismatch", "state_digest", "trained_img_size"]
 
 FORMAT = "dcama-triton"
-VERSION = 1
-_RESERVED = ("format", "version", "config", "state_dict")
+VERSION = 2  # 2: no computed buffers; "backbone_file" (1: every buffer, the whole model in every file)
+_READS = (1, 2)
+_RESERVED = ("format", "version", "config", "state_dict", "backbone_file")
+# The frozen part of a DCAMA model (its `backbone` module), stored once per run folder in this file.
+BACKBONE_FILE = "backbone.pt"
+_FROZEN = "backbone."
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # the pickled magic number of the old format
 
@@ -39,7 +48,7 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, extra: dict[str, Any] | None = None,
-                    previous: str | os.PathLike | None = None) -> None:
+                    previous: str | os.PathLike | None = None, backbone_file: dict[str, str] | None = None) -> None:
     """Write `model` (a DCAMA, possibly wrapped by DDP or torch.compile) to `path` atomically: a temporary
     file in the same directory is renamed over `path`, so a crash never leaves a half-written checkpoint, and
     a failed write (a full disk) leaves the file that was there. With `previous`, that file is kept under
@@ -47,15 +56,57 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, extra: dict[str, 
 
     `extra` entries (optimizer state, epoch, RNG state, ...) are stored at the top level of the saved dict;
     they must be types torch.load(weights_only=True) accepts (tensors, numbers, strings, lists, dicts).
+
+    With `backbone_file` (what `save_backbone` returned for this model, a file in the same folder) the frozen
+    backbone is left out and the file named instead: a checkpoint of the trained part only.
     """
     model = _unwrap(model)
     extra = dict(extra or {})
     clash = [k for k in _RESERVED if k in extra]
     if clash:
         raise ValueError(f"extra may not use the reserved keys {clash}")
-    blob = {"format": FORMAT, "version": VERSION, "config": model.config, "state_dict": model.state_dict(), **extra}
+    state = model.state_dict()
+    if backbone_file is not None:
+        state = {k: v for k, v in state.items() if not k.startswith(_FROZEN)}
+        extra["backbone_file"] = backbone_file
+    _write(path, {"format": FORMAT, "version": VERSION, "config": model.config, "state_dict": state, **extra},
+           previous)
+
+
+def save_backbone(path: str | os.PathLike, model: nn.Module) -> dict[str, str]:
+    """Write the frozen backbone of `model` to `path` (atomically, as save_checkpoint) unless the file there
+    holds it already; returns the "backbone_file" entry of the checkpoints that leave it out: the file's name
+    and the digest of its tensors (`state_digest`)."""
+    model = _unwrap(model)
+    state = {k: v for k, v in model.state_dict().items() if k.startswith(_FROZEN)}
+    entry = {"name": os.path.basename(path), "sha256": state_digest(state)}
+    if not (os.path.isfile(path) and _stored_digest(path) == entry["sha256"]):
+        _write(path, {"format": FORMAT, "version": VERSION, "part": "backbone", "config": model.config,
+                      "sha256": entry["sha256"], "state_dict": state})
+    return entry
+
+
+def _write(path: str | os.PathLike, blob: dict[str, Any], previous: str | os.PathLike | None = None) -> None:
     with atomic_open(path, previous=previous) as f:
         torch.save(blob, f)
+
+
+def _stored_digest(path: str | os.PathLike) -> str | None:
+    """The digest a backbone file records, read without loading its tensors (None when unreadable)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("sha256")
+    except Exception:  # any unreadable file is written again
+        return None
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and bytes: the same tensors give the same digest."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key} {tensor.dtype} {tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_torch_file(path: str | os.PathLike, what: str, expected: str = "") -> dict[str, Any]:
@@ -129,40 +180,78 @@ def is_own_checkpoint(blob: dict[str, Any]) -> bool:
     return blob.get("format") == FORMAT
 
 
-def checkpoint_parts(blob: dict[str, Any], path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(model config, state dict) of this project's checkpoint, after checking its version and entries."""
-    if blob.get("version") != VERSION:
+def checkpoint_parts(blob: dict[str, Any], path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model config, state dict) of this project's checkpoint, after checking its version and entries; for a
+    checkpoint of the trained part only, with the frozen backbone read from the file it names beside it."""
+    path = os.fspath(path)
+    if blob.get("version") not in _READS:
         raise CheckpointError(f"checkpoint {path!r} has format version {blob.get('version')}, "
-                              f"this code reads version {VERSION}")
+                              f"this code reads versions {', '.join(map(str, _READS))}")
     if not isinstance(blob.get("config"), dict) or not isinstance(blob.get("state_dict"), dict):
         raise CheckpointError(f"checkpoint {path!r} lacks its 'config' or 'state_dict' entry")
-    return blob["config"], blob["state_dict"]
+    if blob.get("part") == "backbone":
+        raise CheckpointError(f"{path!r} holds a run's frozen backbone only (what its last.pt files leave out); "
+                              "pass the run's best.pt or last.pt")
+    if "backbone_file" not in blob:
+        return blob["config"], blob["state_dict"]
+    return blob["config"], {**_shared_backbone(blob["backbone_file"], path), **blob["state_dict"]}
+
+
+def _shared_backbone(entry: dict[str, str], path: str) -> dict[str, torch.Tensor]:
+    """The frozen backbone a checkpoint of the trained part names: the file beside it, checked by its digest."""
+    file = os.path.join(os.path.dirname(path), entry["name"])
+
+    def refused(problem: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path!r} holds the trained head only; the frozen backbone it was saved "
+                               f"with, {file!r}, {problem} (copy a run folder whole; its best.pt holds the whole "
+                               "model)")
+
+    if not os.path.isfile(file):
+        raise refused("is not there")
+    state = load_torch_file(file, "frozen backbone").get("state_dict", {})
+    if state_digest(state) != entry["sha256"]:
+        raise refused("is not the one it was saved with (its digest differs)")
+    return state
 
 
 def load_fitting_state(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """module.load_state_dict(state), after checking that it fits exactly: otherwise CheckpointError
-    "<what>: <the first missing, unexpected and wrongly shaped keys>"."""
+    "<what>: <the first missing, unexpected and wrongly shaped keys>". Buffers the module computes itself
+    (non-persistent) may be in `state` (older files); they are checked, not loaded."""
     problem = state_dict_mismatch(module, state)
     if problem:
         raise CheckpointError(f"{what}: {problem}")
-    module.load_state_dict(state)
+    own = module.state_dict()
+    module.load_state_dict({k: v for k, v in state.items() if k in own})
 
 
 def state_dict_mismatch(module: nn.Module, state: dict[str, torch.Tensor], limit: int = 5) -> str:
     """'' when `state` fits `module` exactly, else a message naming the first missing, unexpected and
-    wrongly shaped keys."""
+    wrongly shaped keys, and the computed buffers whose values differ from the module's."""
     own = module.state_dict()
+    computed = {k: v for k, v in module.named_buffers() if k not in own}
     missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+    unexpected = [k for k in state if k not in own and k not in computed]
+    theirs = {**own, **computed}
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in theirs.items()
               if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    differ = [k for k, v in computed.items() if k in state and tuple(state[k].shape) == tuple(v.shape)
+              and not _same_values(state[k], v)]
     parts = []
     for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                         ("shape mismatches (file vs model)", shapes)):
+                         ("shape mismatches (file vs model)", shapes),
+                         ("computed buffers that differ from the model's", differ)):
         if items:
             more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
             parts.append(f"{len(items)} {label}: {', '.join(items[:limit])}{more}")
     return "; ".join(parts)
+
+
+def _same_values(stored: torch.Tensor, computed: torch.Tensor) -> bool:
+    # Computed on other machines the encodings may differ in the last bits; shapes only on the meta device.
+    if stored.is_meta or computed.is_meta:
+        return True
+    return torch.allclose(stored.to(computed.device, computed.dtype), computed, rtol=0.0, atol=1e-4)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -45,18 +45,21 @@ SAVE_EVERY_MIN = 10.0
 USABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 DATA_WORKERS = min(8, USABLE_CPUS)
 
+# The benchmark a run trains on when none is named, and the defaults every benchmark shares.
+DEFAULT_BENCHMARK = "shapes"
+SHARED_DEFAULTS: dict[str, Any] = dict(fold=0, nshot=1, seed=0, momentum=0.9, attn_impl="auto", amp="off")
 # Real benchmarks follow the published recipe; so does "folder", a person's own classes in FSS-1000's layout
 # (docs/data.md), which is FSS-1000's protocol on other images. "shapes" is the embedded synthetic benchmark,
 # tuned so that `python train/run.py` learns on 2 CPU cores in a few minutes with a random frozen ResNet-18.
 BENCHMARK_DEFAULTS: dict[str, dict[str, Any]] = {
-    name: dict(backbone="swin_b", img_size=PUBLISHED_IMG_SIZE, bsz=PUBLISHED_BATCH, optimizer="sgd", lr=1e-3,
+    name: dict(**SHARED_DEFAULTS, backbone="swin_b", img_size=PUBLISHED_IMG_SIZE, bsz=PUBLISHED_BATCH, optimizer="sgd", lr=1e-3,
                weight_decay=1e-4, fg_weight=1.0, epochs=50, episodes_per_epoch=None, val_episodes=EVAL_EPISODES,
                test_episodes=0, workers=DATA_WORKERS, threads=None, save_every_min=SAVE_EVERY_MIN)
     for name in ("coco", "pascal", "fss", "folder")
 }
 # Why these values (the image side, the foreground weight, one thread): docs/training.md, "The first run in detail".
-BENCHMARK_DEFAULTS["shapes"] = dict(backbone="resnet18", img_size=96, bsz=8, optimizer="adamw", lr=1e-3,
-                                    weight_decay=1e-4, fg_weight=4.0, epochs=8, episodes_per_epoch=400,
+BENCHMARK_DEFAULTS["shapes"] = dict(**SHARED_DEFAULTS, backbone="resnet18", img_size=96, bsz=8, optimizer="adamw",
+                                    lr=1e-3, weight_decay=1e-4, fg_weight=4.0, epochs=8, episodes_per_epoch=400,
                                     val_episodes=100, test_episodes=EVAL_EPISODES, workers=0, threads=1,
                                     save_every_min=0.0)
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import IO, Any
 
-__all__ = ["FolderInUseError", "atomic_open", "folder_lock", "folder_not_file", "torch_files_in", "write_json",
+__all__ = ["FolderInUseError", "atomic_open", "folder_holder", "folder_lock", "folder_not_file", "torch_files_in", "write_json",
            "write_jsonl"]
 
 LOCK_NAME = ".lock"
@@ -143,6 +143,24 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
         for made_folder in made:
             with suppress(OSError):  # not empty: something was written there (or another run came in)
                 os.rmdir(made_folder)
+
+
+def folder_holder(folder: str | os.PathLike) -> str | None:
+    """Who holds `folder`'s lock (`folder_lock`: its pid and host), None when no live process does. It only
+    looks: nothing is made or locked, so a command can refuse a folder in use before it does anything."""
+    try:
+        f = open(os.path.join(folder, LOCK_NAME))
+    except OSError:  # no lock file, or one this process cannot read: the lock itself will tell
+        return None
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "another process"
+        except OSError:  # a file system without locks
+            return None
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return None
 
 
 def _missing_folders(folder: str) -> list[str]:

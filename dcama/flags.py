@@ -23,7 +23,7 @@ from .config import BACKBONES, BENCHMARK_RULES, ConfigError, img_size_problem
 from .files import folder_not_file
 
 __all__ = ["ConfigError", "FlagParser", "OutputError", "check_at_least", "check_benchmark",
-           "check_checkpoint_model", "check_choice", "check_file", "check_fraction",
+           "check_checkpoint_model", "check_choice", "check_file", "check_folder", "check_fraction",
            "check_img_size", "check_non_negative", "check_output", "check_positive", "error_line", "flag",
            "output_problem", "unused_episodes_note", "write_failure", "writing"]
 
@@ -71,8 +71,7 @@ def check_benchmark(benchmark: str, datapath: str | None, fold: int, nshot: int)
     dataset = BENCHMARK_RULES[benchmark]
     if dataset.needs_root and datapath is None:
         raise ConfigError(f"--datapath is needed for --benchmark {benchmark} (the folder that holds its data)")
-    if datapath is not None and not os.path.isdir(datapath):
-        raise ConfigError(f"--datapath {datapath}: no such folder")
+    check_folder("datapath", datapath)
     check_at_least("fold", fold, 0)
     if fold >= dataset.n_folds:
         allowed = "no folds (only --fold 0)" if dataset.n_folds == 1 else f"folds 0..{dataset.n_folds - 1}"
@@ -114,6 +113,12 @@ def check_checkpoint_model(backbone: str | None, img_size: int | None) -> None:
         check_img_size(backbone, img_size)
     else:
         check_at_least("img_size", img_size, 1)
+
+
+def check_folder(name: str, path: str | None) -> None:
+    """A folder flag (None: unset, allowed) that must name an existing folder."""
+    if path is not None and not os.path.isdir(path):
+        raise ConfigError(f"{flag(name)} {path}: no such folder")
 
 
 def check_file(name: str, path: str | None, missing: str = "") -> None:

@@ -42,7 +42,8 @@ class PositionalEncoding(nn.Module):
         pe = torch.zeros(max_len, channels)
         pe[:, 0::2] = torch.sin(position * inv_freq)
         pe[:, 1::2] = torch.cos(position * inv_freq)
-        self.register_buffer("pe", pe.unsqueeze(0))
+        # Computed, so not stored (non-persistent): files that hold it are checked against it when loaded.
+        self.register_buffer("pe", pe.unsqueeze(0), persistent=False)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

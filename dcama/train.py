@@ -34,19 +34,19 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from .backbones import BACKBONES
-from .checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint
-from .config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, IGNORE_INDEX, OPTIMIZERS, TEST_SEED
+from .checkpoint import (BACKBONE_FILE, CheckpointError, checkpoint_parts, load_checkpoint_file, load_fitting_state,
+                         save_backbone, save_checkpoint)
+from .config import IGNORE_INDEX, TEST_SEED
 from .data import FewShotDataset, build_dataset
 from .evaluate import evaluate, evaluate_checkpoint, model_predictor
 from .files import LOCK_NAME, FolderInUseError, folder_lock, write_json, write_jsonl
-from .flags import (ConfigError, check_at_least, check_benchmark, check_choice, check_file, check_fraction,
-                    check_img_size, check_non_negative, check_output, check_positive, flag, unused_episodes_note,
-                    write_failure)
+from .flags import ConfigError, flag, unused_episodes_note, write_failure
 from .metrics import FewShotIoU
 from .model import DCAMA
 from .runtime import (EpochSampler, Interrupted, StopRequests, all_gather, any_rank, autocast_context, cpu_threads,
                       dist_info, from_rank0, gather_rng_states, ignore_stop_signals, move_batch, mute_stop_signals,
                       seed_everything, set_rng_state, setup_distributed, software_versions)
+from .settings import TrainConfig, fill_defaults, in_use, previous_checkpoint, resolve_config, resumed_config, run_clash
 
 __all__ = ["ConfigError", "NonFiniteLossError", "RunStopped", "TrainConfig", "TrainResult", "WriteError",
            "build_optimizer", "fill_defaults", "previous_checkpoint", "resolve_config",
@@ -55,11 +55,11 @@ __all__ = ["ConfigError", "NonFiniteLossError", "RunStopped", "TrainConfig", "Tr
 TENSORBOARD_TAGS = {"train_loss": "train/loss", "train_miou": "train/miou", "train_fb_iou": "train/fb_iou",
                     "val_miou": "val/miou", "val_fb_iou": "val/fb_iou", "lr": "train/lr",
                     "episodes_per_s": "train/episodes_per_s"}
-# Settings that change what the remaining epochs compute (the optimiser's own, e.g. lr, come from the file).
-_RESUME_SENSITIVE = ("benchmark", "fold", "img_size", "bsz", "nshot", "seed", "episodes_per_epoch", "fg_weight",
-                     "amp", "optimizer")
 _STOP_NOTICE = ("{signal}: finishing the current step (or validation), then saving last.pt and stopping (a second "
                 "signal before the save is done stops at once)")
+
+# What only a resume reads, left out of best.pt (which is for evaluation and publishing, not for resuming).
+_RESUME_ONLY = ("optimizer", "scaler", "rng")
 
 EpochHook = Callable[[int, dict[str, Any]], None]
 StepHook = Callable[[int, int], None]
@@ -87,39 +87,8 @@ class RunStopped(Exception):
 
 
 @dataclass
-class TrainConfig:
-    """Every knob of a run; None means "the benchmark's default" (BENCHMARK_DEFAULTS)."""
-
-    benchmark: str = "shapes"
-    datapath: str | None = None
-    fold: int = 0
-    backbone: str | None = None
-    backbone_weights: str | None = None
-    img_size: int | None = None
-    bsz: int | None = None
-    optimizer: str | None = None
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float | None = None
-    fg_weight: float | None = None  # cross-entropy weight of the foreground class (background: 1)
-    epochs: int | None = None
-    nshot: int = 1
-    attn_impl: str = "auto"
-    amp: str = "off"
-    logdir: str | None = None
-    resume: str | None = None  # a checkpoint path, or "last" for <logdir>/last.pt
-    save_every_min: float | None = None  # minutes between checkpoints inside an epoch; 0: at epoch ends only
-    seed: int = 0
-    workers: int | None = None
-    episodes_per_epoch: int | None = None  # None: the training split's own length
-    val_episodes: int | None = None
-    test_episodes: int | None = None  # after training, the best checkpoint on the test split; 0 skips
-    threads: int | None = None  # torch.set_num_threads on CPU
-    progress: bool = True
-
-
-@dataclass
 class TrainResult:
+    config: TrainConfig  # the settings the run used (a resumed run's: those it was started with, and its changes)
     logdir: Path
     best_checkpoint: Path
     last_checkpoint: Path
@@ -194,6 +163,8 @@ class _Run:
     in_epoch: _InEpoch | None = None
     saved_at: str = ""  # what the checkpoint in last.pt holds ("" when the run has none yet)
     last_is_good: bool = True  # whether last.pt may become last.prev.pt at the next save (not when unreadable)
+    resumed: _Resumed | None = None  # the checkpoint this start resumed from
+    backbone_file: dict[str, str] | None = None  # the run folder's backbone.pt, which last.pt names (rank 0)
 
     @property
     def logdir(self) -> Path:
@@ -210,82 +181,6 @@ class _Run:
     def last_good(self) -> str:
         """Where the last good checkpoint is, for the messages of a run that stops."""
         return f"{self.last_path} ({self.saved_at})" if self.saved_at else "none was written yet"
-
-
-def previous_checkpoint(path: str | Path) -> Path:
-    """The file a checkpoint's predecessor is kept in: last.pt -> last.prev.pt."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}.prev{path.suffix}")
-
-
-# ------------------------------------------------------------------------------------------------ config
-def fill_defaults(cfg: TrainConfig) -> TrainConfig:
-    """A copy of `cfg` with every None filled from the benchmark's defaults (nothing else checked)."""
-    check_choice("benchmark", cfg.benchmark, BENCHMARK_DEFAULTS)
-    defaults = BENCHMARK_DEFAULTS[cfg.benchmark]
-    return TrainConfig(**{k: (defaults[k] if v is None and k in defaults else v)
-                          for k, v in dataclasses.asdict(cfg).items()})
-
-
-def resolve_config(cfg: TrainConfig) -> TrainConfig:
-    """A copy of `cfg` with every None filled from the benchmark's defaults, every setting checked (ConfigError,
-    one line naming the flag), and the run folder chosen. Looks at files and folders but reads none."""
-    out = fill_defaults(cfg)
-    _check_settings(out)
-    if out.resume not in (None, "last"):
-        _check_resume_file(out.resume)
-        if out.logdir is None:
-            out.logdir = str(Path(out.resume).parent)  # resuming a file continues the run in its own folder
-    if out.logdir is None:
-        if out.resume == "last":
-            raise ConfigError("--resume without a path needs --logdir (the run folder holding last.pt)")
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        out.logdir = f"logs/{out.benchmark}-fold{out.fold}-{out.backbone}-{out.nshot}shot-{stamp}"
-    check_output("logdir", out.logdir, folder=True)  # the default's too: a file named logs in the working folder
-    if out.resume == "last":
-        out.resume = str(Path(out.logdir) / "last.pt")
-        _check_resume_file(out.resume)
-    clash = _clash(out)
-    if clash:
-        raise ConfigError(clash)
-    return out
-
-
-def _check_resume_file(path: str) -> None:
-    """--resume names a checkpoint file, or one whose predecessor (last.prev.pt) is there to resume from."""
-    if not previous_checkpoint(path).is_file():
-        check_file("resume", path, missing="to start a new run leave out --resume")
-
-
-def _check_settings(cfg: TrainConfig) -> None:
-    check_benchmark(cfg.benchmark, cfg.datapath, cfg.fold, cfg.nshot)
-    check_img_size(cfg.backbone, cfg.img_size)
-    check_file("backbone_weights", cfg.backbone_weights)
-    for name, choices in (("optimizer", OPTIMIZERS), ("amp", AMP_MODES), ("attn_impl", ATTN_IMPLS)):
-        check_choice(name, getattr(cfg, name), choices)
-    for name in ("lr", "fg_weight"):
-        check_positive(name, getattr(cfg, name))
-    for name in ("weight_decay", "save_every_min"):
-        check_non_negative(name, getattr(cfg, name))
-    check_fraction("momentum", cfg.momentum)
-    for name, minimum in (("epochs", 1), ("bsz", 1), ("episodes_per_epoch", 1), ("val_episodes", 1),
-                          ("test_episodes", 0), ("seed", 0), ("workers", 0), ("threads", 0)):
-        check_at_least(name, getattr(cfg, name), minimum)
-
-
-def _clash(cfg: TrainConfig) -> str:
-    """Why the run may not use its folder ('' when it may): the folder holds another run's checkpoints."""
-    logdir = Path(cfg.logdir)
-    held = [p for p in (logdir / "last.pt", logdir / "last.prev.pt") if p.exists()]
-    if not held:
-        return ""
-    if cfg.resume is None:
-        return f"--logdir {logdir} already holds a run ({held[0].name}); pass --resume to continue it or choose " \
-               "another --logdir"
-    if Path(cfg.resume).resolve().parent != logdir.resolve():
-        return f"--logdir {logdir} already holds a run ({held[0].name}): --resume {cfg.resume} would continue " \
-               "into it; leave out --logdir to continue in the checkpoint's own folder"
-    return ""
 
 
 def train(cfg: TrainConfig, on_epoch_end: EpochHook | None = None,
@@ -312,8 +207,7 @@ def train(cfg: TrainConfig, on_epoch_end: EpochHook | None = None,
         try:
             cfg = from_rank0(cfg)  # one run folder: the default name holds rank 0's clock
             stop.notice = _STOP_NOTICE if rank == 0 else None
-            with cpu_threads(cfg.threads if device.type == "cpu" else None):
-                return _train(cfg, rank, world, device, stop, on_epoch_end, on_step_end)
+            return _train(cfg, rank, world, device, stop, on_epoch_end, on_step_end)
         except Interrupted as err:
             last = Path(cfg.logdir) / "last.pt"
             note = f"{last} holds the last save" if last.exists() else "no checkpoint was written"
@@ -325,28 +219,39 @@ def train(cfg: TrainConfig, on_epoch_end: EpochHook | None = None,
 
 def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, stop: StopRequests,
            on_epoch_end: EpochHook | None, on_step_end: StepHook | None) -> TrainResult:
-    run = _build(cfg, rank, world, device, stop)
-    with _locked(run):
-        if cfg.resume is not None:
-            _resume(run)  # under the lock: a folder another run holds is refused before its checkpoint is read
-        with stop.deferred():  # a signal from here on stops the run after the current step, with a checkpoint
-            net, sampler, loader = _distribute(run)
-            writer = _start_logs(run)
-            try:
-                for epoch in range(run.state.epochs_done, cfg.epochs):
-                    record = _epoch(run, net, sampler, loader, epoch, on_step_end)
-                    _save_epoch(run, record)
-                    _log(run, writer, record)
-                    if on_epoch_end is not None:
-                        on_epoch_end(epoch + 1, record)
-                    if any_rank(stop.requested is not None)[0]:
-                        raise _stopped(run)
-            finally:
-                if writer is not None:
-                    with suppress(OSError):  # _log flushed (and checked) every epoch: closing writes nothing new
-                        writer.close()
-        test = _test(run) if cfg.test_episodes else None  # training is saved: a signal stops the test at once
-    return TrainResult(logdir=run.logdir, best_checkpoint=run.best_path, last_checkpoint=run.last_path,
+    with _locked(cfg, rank):
+        resumed = None
+        if cfg.resume is not None:  # under the lock: a folder another run holds is refused before its checkpoint is read
+            resumed = _read_resume_file(cfg, rank)
+            cfg = _resumed_settings(cfg, resumed, rank)
+        with cpu_threads(cfg.threads if device.type == "cpu" else None):
+            run = _build(cfg, rank, world, device, stop)
+            if resumed is not None:
+                _resume(run, resumed)
+            return _run_epochs(run, on_epoch_end, on_step_end)
+
+
+def _run_epochs(run: _Run, on_epoch_end: EpochHook | None, on_step_end: StepHook | None) -> TrainResult:
+    """The epochs left, then the test of the best checkpoint."""
+    cfg, stop = run.cfg, run.stop
+    with stop.deferred():  # a signal from here on stops the run after the current step, with a checkpoint
+        net, sampler, loader = _distribute(run)
+        writer = _start_logs(run)
+        try:
+            for epoch in range(run.state.epochs_done, cfg.epochs):
+                record = _epoch(run, net, sampler, loader, epoch, on_step_end)
+                _save_epoch(run, record)
+                _log(run, writer, record)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch + 1, record)
+                if any_rank(stop.requested is not None)[0]:
+                    raise _stopped(run)
+        finally:
+            if writer is not None:
+                with suppress(OSError):  # _log flushed (and checked) every epoch: closing writes nothing new
+                    writer.close()
+    test = _test(run) if cfg.test_episodes else None  # training is saved: a signal stops the test at once
+    return TrainResult(config=cfg, logdir=run.logdir, best_checkpoint=run.best_path, last_checkpoint=run.last_path,
                        best_val_miou=run.state.best_miou, best_epoch=run.state.best_epoch, epochs=cfg.epochs,
                        history=run.state.history, test=test)
 
@@ -366,13 +271,15 @@ def _build(cfg: TrainConfig, rank: int, world: int, device: torch.device, stop: 
     note = unused_episodes_note(cfg.benchmark, "episodes_per_epoch", cfg.episodes_per_epoch)
     if note and rank == 0:
         print(note, flush=True)
-    if cfg.backbone_weights is None and cfg.benchmark != "shapes" and rank == 0:
+    if cfg.backbone_weights is None and cfg.benchmark != "shapes" and cfg.resume is None and rank == 0:
         print(f"note: no --backbone-weights: the {cfg.backbone} backbone stays randomly initialised (the published "
               f"recipe uses ImageNet weights, e.g. {BACKBONES[cfg.backbone].weights_file})", flush=True)
     # Same seed on every rank for the weights; per-rank streams afterwards for dropout.
     torch.manual_seed(cfg.seed)
-    # Swin is built for one input size; ResNets take any multiple of 32, so their checkpoints stay size-free.
-    model = DCAMA(backbone=cfg.backbone, attn_impl=cfg.attn_impl, backbone_weights=cfg.backbone_weights,
+    # Swin is built for one input size; ResNets take any multiple of 32, so their checkpoints stay size-free. A
+    # resumed run's backbone comes from its checkpoint: the ImageNet file is not read again.
+    model = DCAMA(backbone=cfg.backbone, attn_impl=cfg.attn_impl,
+                  backbone_weights=cfg.backbone_weights if cfg.resume is None else None,
                   img_size=cfg.img_size if BACKBONES[cfg.backbone].kind == "swin" else None).to(device)
     optimizer = build_optimizer(cfg, trainable_parameters(model))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
@@ -395,12 +302,24 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
 
 
 # ------------------------------------------------------------------------------------------------ resume
-def _resume(run: _Run) -> None:
+@dataclass
+class _Resumed:
+    """The checkpoint a run resumes from: its entries, its path, whether the run's last.pt may be kept as
+    last.prev.pt at the next save (not when it was unreadable), and the settings the resume changed."""
+
+    blob: dict[str, Any]
+    path: str
+    last_is_good: bool = True
+    changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+
+def _resume(run: _Run, resumed: _Resumed) -> None:
     """Weights, optimiser, scaler, progress and this rank's RNG streams (and, for a checkpoint written inside
-    an epoch, its position there) from cfg.resume, or from the file kept before it when that one is unreadable."""
-    blob, path = _read_resume_file(run)
-    _check_resume_matches(blob, run, path)
-    run.model.load_state_dict(blob["state_dict"])
+    an epoch, its position there) from the checkpoint read to resume from."""
+    blob, path = resumed.blob, resumed.path
+    run.last_is_good, run.resumed = resumed.last_is_good, resumed
+    _, state = checkpoint_parts(blob, path)  # last.pt: the trained part, and the run folder's frozen backbone
+    load_fitting_state(run.model, state, f"checkpoint {path!r} does not fit this run's model")
     run.optimizer.load_state_dict(blob["optimizer"])
     if "scaler" in blob:
         run.scaler.load_state_dict(blob["scaler"])
@@ -423,38 +342,37 @@ def _resume(run: _Run) -> None:
         print(f"resuming {path} ({run.saved_at}){left}", flush=True)
 
 
-def _read_resume_file(run: _Run) -> tuple[dict[str, Any], str]:
-    path, previous = run.cfg.resume, previous_checkpoint(run.cfg.resume)
+def _read_resume_file(cfg: TrainConfig, rank: int) -> _Resumed:
+    """cfg.resume read, or the file kept before it when that one is unreadable."""
+    path, previous = cfg.resume, previous_checkpoint(cfg.resume)
     try:
-        return load_checkpoint_file(path), path
+        return _Resumed(load_checkpoint_file(path), path)
     except (FileNotFoundError, CheckpointError) as err:
         if not previous.is_file():
             raise
-        if run.rank == 0:
+        if rank == 0:
             print(f"note: {err}; resuming from the checkpoint before it, {previous}", flush=True)
-        run.last_is_good = Path(path).resolve() != run.last_path.resolve()  # never keep it as last.prev.pt
+        last_is_good = Path(path).resolve() != (Path(cfg.logdir) / "last.pt").resolve()  # never kept as last.prev.pt
         try:
-            return load_checkpoint_file(previous), str(previous)
+            return _Resumed(load_checkpoint_file(previous), str(previous), last_is_good)
         except CheckpointError as prev_err:
             raise CheckpointError(f"{err}; the checkpoint before it is unreadable too: {prev_err}") from None
 
 
-def _check_resume_matches(blob: dict[str, Any], run: _Run, path: str) -> None:
-    saved, wanted = blob.get("config", {}).get("backbone"), run.model.config["backbone"]
-    if saved != wanted:
-        raise ConfigError(f"--resume {path}: it was trained with --backbone {saved}, this run asks for "
-                          f"--backbone {wanted}")
+def _resumed_settings(cfg: TrainConfig, resumed: _Resumed, rank: int) -> TrainConfig:
+    """The settings the run was started with (its checkpoint's), with the changes `cfg` may make (printed)."""
+    blob, path = resumed.blob, resumed.path
     if "optimizer" not in blob:
         raise ConfigError(f"--resume {path}: it holds weights only (no optimiser state or progress); evaluate it "
                           "with eval/run.py --checkpoint instead")
     if "epochs_done" not in blob:
         raise ConfigError(f"--resume {path}: it was written by an earlier version of this code, whose progress "
                           "entries this one does not read; evaluate it with eval/run.py --checkpoint instead")
-    before = blob.get("train_config", {})
-    changed = [k for k in _RESUME_SENSITIVE if k in before and before[k] != getattr(run.cfg, k)]
-    if changed and run.rank == 0:
-        print(f"note: resuming {path} with different {', '.join(map(flag, changed))} than it was trained with; "
-              "the run will not repeat an uninterrupted one", flush=True)
+    out, resumed.changed = resumed_config(cfg, blob.get("train_config", {}), path, blob["epochs_done"])
+    if resumed.changed and rank == 0:
+        changes = "; ".join(f"{flag(name)}: {before} -> {after}" for name, (before, after) in resumed.changed.items())
+        print(f"resuming with changed settings: {changes}", flush=True)
+    return out
 
 
 def _where(cfg: TrainConfig, blob: dict[str, Any]) -> str:
@@ -467,20 +385,20 @@ def _where(cfg: TrainConfig, blob: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------------------- lock and data
 @contextmanager
-def _locked(run: _Run) -> Iterator[None]:
+def _locked(cfg: TrainConfig, rank: int) -> Iterator[None]:
     """The run folder locked by rank 0 until the block ends, and the folder checked again under the lock: a
     second run there is refused on every rank (ConfigError) while this one is alive. A folder that cannot be
     written is a WriteError, on every rank."""
+    logdir = Path(cfg.logdir)
     with ExitStack() as stack:
         def lock() -> str:
             try:
-                stack.enter_context(folder_lock(run.logdir))
+                stack.enter_context(folder_lock(logdir))
             except FolderInUseError as err:
-                return f"--logdir {run.logdir} is in use by another run ({err.holder}): wait for it to end or " \
-                       "choose another --logdir"
-            return _clash(run.cfg)
+                return in_use(logdir, err.holder)
+            return run_clash(cfg)
 
-        problem = from_rank0(_on_rank0(run, run.logdir / LOCK_NAME, lock, after="the run did not start"))
+        problem = from_rank0(_write_on_rank0(rank, logdir / LOCK_NAME, lock, "the run did not start", None))
         if problem:
             raise ConfigError(problem)
         yield
@@ -657,8 +575,8 @@ def _save_epoch(run: _Run, record: dict[str, Any]) -> None:
     with `last.pt` (`_write_checkpoint`), and the epoch's bookkeeping still finishes."""
     extra = {**_progress_entries(run), "rng": gather_rng_states(),
              "val": {"miou": record["val_miou"], "fb_iou": record["val_fb_iou"]}}
-    if run.state.best_epoch == record["epoch"]:
-        _write_checkpoint(run, run.best_path, extra)
+    if run.state.best_epoch == record["epoch"]:  # the whole model, without what only a resume needs
+        _write_checkpoint(run, run.best_path, {k: v for k, v in extra.items() if k not in _RESUME_ONLY})
     _write_checkpoint(run, run.last_path, extra, f"the end of epoch {record['epoch']}/{run.cfg.epochs}")
     # Rewritten whole from the checkpoint's history, so it always agrees with last.pt, even when a run was
     # killed between the two writes and resumed.
@@ -667,11 +585,14 @@ def _save_epoch(run: _Run, record: dict[str, Any]) -> None:
 
 
 def _write_checkpoint(run: _Run, path: Path, extra: dict[str, Any], where: str | None = None) -> None:
-    """A checkpoint written by rank 0; `where` (what it holds) marks `last.pt`, whose predecessor is kept.
-    A `last.pt` written while a stop is asked for is the stop's save: from then on the stop signals are
-    ignored, so no later signal changes how the run ends (exit status 75)."""
+    """A checkpoint written by rank 0; `where` (what it holds) marks `last.pt`, whose predecessor is kept and
+    which holds the trained part of the model only (the frozen backbone is the run folder's backbone.pt);
+    best.pt holds the whole model. A `last.pt` written while a stop is asked for is the stop's save: from then
+    on the stop signals are ignored, so no later signal changes how the run ends (exit status 75)."""
     previous = previous_checkpoint(path) if where is not None and run.last_is_good else None
-    _on_rank0(run, path, lambda: save_checkpoint(path, run.model, extra=extra, previous=previous))
+    shared = run.backbone_file if where is not None else None
+    _on_rank0(run, path, lambda: save_checkpoint(path, run.model, extra=extra, previous=previous,
+                                                 backbone_file=shared))
     if where is not None:
         run.saved_at, run.last_is_good = where, True
         run.clock.reset()
@@ -679,24 +600,29 @@ def _write_checkpoint(run: _Run, path: Path, extra: dict[str, Any], where: str |
             mute_stop_signals()
 
 
-def _on_rank0(run: _Run, path: Path, write: Callable[[], Any], after: str | None = None,
-              folder: bool = False) -> Any:
+def _on_rank0(run: _Run, path: Path, write: Callable[[], Any], folder: bool = False) -> Any:
+    """`write()` of a file (or folder) of the run on rank 0 (`_write_on_rank0`); a failure says that the run
+    stopped and where its last good checkpoint is. A collective."""
+    after = f"the run stopped, the files written before are intact (last good checkpoint: {run.last_good()})"
+    return _write_on_rank0(run.rank, path, write, after, run.last_path if run.saved_at else None, folder)
+
+
+def _write_on_rank0(rank: int, path: Path, write: Callable[[], Any], after: str, checkpoint: Path | None,
+                    folder: bool = False) -> Any:
     """`write()` of the file (or folder) `path` on rank 0 only (its result there, None elsewhere), and every
     rank told whether it worked: an OSError (a full disk, no permission, a lost mount) becomes WriteError on
-    every rank, the line every command gives for a failed write (flags.write_failure), then `after` (by default:
-    the run stopped, where its last good checkpoint is), so that none waits for the others forever. A
-    collective. `write()` writes files only: what it printed would be taken for the file's failure."""
+    every rank, the line every command gives for a failed write (flags.write_failure), then `after`, and
+    `checkpoint`, the last good one; so that none waits for the others forever. A collective. `write()` writes
+    files only: what it printed would be taken for the file's failure."""
     result, failure = None, ""
-    if run.rank == 0:
+    if rank == 0:
         try:
             result = write()
         except OSError as err:
             failure = write_failure(path, err, folder)
     failure = from_rank0(failure)
     if failure:
-        after = after or f"the run stopped, the files written before are intact (last good checkpoint: " \
-                         f"{run.last_good()})"
-        raise WriteError(f"{failure}; {after}", run.last_path if run.saved_at else None)
+        raise WriteError(f"{failure}; {after}", checkpoint)
     return result
 
 
@@ -710,20 +636,35 @@ def _stopped(run: _Run) -> RunStopped:
 
 
 def _start_logs(run: _Run) -> SummaryWriter | None:
-    """On rank 0: the run folder named, its config.json and the TensorBoard writer."""
+    """On rank 0: the run folder named, this start's settings (config.json, then config.2.json, ... for each
+    later start: none is overwritten), the frozen backbone (backbone.pt, once) and the TensorBoard writer."""
     trainable = sum(p.numel() for p in trainable_parameters(run.model))
     data = run.trn_ds.describe()  # what the data set says of itself: the folder benchmark's class split
-    run_config = {"train": dataclasses.asdict(run.cfg), "model": dict(run.model.config), "world_size": run.world,
-                  "device": str(run.device), "trainable_params": trainable,
+    resumed = run.resumed
+    start = {"resumed_from": resumed and resumed.path, "changed": resumed.changed if resumed else {}}
+    run_config = {"train": dataclasses.asdict(run.cfg), "start": start, "model": dict(run.model.config),
+                  "world_size": run.world, "device": str(run.device), "trainable_params": trainable,
                   "train_episodes_per_epoch": len(run.trn_ds), "data": data, "versions": software_versions()}
 
     if run.rank == 0:
         print(f"run folder: {run.logdir}", flush=True)
         if data.get("summary"):
             print(data["summary"], flush=True)
-    config_path, tensorboard = run.logdir / "config.json", run.logdir / "tensorboard"
+    config_path, tensorboard, backbone = _start_config_path(run.logdir), run.logdir / "tensorboard", \
+        run.logdir / BACKBONE_FILE
     _on_rank0(run, config_path, lambda: write_json(config_path, run_config))
+    run.backbone_file = _on_rank0(run, backbone, lambda: save_backbone(backbone, run.model))
     return _on_rank0(run, tensorboard, lambda: SummaryWriter(str(tensorboard)), folder=True)
+
+
+def _start_config_path(logdir: Path) -> Path:
+    """Where this start's settings go: config.json for the first start of the run folder, config.<n>.json for
+    the n-th."""
+    path, n = logdir / "config.json", 1
+    while path.exists():
+        n += 1
+        path = logdir / f"config.{n}.json"
+    return path
 
 
 def _log(run: _Run, writer: SummaryWriter | None, record: dict[str, Any]) -> None:

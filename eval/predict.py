@@ -12,20 +12,16 @@ import argparse
 import os
 import sys
 
-import torch
-
-# Without a GPU the Triton kernels (--attn-impl triton) can only run in the interpreter, chosen before import.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 try:
     import dcama  # noqa: F401  (installed with `pip install -e .`)
 except ImportError:  # run from a checkout that was not installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# Torch-free: the flags are parsed and checked before torch is imported (in `run`), so that a flag error or
+# --help takes a fraction of a second instead of the seconds torch and the model take to import.
 from dcama.config import AMP_MODES, ATTN_IMPLS
-from dcama.flags import FlagParser, check_at_least, check_checkpoint_model, check_file, error_line
-from dcama.predict import RESULTS_FILE, predict_files
+from dcama.flags import (ConfigError, FlagParser, check_at_least, check_checkpoint_model, check_file, check_output,
+                         error_line)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,10 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """Every flag checked before any file is read: ConfigError, one line naming the flag. An --img-size given
-    without --backbone is checked against the checkpoint's backbone once the model is loaded, before any
-    query runs; --device and --out by `predict_files`, before it reads anything."""
+    """Every flag checked before any file is read, torch included: ConfigError, one line naming the flag. An
+    --img-size given without --backbone is checked against the checkpoint's backbone once the model is loaded,
+    before any query runs; --device (which needs torch) and whether --out may be written into by
+    `predict_files`, before it reads anything."""
     check_file("checkpoint", args.checkpoint)
+    check_output("out", args.out, folder=True)
     check_checkpoint_model(args.backbone, args.img_size)
     check_at_least("bsz", args.bsz, 1)
     check_at_least("threads", args.threads, 0)
@@ -65,6 +63,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_flags(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Segment the queries with checked flags; returns the exit status. Imports torch and the model here, once
+    the flags are known to be good."""
+    import torch
+
+    if not torch.cuda.is_available():  # the Triton kernels can then only run in the interpreter, chosen before import
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from dcama.predict import RESULTS_FILE, predict_files
+
+    try:
         result = predict_files(args.checkpoint, args.support, args.query, args.out, img_size=args.img_size,
                                batch_size=args.bsz, backbone=args.backbone, attn_impl=args.attn_impl, amp=args.amp,
                                device=args.device, threads=args.threads, overwrite=args.overwrite,

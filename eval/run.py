@@ -7,21 +7,16 @@ import argparse
 import os
 import sys
 
-import torch
-
-# Without a GPU the Triton kernels (--attn-impl triton) can only run in the interpreter, chosen before import.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 try:
     import dcama  # noqa: F401  (installed with `pip install -e .`)
 except ImportError:  # run from a checkout that was not installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dcama.config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, EVAL_EPISODES, TEST_SEED
-from dcama.evaluate import BASELINES, evaluate_checkpoint, format_result
+# Torch-free: the flags are parsed and checked before torch is imported (in `run`), so that a flag error or
+# --help takes a fraction of a second instead of the seconds torch and the model take to import.
+from dcama.config import AMP_MODES, ATTN_IMPLS, BASELINES, BENCHMARK_DEFAULTS, EVAL_EPISODES, TEST_SEED
 from dcama.flags import (ConfigError, FlagParser, check_at_least, check_benchmark, check_checkpoint_model,
-                         check_file, error_line, unused_episodes_note)
+                         check_file, check_output, error_line, unused_episodes_note)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,10 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """Every flag checked before anything is loaded: ConfigError, one line naming the flag. --json and
-    --visualize are checked by `evaluate_checkpoint`, before it reads anything."""
+    """Every flag checked before anything is loaded, torch included: ConfigError, one line naming the flag.
+    (`evaluate_checkpoint` checks its outputs again, for its callers from Python.)"""
     check_benchmark(args.benchmark, args.datapath, args.fold, args.nshot)
     check_file("checkpoint", args.checkpoint)
+    check_output("json", args.json_path, folder=False)
+    check_output("visualize", args.visualize_dir, folder=True)
     check_checkpoint_model(args.backbone, args.img_size)
     for name, minimum in (("episodes", 1), ("seed", 0), ("bsz", 1), ("workers", 0), ("threads", 0)):
         check_at_least(name, getattr(args, name), minimum)
@@ -71,9 +68,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_flags(args)
-        note = unused_episodes_note(args.benchmark, "episodes", args.episodes)
-        if note:
-            print(note, file=sys.stderr)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    note = unused_episodes_note(args.benchmark, "episodes", args.episodes)
+    if note:
+        print(note, file=sys.stderr)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate with checked flags and print the scores; returns the exit status. Imports torch and the
+    engine here, once the flags are known to be good."""
+    import torch
+
+    if not torch.cuda.is_available():  # the Triton kernels can then only run in the interpreter, chosen before import
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from dcama.evaluate import evaluate_checkpoint, format_result
+
+    try:
         episodes = EVAL_EPISODES if args.episodes is None else args.episodes
         result = evaluate_checkpoint(
             args.checkpoint, benchmark=args.benchmark, datapath=args.datapath, fold=args.fold, nshot=args.nshot,

@@ -96,11 +96,11 @@ def test_cli_default_machinery_writes_every_file(tmp_path: Path, capsys: pytest.
     assert [line.split(":")[0] for line in lines if line.startswith("epoch ")] == ["epoch 1/2", "epoch 2/2"]
     assert "test (2 episodes, novel classes, seed 0): mIoU" in out
     assert f"best checkpoint: {tmp_path / 'best.pt'}" in out
-    assert f"results in {tmp_path}: best.pt, config.json, last.prev.pt, last.pt, metrics.jsonl, tensorboard/, " \
-           "test.json" in out
+    assert f"results in {tmp_path}: backbone.pt, best.pt, config.json, last.prev.pt, last.pt, metrics.jsonl, " \
+           "tensorboard/, test.json" in out
     assert lines[-1].startswith(f"next, evaluate it: python eval/run.py --checkpoint {tmp_path / 'best.pt'} "
                                 "--benchmark shapes --fold 0 --nshot 1")
-    for name in ("best.pt", "last.pt", "last.prev.pt", "config.json", "metrics.jsonl", "test.json"):
+    for name in ("backbone.pt", "best.pt", "last.pt", "last.prev.pt", "config.json", "metrics.jsonl", "test.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name  # the umask's mode, not mkstemp's 0600
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
@@ -249,7 +249,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatc
     real_save, calls, kept = torch.save, [0], {}
 
     def disk_full_at_the_third_save(obj, f):  # epoch 1 writes best.pt and last.pt; epoch 2 (no better) last.pt
-        calls[0] += 1
+        calls[0] += "part" not in obj  # not backbone.pt, written once at the start
         if calls[0] == 3:
             kept["last"] = digest(tmp_path / "last.pt")
             f.write(b"partial")
@@ -301,7 +301,8 @@ def test_cli_an_unwritable_run_folder_is_one_line_naming_the_file(tmp_path: Path
     import dcama.train as engine
 
     cli, logdir, read_only = load_cli("train"), tmp_path / "parent" / "run", permissions_apply(tmp_path)
-    monkeypatch.setattr(cli, "train", lambda cfg: engine.train(cfg, on_step_end=unwritable_from_step_1(
+    real_train = engine.train
+    monkeypatch.setattr(engine, "train", lambda cfg: real_train(cfg, on_step_end=unwritable_from_step_1(
         tmp_path / "parent", logdir, read_only)))
     try:
         rc = cli.main(tiny_args(logdir, "--save-every-min", str(EVERY_STEP)))
@@ -322,14 +323,13 @@ def test_cli_a_run_folder_that_cannot_be_made_is_one_line(tmp_path: Path, monkey
     # The folder's parent becomes a file after the checks at the start, before the run locks its folder.
     import dcama.train as engine
 
-    real_build, logdir = engine._build, tmp_path / "parent" / "run"
+    real_setup, logdir = engine.setup_distributed, tmp_path / "parent" / "run"
 
-    def build_then_block(*args):
-        run = real_build(*args)
+    def setup_then_block():
         (tmp_path / "parent").write_text("")
-        return run
+        return real_setup()
 
-    monkeypatch.setattr(engine, "_build", build_then_block)
+    monkeypatch.setattr(engine, "setup_distributed", setup_then_block)
     rc = load_cli("train").main(tiny_args(logdir))
     assert rc == 1
     with pytest.raises(OutputError) as failed, writing(logdir / ".lock"):  # what eval/run.py would say
@@ -483,7 +483,9 @@ def test_cli_a_signal_after_the_epoch_end_save_keeps_exit_status_75(tmp_path: Pa
     assert load_checkpoint_file(tmp_path / "last.pt")["epochs_done"] == 1
 
 
-def test_cli_resume_command_gives_the_same_settings_back(monkeypatch: pytest.MonkeyPatch, load_cli) -> None:
+def test_cli_resume_command_names_the_folder_and_this_starts_options(monkeypatch: pytest.MonkeyPatch,
+                                                                      load_cli) -> None:
+    # The settings are in the checkpoint: the command gives the run folder and the options of a start only.
     cli = load_cli("train")
     cfg = cli.parse_args(["--episodes-per-epoch", "30", "--img-size", "64", "--fg-weight", "2", "--no-progress",
                           "--resume", "my runs/a/last.pt"])
@@ -493,7 +495,7 @@ def test_cli_resume_command_gives_the_same_settings_back(monkeypatch: pytest.Mon
     assert lead == "resume with (on each node, with its torchrun options as in this run)"
     argv = shlex.split(command)
     assert argv[:4] == ["torchrun", "--nproc_per_node", "4", os.path.relpath(REPO / "train" / "run.py")]
-    assert cli.parse_args(argv[4:]) == dataclasses.replace(cfg, logdir="my runs/a", resume="last")
+    assert cli.parse_args(argv[4:]) == TrainConfig(logdir="my runs/a", resume="last", progress=False)
 
 
 def test_cli_maps_a_second_signal_to_its_exit_status(monkeypatch: pytest.MonkeyPatch, capsys, load_cli) -> None:
@@ -502,7 +504,9 @@ def test_cli_maps_a_second_signal_to_its_exit_status(monkeypatch: pytest.MonkeyP
     def interrupted(cfg: TrainConfig) -> None:
         raise Interrupted(signal.SIGINT, "runs/x/last.pt holds the last save")
 
-    monkeypatch.setattr(cli, "train", interrupted)
+    import dcama.train as engine
+
+    monkeypatch.setattr(engine, "train", interrupted)
     assert cli.main([]) == 130
     assert capsys.readouterr().err == "stopped at once by SIGINT: runs/x/last.pt holds the last save\n"
 

@@ -1,6 +1,7 @@
 """Train DCAMA: `python train/run.py` (embedded shapes benchmark on CPU) or the published recipe, e.g.
 `torchrun --nproc_per_node 4 train/run.py --benchmark coco --datapath DATA --fold 0 --backbone swin_b
---backbone-weights swin_b.pth`. Every flag left out takes the benchmark's default (dcama/config.py).
+--backbone-weights swin_b.pth`. Every flag left out takes the benchmark's default (dcama/config.py); with
+--resume, the value the run was started with (a few may be changed: docs/training.md, "Resume").
 
 SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 finish the current step, save last.pt and print the command that resumes.
 What is saved when, what a second signal does and the exit statuses: docs/training.md, "Interruptions"."""
@@ -12,58 +13,58 @@ import os
 import shlex
 import sys
 from pathlib import Path
-
-import torch
-
-# Without a GPU the Triton kernels (--attn-impl triton) can only run in the interpreter, chosen before import.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from typing import TYPE_CHECKING
 
 try:
     import dcama  # noqa: F401  (installed with `pip install -e .`)
 except ImportError:  # run from a checkout that was not installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dcama.backbones import BACKBONES
-from dcama.checkpoint import CheckpointError
-from dcama.config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, OPTIMIZERS, TEST_SEED
-from dcama.data import DatasetFileError
-from dcama.flags import FlagParser
-from dcama.runtime import Interrupted, mute_stop_signals
-from dcama.train import ConfigError, NonFiniteLossError, RunStopped, TrainConfig, TrainResult, WriteError, train
+# Torch-free: the flags are parsed and checked before torch is imported (in `run`), so that a flag error or
+# --help takes a fraction of a second instead of the seconds torch and the model take to import.
+from dcama.config import (AMP_MODES, ATTN_IMPLS, BACKBONES, BENCHMARK_DEFAULTS, DEFAULT_BENCHMARK, OPTIMIZERS,
+                          SHARED_DEFAULTS, TEST_SEED)
+from dcama.flags import ConfigError, FlagParser
+from dcama.settings import TrainConfig, resolve_config
+
+if TYPE_CHECKING:
+    from dcama.train import TrainResult
 
 EXIT_STOPPED = 75  # sysexits.h EX_TEMPFAIL: "try again later", what a requeue script looks for
 
 
 def build_parser() -> FlagParser:
     p = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--benchmark", default="shapes", choices=list(BENCHMARK_DEFAULTS))
+    p.add_argument("--benchmark", default=None, choices=list(BENCHMARK_DEFAULTS), help=f"default: {DEFAULT_BENCHMARK}")
     p.add_argument("--datapath", default=None,
                    help="benchmark root folder; for folder, the folder of class folders (not needed for shapes)")
-    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--fold", type=int, default=None, help=f"default: {SHARED_DEFAULTS['fold']}")
     p.add_argument("--backbone", default=None, help=", ".join(BACKBONES))
     p.add_argument("--backbone-weights", default=None, help="ImageNet weights file of the backbone")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--bsz", type=int, default=None, help="episodes per step per process")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov when > 0)")
+    p.add_argument("--momentum", type=float, default=None,
+                   help=f"SGD momentum (Nesterov when > 0; default: {SHARED_DEFAULTS['momentum']})")
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--fg-weight", type=float, default=None,
                    help="cross-entropy weight of the foreground pixels (1 = the paper's loss; shapes default "
                         f"{BENCHMARK_DEFAULTS['shapes']['fg_weight']:g})")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--nshot", type=int, default=1, help="support images per episode (K-shot training)")
-    p.add_argument("--attn-impl", default="auto", choices=ATTN_IMPLS,
-                   help="auto: fused Triton kernel on CUDA, PyTorch SDPA on CPU")
-    p.add_argument("--amp", default="off", choices=AMP_MODES)
+    p.add_argument("--nshot", type=int, default=None,
+                   help=f"support images per episode (K-shot training; default: {SHARED_DEFAULTS['nshot']})")
+    p.add_argument("--attn-impl", default=None, choices=ATTN_IMPLS,
+                   help="auto (default): fused Triton kernel on CUDA, PyTorch SDPA on CPU")
+    p.add_argument("--amp", default=None, choices=AMP_MODES, help=f"default: {SHARED_DEFAULTS['amp']}")
     p.add_argument("--logdir", default=None, help="run folder (default: logs/<benchmark>-fold<f>-...-<time>)")
     p.add_argument("--resume", nargs="?", const="last", default=None,
-                   help="checkpoint to continue from; bare --resume continues <logdir>/last.pt")
+                   help="checkpoint to continue from, with the settings it was started with; bare --resume "
+                        "continues <logdir>/last.pt")
     save_defaults = ", ".join(f"{name} {d['save_every_min']:g}" for name, d in BENCHMARK_DEFAULTS.items())
     p.add_argument("--save-every-min", type=float, default=None,
                    help=f"minutes between checkpoints inside an epoch; 0: at epoch ends only ({save_defaults})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help=f"default: {SHARED_DEFAULTS['seed']}")
     p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes per process")
     p.add_argument("--episodes-per-epoch", type=int, default=None)
     p.add_argument("--val-episodes", type=int, default=None)
@@ -79,9 +80,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def resume_hint(cfg: TrainConfig, logdir: Path, lead: str = "resume with") -> str:
-    """`lead`, then the command that continues this run from `<logdir>/last.pt` (the flags given, the same
-    launcher), which can be pasted as it is on one node; on several, each node adds its torchrun options."""
-    values = {**vars(cfg), "logdir": str(logdir), "resume": "last"}
+    """`lead`, then the command that continues this run from `<logdir>/last.pt` (its settings are in the
+    checkpoint, so only this start's options are given, with the same launcher), which can be pasted as it is
+    on one node; on several, each node adds its torchrun options."""
+    values = {"logdir": str(logdir), "resume": "last", "progress": cfg.progress}
     script = os.path.relpath(os.path.abspath(__file__))
     world, local = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("LOCAL_WORLD_SIZE", "1")
     launcher = ["python"] if world == 1 else ["torchrun", "--nproc_per_node", local]
@@ -90,16 +92,19 @@ def resume_hint(cfg: TrainConfig, logdir: Path, lead: str = "resume with") -> st
     return f"{lead}{nodes}: {command}"
 
 
-def report(cfg: TrainConfig, result: TrainResult) -> None:
+def report(result: TrainResult) -> None:
     """Where the results are and the command to run next."""
+    cfg = result.config
     if result.test is not None:
         t = result.test
         print(f"test ({t['episodes']} episodes, novel classes, seed {TEST_SEED}): mIoU {t['miou']:.2f}  "
               f"FB-IoU {t['fb_iou']:.2f}")
     print(f"best validation mIoU {result.best_val_miou:.2f} at epoch {result.best_epoch}/{result.epochs}")
     print(f"best checkpoint: {result.best_checkpoint}")
-    files = [p.name + ("/" if p.is_dir() else "") for p in sorted(result.logdir.iterdir())
-             if not p.name.startswith(".")]
+    # A test.json this start did not write (a resume with --test-episodes 0) scored an earlier best.pt.
+    earlier = " (an earlier start's test)" if result.test is None else ""
+    files = [p.name + ("/" if p.is_dir() else earlier if p.name == "test.json" else "")
+             for p in sorted(result.logdir.iterdir()) if not p.name.startswith(".")]
     print(f"results in {result.logdir}: {', '.join(files)}")
     flags = ["--checkpoint", str(result.best_checkpoint), "--benchmark", cfg.benchmark,
              *(["--datapath", cfg.datapath] if cfg.datapath else []), "--fold", str(cfg.fold),
@@ -108,8 +113,33 @@ def report(cfg: TrainConfig, result: TrainResult) -> None:
     print(f"next, evaluate it: {shlex.join(['python', script, *flags])}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+def main(argv: list[str] | None = None, mute_signals: bool = False) -> int:
+    """The command; `mute_signals` (the script's own process): outside train(), which handles the stop signals
+    while it runs and then puts this back, they are ignored, so that once train() has ended the run (saved
+    after a stop: 75) no signal changes the exit status."""
+    try:
+        cfg = resolve_config(parse_args(argv))  # every flag checked before torch is imported
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return run(cfg, mute_signals)
+
+
+def run(cfg: TrainConfig, mute_signals: bool = False) -> int:
+    """Train with checked settings and report; returns the exit status. Imports torch and the engine here,
+    once the flags are known to be good."""
+    import torch
+
+    if not torch.cuda.is_available():  # the Triton kernels can then only run in the interpreter, chosen before import
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from dcama.checkpoint import CheckpointError
+    from dcama.data import DatasetFileError
+    from dcama.runtime import Interrupted, mute_stop_signals
+    from dcama.train import NonFiniteLossError, RunStopped, WriteError, train
+
+    if mute_signals:
+        mute_stop_signals()
+
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     try:
         result = train(cfg)
@@ -134,12 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if rank0:
-        report(cfg, result)
+        report(result)
     return 0
 
 
 if __name__ == "__main__":
-    # Outside train(), which handles the stop signals while it runs and then puts this back, they are ignored:
-    # once train() has ended the run (saved after a stop: 75), no signal changes the exit status.
-    mute_stop_signals()
-    sys.exit(main())
+    sys.exit(main(mute_signals=True))
