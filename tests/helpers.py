@@ -117,7 +117,9 @@ def authors_state(model):
     net = model.backbone.net
     backbone = microsoft_swin_state(net) if model.backbone.spec.kind == "swin" else torchvision_resnet_state(net)
     out = {f"module.feature_extractor.{k}": v for k, v in backbone.items()}
-    out.update({f"module.model.{k[len('head.'):]}": v for k, v in model.state_dict().items() if k.startswith("head.")})
+    # Their files hold every buffer, the positional encodings the model computes too (not in our state dict).
+    head = {**dict(model.named_buffers()), **model.state_dict()}
+    out.update({f"module.model.{k[len('head.'):]}": v for k, v in head.items() if k.startswith("head.")})
     return out
 
 

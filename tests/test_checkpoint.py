@@ -11,8 +11,10 @@ from torch import nn
 
 import dcama.checkpoint as ckpt
 from dcama import DCAMA
-from dcama.checkpoint import (FORMAT, VERSION, CheckpointError, checkpoint_parts, folder_not_file, is_own_checkpoint,
-                              load_checkpoint_file, load_fitting_state, load_torch_file, save_checkpoint)
+from dcama.checkpoint import (BACKBONE_FILE, FORMAT, VERSION, CheckpointError, checkpoint_parts, folder_not_file,
+                              is_own_checkpoint, load_checkpoint_file, load_fitting_state, load_torch_file,
+                              save_backbone, save_checkpoint)
+from helpers import episode
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def test_round_trip_with_extra(tmp_path, r18):
     save_checkpoint(path, r18, extra={"epoch": 3, "optimizer": opt.state_dict(), "rng": torch.get_rng_state()})
     assert os.listdir(path.parent) == ["model.pt"]  # the temporary file was renamed, none left behind
     blob = load_checkpoint_file(path)
-    assert blob["format"] == FORMAT == "dcama-triton" and blob["version"] == VERSION == 1 and blob["epoch"] == 3
+    assert blob["format"] == FORMAT == "dcama-triton" and blob["version"] == VERSION == 2 and blob["epoch"] == 3
     assert blob["config"] == r18.config and "optimizer" in blob and "rng" in blob
     assert is_own_checkpoint(blob)
     config, state = checkpoint_parts(blob, str(path))
@@ -157,8 +159,8 @@ def test_version_and_entries_are_checked(tmp_path, r18):
     path = tmp_path / "model.pt"
     save_checkpoint(path, r18)
     blob = load_checkpoint_file(path)
-    with pytest.raises(CheckpointError, match="format version 2, this code reads version 1"):
-        checkpoint_parts({**blob, "version": 2}, str(path))
+    with pytest.raises(CheckpointError, match="format version 3, this code reads versions 1, 2"):
+        checkpoint_parts({**blob, "version": 3}, str(path))
     with pytest.raises(CheckpointError, match="lacks its 'config' or 'state_dict'"):
         checkpoint_parts({k: v for k, v in blob.items() if k != "config"}, str(path))
 
@@ -214,3 +216,47 @@ def test_trained_img_size_is_one_rule_for_every_command(tmp_path, r18):
                                   "train_config": {"img_size": 64}}, 96) == 64  # the training run's record first
     # The authors' files: the published 384, whatever the command's fallback.
     assert ckpt.trained_img_size({"module.model.conv1.0.weight": torch.zeros(1)}, 96) == 384
+
+
+def test_a_checkpoint_of_the_trained_part_reads_its_frozen_backbone_from_beside_it(tmp_path, r18):
+    backbone, last = tmp_path / BACKBONE_FILE, tmp_path / "last.pt"
+    entry = save_backbone(backbone, r18)
+    save_checkpoint(last, r18, extra={"epoch": 1}, backbone_file=entry)
+    blob = load_checkpoint_file(last)
+    assert blob["backbone_file"] == entry and not [k for k in blob["state_dict"] if k.startswith("backbone.")]
+    _, state = checkpoint_parts(blob, last)
+    assert state.keys() == r18.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in r18.state_dict().items())
+    written = backbone.stat().st_ino
+    assert save_backbone(backbone, r18) == entry and backbone.stat().st_ino == written  # written once
+    with pytest.raises(CheckpointError, match=r"holds a run's frozen backbone only .*; pass the run's best.pt"):
+        DCAMA.from_checkpoint(backbone)
+    torch.manual_seed(1)
+    save_backbone(backbone, DCAMA("resnet18", attn_impl="sdpa"))  # another run's
+    with pytest.raises(CheckpointError, match=r"^checkpoint '.*last.pt' holds the trained head only; the frozen "
+                                              r"backbone it was saved with, '.*backbone.pt', is not the one it was "
+                                              r"saved with \(its digest differs\) \(copy a run folder whole; its "
+                                              r"best.pt holds the whole model\)$"):
+        checkpoint_parts(blob, last)
+    backbone.unlink()
+    with pytest.raises(CheckpointError, match=r"backbone.pt', is not there \(copy a run folder whole"):
+        DCAMA.from_checkpoint(last)
+
+
+def test_computed_buffers_are_stored_in_no_file_and_checked_in_files_that_hold_them(tmp_path, r18):
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, r18)
+    blob = load_checkpoint_file(path)
+    encodings = {k: v for k, v in r18.named_buffers() if k.startswith("head.pe.")}
+    assert len(encodings) == 3 and not encodings.keys() & blob["state_dict"].keys()
+    # Version 1 held them (as the authors' files do): read, after checking them against the model's own.
+    old = {**blob, "version": 1, "state_dict": {**blob["state_dict"], **encodings}}
+    torch.save(old, tmp_path / "v1.pt")
+    inputs = episode(batch=1, shots=1, size=32, device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(DCAMA.from_checkpoint(tmp_path / "v1.pt", attn_impl="sdpa")(*inputs), r18(*inputs),
+                                   rtol=0, atol=0)
+    old["state_dict"]["head.pe.1.pe"] = encodings["head.pe.1.pe"] + 0.01
+    torch.save(old, tmp_path / "v1.pt")
+    with pytest.raises(CheckpointError, match=r"1 computed buffers that differ from the model's: head\.pe\.1\.pe$"):
+        DCAMA.from_checkpoint(tmp_path / "v1.pt")

@@ -3,6 +3,8 @@
 before anything is loaded or written."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,34 @@ def test_threads_is_one_flag_for_every_command(load_cli):
         text = (REPO / script).read_text()
         assert "add_threads(" in text and '"--threads"' not in text, script  # FlagParser.add_threads defines it
     assert load_cli("eval").parse_args(["--checkpoint", "c", "--threads", "3"]).threads == 3
+
+
+# What the command-line tests run in a fresh interpreter: the script as `python SCRIPT ARGV` would, then whether
+# torch was imported.
+NO_TORCH_PROBE = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exit_:
+    print("exit", exit_.code, "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("script, argv, status, message", [
+    ("train/run.py", ["--help"], 0, ""),
+    ("train/run.py", ["--fold", "9"], 2, "error: --fold 9: shapes has folds 0..3"),
+    ("train/run.py", ["--resume", "--logdir", "{tmp}"], 2, "error: --resume {tmp}/last.pt: no such file"),
+    ("eval/run.py", ["--help"], 0, ""),
+    ("eval/run.py", ["--checkpoint", "{tmp}/best.pt"], 2, "error: --checkpoint {tmp}/best.pt: no such file"),
+    ("eval/predict.py", ["--help"], 0, ""),
+    ("eval/predict.py", ["--checkpoint", "c.pt", "--support", "a", "b", "--query", "q", "--out", "o", "--bsz", "0"], 2,
+     "error: --checkpoint c.pt: no such file"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_help_and_flag_errors_come_before_torch_is_imported(script, argv, status, message, tmp_path):
+    # What makes them take a fraction of a second rather than the seconds torch and timm take to import.
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH_PROBE, str(REPO / script), *argv], capture_output=True,
+                          text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.stdout.splitlines()[-1] == f"exit {status} False", proc.stdout + proc.stderr
+    assert proc.stderr.startswith(message.replace("{tmp}", str(tmp_path))), proc.stderr

@@ -577,16 +577,77 @@ def test_an_unwritable_default_run_folder_is_refused_before_anything_is_built(
     assert capsys.readouterr().err.endswith(f"{tmp_path / 'logs'} is a file, so nothing can be written under it\n")
 
 
-def test_resume_with_other_settings_names_them_as_flags(tmp_path: Path, uninterrupted,
-                                                        capsys: pytest.CaptureFixture) -> None:
+def test_resume_refuses_other_settings_naming_them_as_flags(tmp_path: Path, uninterrupted) -> None:
     (tmp_path / "last.pt").write_bytes(uninterrupted.last_checkpoint.read_bytes())
-    train(TrainConfig(logdir=str(tmp_path), resume="last", **{**TINY, "episodes_per_epoch": 4, "fg_weight": 2.0}))
-    assert f"note: resuming {tmp_path / 'last.pt'} with different --episodes-per-epoch, --fg-weight than it was " \
-           "trained with; the run will not repeat an uninterrupted one" in capsys.readouterr().out
+    with pytest.raises(ConfigError) as refused:
+        train(TrainConfig(logdir=str(tmp_path), resume="last", **{**TINY, "episodes_per_epoch": 4, "fg_weight": 2.0}))
+    assert str(refused.value) == (f"--fg-weight 2.0, --episodes-per-epoch 4: {tmp_path / 'last.pt'} was started with "
+                                  "--fg-weight 4.0, --episodes-per-epoch 6, which a resumed run keeps (to change them, "
+                                  "start a new run in another --logdir)")
+
+
+def test_cli_a_resume_keeps_the_runs_settings_and_applies_the_changes_it_may_make(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, load_cli) -> None:
+    monkeypatch.chdir(REPO)
+    cli = load_cli("train")
+    assert cli.main(tiny_args(tmp_path, "--epochs", "1", "--test-episodes", "2")) == 0
+    first_config, backbone_file = digest(tmp_path / "config.json"), (tmp_path / "backbone.pt").stat().st_ino
+    capsys.readouterr()
+    # Only the folder and the changes: the shapes defaults (96 px, batch 8, ...) must not replace the run's own.
+    assert cli.main(["--logdir", str(tmp_path), "--resume", "--epochs", "2", "--test-episodes", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "resuming with changed settings: --epochs: 1 -> 2; --test-episodes: 2 -> 0"
+    assert "epoch 2/2: loss" in out
+    assert f"results in {tmp_path}: backbone.pt, best.pt, config.2.json, config.json, last.prev.pt, last.pt, " \
+           "metrics.jsonl, tensorboard/, test.json (an earlier start's test)" in out
+    assert "--benchmark shapes --fold 0 --nshot 1" in out.splitlines()[-1]
+    assert digest(tmp_path / "config.json") == first_config  # every start's settings kept
+    second = json.loads((tmp_path / "config.2.json").read_text())
+    assert {k: second["train"][k] for k in ("img_size", "bsz", "epochs", "test_episodes", "attn_impl")} == \
+        {"img_size": 64, "bsz": 2, "epochs": 2, "test_episodes": 0, "attn_impl": "sdpa"}
+    assert second["start"] == {"resumed_from": str(tmp_path / "last.pt"),
+                               "changed": {"epochs": [1, 2], "test_episodes": [2, 0]}}
+    assert (tmp_path / "backbone.pt").stat().st_ino == backbone_file  # the frozen backbone written once
+    # Refused in one line: what the steps compute, and fewer epochs than done.
+    assert cli.main(["--logdir", str(tmp_path), "--resume", "--img-size", "96", "--lr", "0.01"]) == 2
+    assert capsys.readouterr().err == (f"error: --img-size 96, --lr 0.01: {tmp_path / 'last.pt'} was started with "
+                                       "--img-size 64, --lr 0.001, which a resumed run keeps (to change them, start "
+                                       "a new run in another --logdir)\n")
+    assert cli.main(["--logdir", str(tmp_path), "--resume", "--epochs", "1"]) == 2
+    assert capsys.readouterr().err == f"error: --epochs 1: {tmp_path / 'last.pt'} has done 2 epochs already\n"
+
+
+def test_checkpoints_hold_the_frozen_backbone_once_per_run(tmp_path: Path, uninterrupted) -> None:
+    run = uninterrupted.logdir
+    last, previous, best = (load_checkpoint_file(run / name) for name in ("last.pt", "last.prev.pt", "best.pt"))
+    frozen = lambda blob: [k for k in blob["state_dict"] if k.startswith("backbone.")]  # noqa: E731
+    assert frozen(last) == frozen(previous) == [] and last["backbone_file"]["name"] == "backbone.pt"
+    assert frozen(best) and "backbone_file" not in best  # best.pt holds the whole model, to evaluate or publish
+    assert not {"optimizer", "rng"} & set(best) and {"optimizer", "rng"} <= set(last)
+    assert not [k for blob in (last, best) for k in blob["state_dict"] if ".pe." in k]  # computed, never stored
+    # Evaluation reads last.pt with the run folder's backbone.pt, which must be the one it was saved with.
+    model = DCAMA.from_checkpoint(run / "last.pt")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, (best if key.startswith("backbone.") else last)["state_dict"][key]), key
+    (tmp_path / "last.pt").write_bytes((run / "last.pt").read_bytes())
+    with pytest.raises(checkpoint_module.CheckpointError, match=r"last.pt' holds the trained head only; the frozen "
+                                                                r"backbone it was saved with, .*backbone.pt', is not "
+                                                                r"there \(copy a run folder whole"):
+        DCAMA.from_checkpoint(tmp_path / "last.pt")
+
+
+def test_resume_into_a_folder_whose_run_has_not_saved_yet_says_it_is_in_use(tmp_path: Path, capsys, load_cli) -> None:
+    # Not "no such file (to start a new run leave out --resume)", which would then be refused as in use.
+    with folder_lock(tmp_path):  # as a live run holds it, before its first save
+        rc = load_cli("train").main(tiny_args(tmp_path, "--resume"))
+    assert rc == 2
+    assert capsys.readouterr().err == (f"error: --logdir {tmp_path} is in use by another run (pid {os.getpid()} on "
+                                       f"{os.uname().nodename}): wait for it to end or choose another --logdir\n")
 
 
 def test_resume_checks_backbone_and_logdir_clash(tmp_path: Path, uninterrupted) -> None:
-    with pytest.raises(ConfigError, match="trained with --backbone resnet18, this run asks for --backbone resnet34"):
+    with pytest.raises(ConfigError, match=r"^--backbone resnet34: .*last.pt was started with --backbone resnet18, which "
+                                          r"a resumed run keeps"):
         train(TrainConfig(resume=str(uninterrupted.last_checkpoint), logdir=str(tmp_path), backbone="resnet34",
                           **TINY))
     with pytest.raises(ConfigError, match="already holds a run"):
