@@ -171,3 +171,16 @@ def test_gpu_report_refuses_without_gpu(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "REFUSED" in proc.stderr
     assert not (tmp_path / "r.md").exists()
+
+
+def test_checkpoint_sizes_count_the_frozen_backbone_once():
+    from bench.checkpoint_sizes import run_folder_bytes
+
+    sizes = run_folder_bytes("resnet18")
+    frozen, trained = 4 * sizes["frozen_params"], 4 * sizes["trained_params"]  # float32 bytes
+    # Before: each file the whole model, the 36 MB of positional encodings and AdamW's two moments.
+    assert sizes["before_each_file"] > frozen + 3 * trained + 35_000_000
+    assert sizes["backbone_pt"] > frozen and sizes["last_pt"] < frozen  # last.pt: the head and its moments only
+    assert 3 * trained < sizes["last_pt"] < 3 * trained + 1_000_000
+    assert frozen + trained < sizes["best_pt"] < frozen + trained + 1_000_000  # whole model, no optimiser
+    assert sizes["after_run_folder"] == sizes["backbone_pt"] + 2 * sizes["last_pt"] + sizes["best_pt"]
