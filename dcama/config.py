@@ -52,9 +52,10 @@ SHARED_DEFAULTS: dict[str, Any] = dict(fold=0, nshot=1, seed=0, momentum=0.9, at
 # (docs/data.md), which is FSS-1000's protocol on other images. "shapes" is the embedded synthetic benchmark,
 # tuned so that `python train/run.py` learns on 2 CPU cores in a few minutes with a random frozen ResNet-18.
 BENCHMARK_DEFAULTS: dict[str, dict[str, Any]] = {
-    name: dict(**SHARED_DEFAULTS, backbone="swin_b", img_size=PUBLISHED_IMG_SIZE, bsz=PUBLISHED_BATCH, optimizer="sgd", lr=1e-3,
-               weight_decay=1e-4, fg_weight=1.0, epochs=50, episodes_per_epoch=None, val_episodes=EVAL_EPISODES,
-               test_episodes=0, workers=DATA_WORKERS, threads=None, save_every_min=SAVE_EVERY_MIN)
+    name: dict(**SHARED_DEFAULTS, backbone="swin_b", img_size=PUBLISHED_IMG_SIZE, bsz=PUBLISHED_BATCH,
+               optimizer="sgd", lr=1e-3, weight_decay=1e-4, fg_weight=1.0, epochs=50, episodes_per_epoch=None,
+               val_episodes=EVAL_EPISODES, test_episodes=0, workers=DATA_WORKERS, threads=None,
+               save_every_min=SAVE_EVERY_MIN)
     for name in ("coco", "pascal", "fss", "folder")
 }
 # Why these values (the image side, the foreground weight, one thread): docs/training.md, "The first run in detail".

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import IO, Any
 
-__all__ = ["FolderInUseError", "atomic_open", "folder_holder", "folder_lock", "folder_not_file", "torch_files_in", "write_json",
-           "write_jsonl"]
+__all__ = ["FolderInUseError", "atomic_open", "folder_holder", "folder_lock", "folder_not_file", "torch_files_in",
+           "write_json", "write_jsonl"]
 
 LOCK_NAME = ".lock"
 TORCH_SUFFIXES = (".pt", ".pth")

@@ -221,7 +221,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, stop: 
            on_epoch_end: EpochHook | None, on_step_end: StepHook | None) -> TrainResult:
     with _locked(cfg, rank):
         resumed = None
-        if cfg.resume is not None:  # under the lock: a folder another run holds is refused before its checkpoint is read
+        if cfg.resume is not None:  # under the lock: a folder in use is refused before its checkpoint is read
             resumed = _read_resume_file(cfg, rank)
             cfg = _resumed_settings(cfg, resumed, rank)
         with cpu_threads(cfg.threads if device.type == "cpu" else None):

@@ -646,8 +646,8 @@ def test_resume_into_a_folder_whose_run_has_not_saved_yet_says_it_is_in_use(tmp_
 
 
 def test_resume_checks_backbone_and_logdir_clash(tmp_path: Path, uninterrupted) -> None:
-    with pytest.raises(ConfigError, match=r"^--backbone resnet34: .*last.pt was started with --backbone resnet18, which "
-                                          r"a resumed run keeps"):
+    with pytest.raises(ConfigError, match=r"^--backbone resnet34: .*last.pt was started with --backbone resnet18, "
+                                          r"which a resumed run keeps"):
         train(TrainConfig(resume=str(uninterrupted.last_checkpoint), logdir=str(tmp_path), backbone="resnet34",
                           **TINY))
     with pytest.raises(ConfigError, match="already holds a run"):
