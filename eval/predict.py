@@ -20,8 +20,7 @@ except ImportError:  # run from a checkout that was not installed
 # Torch-free: the flags are parsed and checked before torch is imported (in `run`), so that a flag error or
 # --help takes a fraction of a second instead of the seconds torch and the model take to import.
 from dcama.config import AMP_MODES, ATTN_IMPLS
-from dcama.flags import (ConfigError, FlagParser, check_at_least, check_checkpoint_model, check_file, check_output,
-                         error_line)
+from dcama.flags import ConfigError, FlagParser, check_at_least, check_checkpoint_model, check_file, error_line
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,10 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_flags(args: argparse.Namespace) -> None:
     """Every flag checked before any file is read, torch included: ConfigError, one line naming the flag. An
     --img-size given without --backbone is checked against the checkpoint's backbone once the model is loaded,
-    before any query runs; --device (which needs torch) and whether --out may be written into by
-    `predict_files`, before it reads anything."""
+    before any query runs; --device and --out by `predict_files`, before it reads anything."""
     check_file("checkpoint", args.checkpoint)
-    check_output("out", args.out, folder=True)
     check_checkpoint_model(args.backbone, args.img_size)
     check_at_least("bsz", args.bsz, 1)
     check_at_least("threads", args.threads, 0)

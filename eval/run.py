@@ -16,7 +16,7 @@ except ImportError:  # run from a checkout that was not installed
 # --help takes a fraction of a second instead of the seconds torch and the model take to import.
 from dcama.config import AMP_MODES, ATTN_IMPLS, BASELINES, BENCHMARK_DEFAULTS, EVAL_EPISODES, TEST_SEED
 from dcama.flags import (ConfigError, FlagParser, check_at_least, check_benchmark, check_checkpoint_model,
-                         check_file, check_output, error_line, unused_episodes_note)
+                         check_file, error_line, unused_episodes_note)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,11 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Every flag checked before anything is loaded, torch included: ConfigError, one line naming the flag.
-    (`evaluate_checkpoint` checks its outputs again, for its callers from Python.)"""
+    --json and --visualize are checked by `evaluate_checkpoint`, before it reads anything."""
     check_benchmark(args.benchmark, args.datapath, args.fold, args.nshot)
     check_file("checkpoint", args.checkpoint)
-    check_output("json", args.json_path, folder=False)
-    check_output("visualize", args.visualize_dir, folder=True)
     check_checkpoint_model(args.backbone, args.img_size)
     for name, minimum in (("episodes", 1), ("seed", 0), ("bsz", 1), ("workers", 0), ("threads", 0)):
         check_at_least(name, getattr(args, name), minimum)
