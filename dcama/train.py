@@ -7,9 +7,10 @@ epoch: train one epoch, validate, save, log; at the end, test the best checkpoin
 Checkpoints (docs/training.md, "Interruptions"): the end of every epoch writes `best.pt` when validation mIoU
 improves, then `last.pt` (the commit point); inside an epoch `last.pt` is written between two steps every
 `save_every_min` minutes and when SIGTERM, SIGINT or SIGUSR1 asks the run to stop. The file each write replaces
-is kept as `last.prev.pt`. A checkpoint holds everything the rest of the run depends on: weights, optimiser, gradient
-scaler, epochs done and, inside an epoch, the steps done, the loss sum and every rank's metric counts; the best
-score; every rank's RNG states. The episodes of epoch e are a pure function of (seed, e, i) and the sampler's
+is kept as `last.prev.pt`. `last.pt` holds everything the rest of the run depends on: the settings, the trained
+weights (the frozen backbone is the run folder's `backbone.pt`, written once), optimiser, gradient scaler, epochs
+done and, inside an epoch, the steps done, the loss sum and every rank's metric counts; the best score; every
+rank's RNG states. `best.pt` holds the whole model, for evaluation and publishing. The episodes of epoch e are a pure function of (seed, e, i) and the sampler's
 order one of (seed, e), so a run killed at any step and resumed reaches the same weights as one that never
 stopped. Epochs and steps are numbered from 1 in every line and file a run writes.
 """
