@@ -10,9 +10,9 @@ improves, then `last.pt` (the commit point); inside an epoch `last.pt` is writte
 is kept as `last.prev.pt`. `last.pt` holds everything the rest of the run depends on: the settings, the trained
 weights (the frozen backbone is the run folder's `backbone.pt`, written once), optimiser, gradient scaler, epochs
 done and, inside an epoch, the steps done, the loss sum and every rank's metric counts; the best score; every
-rank's RNG states. `best.pt` holds the whole model, for evaluation and publishing. The episodes of epoch e are a pure function of (seed, e, i) and the sampler's
-order one of (seed, e), so a run killed at any step and resumed reaches the same weights as one that never
-stopped. Epochs and steps are numbered from 1 in every line and file a run writes.
+rank's RNG states. `best.pt` holds the whole model, for evaluation and publishing. The episodes of epoch e are a
+pure function of (seed, e, i) and the sampler's order one of (seed, e), so a run killed at any step and resumed
+reaches the same weights as one that never stopped. Epochs and steps are numbered from 1 in every line and file a run writes.
 """
 
 from __future__ import annotations
