@@ -12,7 +12,8 @@ weights (the frozen backbone is the run folder's `backbone.pt`, written once), o
 done and, inside an epoch, the steps done, the loss sum and every rank's metric counts; the best score; every
 rank's RNG states. `best.pt` holds the whole model, for evaluation and publishing. The episodes of epoch e are a
 pure function of (seed, e, i) and the sampler's order one of (seed, e), so a run killed at any step and resumed
-reaches the same weights as one that never stopped. Epochs and steps are numbered from 1 in every line and file a run writes.
+reaches the same weights as one that never stopped. Epochs and steps are numbered from 1 in every line and file
+a run writes.
 """
 
 from __future__ import annotations
