@@ -155,7 +155,7 @@ def test_tf32_split_keeps_the_tf32_bits(split):
     assert not torch.equal(lo, torch.zeros_like(lo))  # the inputs do have bits below TF32's
 
 
-@pytest.mark.parametrize("dtype,bound", [(torch.float16, 2.0**-21), (torch.bfloat16, 2.0**-15)], ids=str)
+@pytest.mark.parametrize("dtype,bound", [(torch.float16, 2.0**-21), (torch.bfloat16, 2.0**-15)], ids=["fp16", "bf16"])
 def test_16bit_split_keeps_twice_the_precision(dtype, bound):
     """For 16-bit dots (DOD's hi / lo columns) hi is x rounded to the dtype and hi + lo reconstructs x to about
     twice its mantissa bits (relative to the largest |x|: fp16's exponent range is small)."""
