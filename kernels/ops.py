@@ -202,14 +202,47 @@ def _autotuned(launch: Launch) -> Any:
     return _AUTOTUNED[key]
 
 
+def run_interpreted(launch: Launch, meta: dict[str, int] | None = None) -> None:
+    """Run under the interpreter with the constexprs `meta` of a configuration (`split_config`'s first item), by
+    default the small interpreter configuration; the tests run every shipped configuration this way."""
+    meta = interpreter_meta(launch.kernel, launch.head_dim) if meta is None else meta
+    KERNELS[launch.kernel][launch.grid(meta)](*launch.args, **launch.constexprs, **meta)
+
+
 def run(launch: Launch) -> None:
     """Launch on the GPU through the autotuner, or under the interpreter with its fixed block sizes."""
     if is_interpreted():
-        meta = interpreter_meta(launch.kernel, launch.head_dim)
-        KERNELS[launch.kernel][launch.grid(meta)](*launch.args, **launch.constexprs, **meta)
+        run_interpreted(launch)
     else:
         with torch.cuda.device(launch.args[0].device):
             _autotuned(launch)[launch.grid](*launch.args, **launch.constexprs)
+
+
+def fused_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seed: torch.Tensor, dropout_p: float,
+              scale: float, runner: Callable[[Launch], None] = run) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `attention_fwd` computes, each launch made by `runner` (a test's runner forces a configuration)."""
+    check_triton_device(query.device)
+    batch, n_query, heads, _ = query.shape
+    o = torch.empty((batch, heads, n_query, value.shape[2]), dtype=torch.float32, device=query.device)
+    lse2 = torch.empty((batch, heads, n_query), dtype=torch.float32, device=query.device)
+    runner(fwd_launch(query, key, value_operand(value), o, lse2, seed, dropout_p, scale))
+    return o, lse2
+
+
+def fused_bwd(grad_o: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, o: torch.Tensor,
+              lse2: torch.Tensor, seed: torch.Tensor, dropout_p: float, scale: float,
+              runner: Callable[[Launch], None] = run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `attention_bwd` computes, each launch made by `runner`."""
+    check_triton_device(query.device)
+    batch, n_query, heads, _ = query.shape
+    n_key, channels = key.shape[1], value.shape[2]
+    vx = value_operand(value)
+    dod, neg_delta = grad_operands(grad_o, o, 1.0 / (1.0 - dropout_params(dropout_p)[2]), query.dtype)
+    dq, dk = query.new_empty(query.shape), key.new_empty(key.shape)
+    dv_heads = torch.empty((batch, heads, n_key, channels), dtype=torch.float32, device=query.device)
+    runner(dkdv_launch(query, key, vx, dod, lse2, neg_delta, dk, dv_heads, seed, dropout_p, scale))
+    runner(dq_launch(query, key, vx, dod, lse2, neg_delta, dq, seed, channels, dropout_p, scale))
+    return dq, dk, dv_heads.sum(1).to(value.dtype)  # deterministic head sum of dv (no atomics)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,12 +253,7 @@ def attention_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, s
                   dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head output o (B, H, Nq, C) fp32 and the base-2 log-sum-exp of the log2-scaled scores
     (B, H, Nq) fp32; value is (B, Nk, C)."""
-    check_triton_device(query.device)
-    batch, n_query, heads, _ = query.shape
-    o = torch.empty((batch, heads, n_query, value.shape[2]), dtype=torch.float32, device=query.device)
-    lse2 = torch.empty((batch, heads, n_query), dtype=torch.float32, device=query.device)
-    run(fwd_launch(query, key, value_operand(value), o, lse2, seed, dropout_p, scale))
-    return o, lse2
+    return fused_fwd(query, key, value, seed, dropout_p, scale)
 
 
 @attention_fwd.register_fake
@@ -241,16 +269,7 @@ def attention_bwd(grad_o: torch.Tensor, query: torch.Tensor, key: torch.Tensor, 
                   o: torch.Tensor, lse2: torch.Tensor, seed: torch.Tensor, dropout_p: float,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the per-head output gradient grad_o (B, H, Nq, C)."""
-    check_triton_device(query.device)
-    batch, n_query, heads, _ = query.shape
-    n_key, channels = key.shape[1], value.shape[2]
-    vx = value_operand(value)
-    dod, neg_delta = grad_operands(grad_o, o, 1.0 / (1.0 - dropout_params(dropout_p)[2]), query.dtype)
-    dq, dk = query.new_empty(query.shape), key.new_empty(key.shape)
-    dv_heads = torch.empty((batch, heads, n_key, channels), dtype=torch.float32, device=query.device)
-    run(dkdv_launch(query, key, vx, dod, lse2, neg_delta, dk, dv_heads, seed, dropout_p, scale))
-    run(dq_launch(query, key, vx, dod, lse2, neg_delta, dq, seed, channels, dropout_p, scale))
-    return dq, dk, dv_heads.sum(1).to(value.dtype)  # deterministic head sum of dv (no atomics)
+    return fused_bwd(grad_o, query, key, value, o, lse2, seed, dropout_p, scale)
 
 
 @attention_bwd.register_fake

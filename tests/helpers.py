@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dcama.model import StageAttention
+from kernels.fused import main_loop_tiles
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Gain on the attention projections: the scores grow with its square. With random weights the softmax is
@@ -14,6 +15,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # mask values changes the output by less than any tolerance; at 8 most of each row's weight sits on a few
 # support tokens (mean top weight ~0.6).
 PEAK_GAIN = 8.0
+# The fused kernels' (forward, gradients) relative-error bounds against float64 (`rel_err`).
+TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+# What the key and query counts run past the last full tile: never a multiple of a block.
+KEY_TAIL, ROW_TAIL = 13, 7
 
 
 def episode(batch=1, shots=1, size=64, seed=0, device=DEVICE):
@@ -129,3 +134,26 @@ def exit_status(main, argv):
         return main(argv)
     except SystemExit as exit_:
         return exit_.code
+
+
+def rel_err(actual, expected):
+    """max|a - b| / max|b| in float64; the plain max|a - b| where the reference is exactly zero
+    (dq with a single key token)."""
+    expected = expected.double()
+    err = (actual.double() - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    return err / scale if scale > 0 else err
+
+
+def covering_shape(metas, drop_bits):
+    """The smallest (Nq, Nk) on which each kernel, given its constexprs metas[kernel], runs every path of its key
+    loop: the forward and dq main loop once (one step: `main_loop_tiles` key tiles), the leftover full tile where
+    that step is several tiles (1-bit dropout), and the masked last key tile; a dk/dv program owns its
+    KEY_TILES key tiles: one full program, then a partial one. Every kernel also runs a full query tile and
+    the masked query-row tail."""
+    n_key = 0
+    for kernel, meta in metas.items():
+        tiles = main_loop_tiles(kernel, drop_bits, meta["BLOCK_N"], meta.get("KEY_TILES", 1))
+        leftover = meta["BLOCK_N"] if kernel != "bwd_dkdv" and tiles > 1 else 0
+        n_key = max(n_key, tiles * meta["BLOCK_N"] + leftover)
+    return max(meta["BLOCK_M"] for meta in metas.values()) + ROW_TAIL, n_key + KEY_TAIL

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from dcama.data import build_dataset
 from dcama.data.common import episode_rng
+from dcama.data import shapes
 from dcama.data.shapes import N_CLASSES, class_style
 from dcama.metrics import FewShotIoU
 
@@ -61,6 +62,17 @@ def test_episode_structure():
         assert (item["support_masks"].flatten(1).sum(1) > 0).all()
         names = item["support_names"] + [item["query_name"]]
         assert len(set(names)) == 4 and all(f"/c{item['class_id']:02d}/" in n for n in names)
+
+
+def test_supports_are_other_images_than_the_query(monkeypatch):
+    """With 4 images per class and 3 shots a support equal to the query would be drawn in 3 episodes out of 4:
+    every episode takes the query and its supports from the 4 distinct images of one class."""
+    monkeypatch.setitem(shapes.POOL_SIZE, "test", 4)
+    ds = build_dataset("shapes", None, split="test", shot=3, img_size=16, episodes=16)
+    for i in range(len(ds)):
+        item = ds[i]
+        names = [item["query_name"], *item["support_names"]]
+        assert sorted(names) == [f"shapes/test/c{item['class_id']:02d}/{n:06d}" for n in range(4)]
 
 
 def test_foreground_pixels_show_the_class_colours():

@@ -1,11 +1,10 @@
 """The dropout decisions against their specification (docs/kernels.md, "Dropout: the RNG scheme").
 
-An independent NumPy Philox-4x32-10, written from Salmon et al., "Parallel random numbers: as easy as
-1, 2, 3" (SC 2011) and checked against the Random123 known-answer vectors, plus the documented counter
-scheme must reproduce `dropout_keep_mask` bit for bit, and the fused kernels must apply exactly those
-decisions. Statistical tests then check the decisions for independence at the column lags where a
-flaw of the scheme would show (the word and call boundaries at 32, 64 and 256 columns), across rows
-(the two rows of a stream, 8 apart) and across heads and batches.
+An independent NumPy Philox-4x32-10 (tests/dropout_spec.py), checked here against the Random123 known-answer
+vectors, plus the documented counter scheme must reproduce `dropout_keep_mask` bit for bit, and the fused
+kernels must apply exactly those decisions. Statistical tests then check the decisions for independence at the
+column lags where a flaw of the scheme would show (the word and call boundaries at 32, 64 and 256 columns),
+across rows (the two rows of a stream, 8 apart) and across heads and batches.
 """
 
 from __future__ import annotations
@@ -18,58 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
+from dropout_spec import KNOWN_ANSWERS, philox4x32_10, specified_keep
+from helpers import covering_shape
 from kernels import dcama_attention, dropout_keep_mask, effective_dropout_p
+from kernels.configs import interpreter_meta
 from kernels.fused import _philox
+from kernels.ops import KERNELS, dropout_params
 from kernels.reference import dcama_attention_reference
 
 pytestmark = pytest.mark.interpreter
-
-# Salmon et al. 2011, Philox-4x32: round multipliers and Weyl key increments.
-PHILOX_M = (0xD2511F53, 0xCD9E8D57)
-PHILOX_W = (0x9E3779B9, 0xBB67AE85)
-MASK32 = np.uint64(0xFFFFFFFF)
-# Random123's known-answer vectors for philox4x32-10: (counter, key, output).
-KNOWN_ANSWERS = [
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-]
-
-
-def philox4x32_10(counter: tuple[np.ndarray, ...], key: tuple[int, int]) -> list[np.ndarray]:
-    """Philox-4x32 with 10 rounds on uint32 counter arrays (broadcast), key (k0, k1); returns 4 uint32 arrays."""
-    c = [np.asarray(x, dtype=np.uint64) & MASK32 for x in counter]
-    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
-    for _ in range(10):
-        prod0 = c[0] * np.uint64(PHILOX_M[0])  # 32 x 32 -> 64 bits, exact in uint64
-        prod1 = c[2] * np.uint64(PHILOX_M[1])
-        c = [((prod1 >> np.uint64(32)) ^ c[1] ^ k0) & MASK32, prod1 & MASK32,
-             ((prod0 >> np.uint64(32)) ^ c[3] ^ k1) & MASK32, prod0 & MASK32]
-        k0, k1 = (k0 + np.uint64(PHILOX_W[0])) & MASK32, (k1 + np.uint64(PHILOX_W[1])) & MASK32
-    return [x.astype(np.uint32) for x in c]
-
-
-def specified_keep(seed: int, batch: int, heads: int, n_query: int, n_key: int, dropout_p: float) -> np.ndarray:
-    """The keep decisions (batch, heads, n_query, n_key) as docs/kernels.md specifies them."""
-    bits = 1 if dropout_p == 0.5 else 16
-    threshold = min(round(dropout_p * 2**bits), 2**bits - 1)
-    key = (seed % 2**64 & 0xFFFFFFFF, seed % 2**64 >> 32)
-    i = np.arange(n_query)[:, None]
-    j = np.arange(n_key)[None, :]
-    pair, r = (i // 16) * 8 + i % 8, (i // 8) % 2
-    q, e, c, k = (j // 2) % 4, j % 2, (j // 8) % 8, (j // 64) % 4
-    out = np.empty((batch * heads, n_query, n_key), dtype=bool)
-    for bh in range(batch * heads):
-        if bits == 1:  # bit 4c + k of word 2r + e of call (pair, j // 256, bh, q)
-            words = philox4x32_10((pair, j // 256, bh, q), key)
-            word = np.choose(2 * r + e, words)
-            out[bh] = (word >> (4 * c + k).astype(np.uint32)) & 1 == 1
-        else:  # 16-bit slice e of word c % 4 of call (pair, 4 (j // 64) + 2r + c // 4, bh, q)
-            words = philox4x32_10((pair, 4 * (j // 64) + 2 * r + c // 4, bh, q), key)
-            word = np.choose(c % 4 + 0 * r, words)
-            out[bh] = (word >> (16 * e).astype(np.uint32)) & 0xFFFF >= threshold
-    return out.reshape(batch, heads, n_query, n_key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,10 +78,14 @@ def test_keep_mask_follows_the_specification(seed, shape, dropout_p):
 
 @pytest.mark.parametrize("dropout_p", [0.5, 0.3])
 def test_fused_kernels_apply_the_specified_decisions(dropout_p):
-    """Forward and backward of the fused op equal the float64 reference under the specified keep mask: Nk = 300
-    runs the forward and dq main loops (256 keys per Philox call), their leftover full tile and the masked last
-    tile, and two dk/dv programs, the second partly past Nk."""
-    batch, n_query, n_key, heads, head_dim = 1, 37, 300, 2, 32
+    """Forward and backward of the fused op equal the float64 reference under the specified keep mask, on the
+    shape where each kernel runs every path of its loops with the interpreter's blocks (`covering_shape`): at
+    p = 1/2 the forward and dq main loops (256 keys per Philox call), their leftover full tile and the masked
+    last tile; at p = 0.3 their one-tile main loop and the masked tile; a full dk/dv program and a partial one;
+    and the query-row tail."""
+    batch, heads, head_dim = 1, 2, 32
+    metas = {kernel: interpreter_meta(kernel, head_dim) for kernel in KERNELS}
+    n_query, n_key = covering_shape(metas, dropout_params(dropout_p)[0])
     g = torch.Generator().manual_seed(3)
     q = torch.randn(batch, n_query, heads, head_dim, generator=g, dtype=torch.float64)
     k = torch.randn(batch, n_key, heads, head_dim, generator=g, dtype=torch.float64)
