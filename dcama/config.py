@@ -29,6 +29,11 @@ PUBLISHED_BATCH = 12
 EVAL_EPISODES = 1000
 TEST_SEED = 0
 
+# torch CPU threads of every command on a CPU device (--threads; 0: torch's default, one per core). One, the same
+# for train, eval and predict, so that a command repeats another's numbers (they depend on the thread count) at its
+# speed, and a shared machine is not oversubscribed: docs/training.md, "CPU threads".
+CPU_THREADS = 1
+
 # --save-every-min where an epoch is long (why, and where: docs/training.md, "Interruptions").
 SAVE_EVERY_MIN = 10.0
 
@@ -44,14 +49,13 @@ DATA_WORKERS = min(8, USABLE_CPUS)
 BENCHMARK_DEFAULTS: dict[str, dict[str, Any]] = {
     name: dict(backbone="swin_b", img_size=PUBLISHED_IMG_SIZE, bsz=PUBLISHED_BATCH, optimizer="sgd", lr=1e-3,
                weight_decay=1e-4, fg_weight=1.0, epochs=50, episodes_per_epoch=None, val_episodes=EVAL_EPISODES,
-               test_episodes=0, workers=DATA_WORKERS, threads=None, save_every_min=SAVE_EVERY_MIN)
+               test_episodes=0, workers=DATA_WORKERS, save_every_min=SAVE_EVERY_MIN)
     for name in ("coco", "pascal", "fss", "folder")
 }
-# Why these values (the image side, the foreground weight, one thread): docs/training.md, "The first run in detail".
+# Why these values (the image side, the foreground weight): docs/training.md, "The first run in detail".
 BENCHMARK_DEFAULTS["shapes"] = dict(backbone="resnet18", img_size=96, bsz=8, optimizer="adamw", lr=1e-3,
                                     weight_decay=1e-4, fg_weight=4.0, epochs=8, episodes_per_epoch=400,
-                                    val_episodes=100, test_episodes=EVAL_EPISODES, workers=0, threads=1,
-                                    save_every_min=0.0)
+                                    val_episodes=100, test_episodes=EVAL_EPISODES, workers=0, save_every_min=0.0)
 
 
 def default_img_size(benchmark: str) -> int:

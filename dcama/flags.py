@@ -22,6 +22,7 @@ import torch
 
 from .backbones import BACKBONES, img_size_problem
 from .checkpoint import folder_not_file
+from .config import CPU_THREADS
 from .data import BENCHMARKS
 
 __all__ = ["ConfigError", "FlagParser", "OutputError", "check_at_least", "check_benchmark",
@@ -218,10 +219,12 @@ class FlagParser(argparse.ArgumentParser):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(allow_abbrev=False, **kwargs)
 
-    def add_threads(self, default: str = "torch's") -> None:
-        """--threads, the one definition every command shares (checked with check_at_least("threads", n, 0))."""
-        self.add_argument("--threads", type=int, default=None,
-                          help=f"torch CPU threads (0: torch's default; default: {default})")
+    def add_threads(self) -> None:
+        """--threads, the one definition every command shares, with the one default (config.CPU_THREADS);
+        checked with check_at_least("threads", n, 0)."""
+        self.add_argument("--threads", type=int, default=CPU_THREADS,
+                          help=f"torch CPU threads on a CPU device (default {CPU_THREADS}, in every command; 0: "
+                               "torch's default, one per core); the scores depend on it: docs/training.md")
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (--help lists the flags)\n")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
+from tqdm import tqdm
 
 from .config import AMP_DTYPES
 
@@ -90,13 +91,15 @@ def from_rank0(obj: Any) -> Any:
 
 
 @contextmanager
-def cpu_threads(threads: int | None) -> Iterator[None]:
-    """torch.set_num_threads(threads) inside the block (None or 0: unchanged); the previous count restored
-    after it, so a library call leaves the process as it found it. ValueError for a negative count."""
+def cpu_threads(threads: int | None, device: torch.device | str = "cpu") -> Iterator[None]:
+    """The project's CPU-thread policy, which train, eval and predict all follow (config.CPU_THREADS is the
+    default of each, --threads the flag of each): on a CPU device, torch.set_num_threads(threads) inside the
+    block (None or 0: unchanged, torch's default); on a GPU nothing changes. The previous count is restored
+    after the block, so a library call leaves the process as it found it. ValueError for a negative count."""
     if threads is not None and threads < 0:
         raise ValueError(f"threads must be >= 0 (0 or None: torch's default), got {threads}")
     before = torch.get_num_threads()
-    if threads:
+    if threads and torch.device(device).type == "cpu":
         torch.set_num_threads(threads)
     try:
         yield
@@ -214,7 +217,7 @@ class StopRequests:
 
     Inside `deferred()` the first signal only records a request (`requested`: the signal's number), which the
     caller honours at a point where it can stop cleanly, and `notice` (formatted with {signal}) is written to
-    stderr; a second signal raises Interrupted. Outside it every signal raises Interrupted at once. A signal
+    stderr on a line of its own (below a progress bar being drawn); a second signal raises Interrupted. Outside it every signal raises Interrupted at once. A signal
     within REPEAT_WINDOW_S of the last one is the same signal passed on by a launcher, and is ignored.
     """
 
@@ -251,7 +254,15 @@ class StopRequests:
             raise Interrupted(signum)
         self.requested = signum
         if self.notice:  # os.write: print() could be interrupted inside another print and refuse re-entry
-            os.write(2, (self.notice.format(signal=signal.Signals(signum).name) + "\n").encode())
+            line = self.notice.format(signal=signal.Signals(signum).name) + "\n"
+            os.write(2, (("\n" if progress_bar_drawn() else "") + line).encode())
+
+
+def progress_bar_drawn() -> bool:
+    """Whether a tqdm progress bar is on the screen, which leaves the cursor at the end of its own line: a message
+    written then begins with a newline, so that it starts a line of its own. (tqdm keeps its live bars in
+    `tqdm._instances`; a disabled one is not kept there.)"""
+    return bool(list(tqdm._instances))
 
 
 def mute_stop_signals() -> None:

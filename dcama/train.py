@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .backbones import BACKBONES
 from .checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint
-from .config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, IGNORE_INDEX, OPTIMIZERS, TEST_SEED
+from .config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, CPU_THREADS, IGNORE_INDEX, OPTIMIZERS, TEST_SEED
 from .data import FewShotDataset, build_dataset
 from .evaluate import evaluate, evaluate_checkpoint, model_predictor
 from .files import LOCK_NAME, FolderInUseError, folder_lock, write_json, write_jsonl
@@ -114,7 +114,7 @@ class TrainConfig:
     episodes_per_epoch: int | None = None  # None: the training split's own length
     val_episodes: int | None = None
     test_episodes: int | None = None  # after training, the best checkpoint on the test split; 0 skips
-    threads: int | None = None  # torch.set_num_threads on CPU
+    threads: int = CPU_THREADS  # torch CPU threads on a CPU device (runtime.cpu_threads); 0: torch's default
     progress: bool = True
 
 
@@ -126,6 +126,7 @@ class TrainResult:
     best_val_miou: float
     best_epoch: int | None
     epochs: int
+    config: TrainConfig  # the run's settings, every default filled in
     history: list[dict[str, Any]] = field(default_factory=list)
     test: dict[str, Any] | None = None
 
@@ -312,7 +313,7 @@ def train(cfg: TrainConfig, on_epoch_end: EpochHook | None = None,
         try:
             cfg = from_rank0(cfg)  # one run folder: the default name holds rank 0's clock
             stop.notice = _STOP_NOTICE if rank == 0 else None
-            with cpu_threads(cfg.threads if device.type == "cpu" else None):
+            with cpu_threads(cfg.threads, device):
                 return _train(cfg, rank, world, device, stop, on_epoch_end, on_step_end)
         except Interrupted as err:
             last = Path(cfg.logdir) / "last.pt"
@@ -348,7 +349,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, stop: 
         test = _test(run) if cfg.test_episodes else None  # training is saved: a signal stops the test at once
     return TrainResult(logdir=run.logdir, best_checkpoint=run.best_path, last_checkpoint=run.last_path,
                        best_val_miou=run.state.best_miou, best_epoch=run.state.best_epoch, epochs=cfg.epochs,
-                       history=run.state.history, test=test)
+                       config=cfg, history=run.state.history, test=test)
 
 
 # ------------------------------------------------------------------------------------------------- build
@@ -750,7 +751,8 @@ def _test(run: _Run) -> dict[str, Any]:
     result = evaluate_checkpoint(run.best_path, benchmark=cfg.benchmark, datapath=cfg.datapath, fold=cfg.fold,
                                  nshot=cfg.nshot, episodes=cfg.test_episodes, seed=TEST_SEED, img_size=cfg.img_size,
                                  backbone=cfg.backbone, attn_impl=cfg.attn_impl, amp=cfg.amp, workers=cfg.workers,
-                                 device=str(run.device), batch_size=cfg.bsz, progress=cfg.progress)
+                                 threads=cfg.threads, device=str(run.device), batch_size=cfg.bsz,
+                                 progress=cfg.progress)
     path = run.logdir / "test.json"
     _on_rank0(run, path, lambda: write_json(path, result))
     return result

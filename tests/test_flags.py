@@ -2,13 +2,18 @@
 --json and --visualize, eval/predict.py --out), the device and --threads, each a one-line error with status 2
 before anything is loaded or written."""
 
+import inspect
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from dcama.config import CPU_THREADS
+from dcama.evaluate import evaluate_checkpoint
 from dcama.flags import ConfigError, check_device, check_output
+from dcama.predict import predict_files
+from dcama.train import TrainConfig
 from helpers import exit_status
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,3 +80,16 @@ def test_threads_is_one_flag_for_every_command(load_cli):
         text = (REPO / script).read_text()
         assert "add_threads(" in text and '"--threads"' not in text, script  # FlagParser.add_threads defines it
     assert load_cli("eval").parse_args(["--checkpoint", "c", "--threads", "3"]).threads == 3
+
+
+def test_every_command_and_engine_defaults_to_the_one_thread_count(load_cli):
+    """One CPU-thread policy: train, eval and predict, as commands and from Python, default to CPU_THREADS, so
+    a command another prints runs at the first one's thread count (and gives its numbers)."""
+    predict_argv = ["--checkpoint", "c", "--support", "i", "m", "--query", "q", "--out", "o"]
+    commands = {"train": load_cli("train").parse_args([]).threads,
+                "eval": load_cli("eval").parse_args(["--checkpoint", "c"]).threads,
+                "predict": load_cli("eval/predict.py").parse_args(predict_argv).threads}
+    engines = {"train": TrainConfig().threads,
+               "eval": inspect.signature(evaluate_checkpoint).parameters["threads"].default,
+               "predict": inspect.signature(predict_files).parameters["threads"].default}
+    assert commands == engines == dict.fromkeys(commands, CPU_THREADS)

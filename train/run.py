@@ -26,8 +26,8 @@ except ImportError:  # run from a checkout that was not installed
 
 from dcama.backbones import BACKBONES
 from dcama.checkpoint import CheckpointError
-from dcama.config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, OPTIMIZERS, TEST_SEED
-from dcama.data import DatasetFileError
+from dcama.config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, EVAL_EPISODES, OPTIMIZERS, TEST_SEED
+from dcama.data import BENCHMARKS, DatasetFileError
 from dcama.flags import FlagParser
 from dcama.runtime import Interrupted, mute_stop_signals
 from dcama.train import ConfigError, NonFiniteLossError, RunStopped, TrainConfig, TrainResult, WriteError, train
@@ -69,7 +69,7 @@ def build_parser() -> FlagParser:
     p.add_argument("--val-episodes", type=int, default=None)
     p.add_argument("--test-episodes", type=int, default=None,
                    help=f"after training, evaluate best.pt on this many test episodes (seed {TEST_SEED}); 0 skips")
-    p.add_threads(default="the benchmark's, 1 for shapes")
+    p.add_threads()
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
@@ -90,7 +90,7 @@ def resume_hint(cfg: TrainConfig, logdir: Path, lead: str = "resume with") -> st
     return f"{lead}{nodes}: {command}"
 
 
-def report(cfg: TrainConfig, result: TrainResult) -> None:
+def report(result: TrainResult) -> None:
     """Where the results are and the command to run next."""
     if result.test is not None:
         t = result.test
@@ -101,11 +101,24 @@ def report(cfg: TrainConfig, result: TrainResult) -> None:
     files = [p.name + ("/" if p.is_dir() else "") for p in sorted(result.logdir.iterdir())
              if not p.name.startswith(".")]
     print(f"results in {result.logdir}: {', '.join(files)}")
+    print(f"next, evaluate it: {eval_command(result)}")
+
+
+def eval_command(result: TrainResult) -> str:
+    """The eval/run.py command that repeats the run's test: its episodes, and the batch size, workers, CPU
+    threads, attention and precision the test ran with, so the same scores at the same speed."""
+    cfg = result.config
     flags = ["--checkpoint", str(result.best_checkpoint), "--benchmark", cfg.benchmark,
              *(["--datapath", cfg.datapath] if cfg.datapath else []), "--fold", str(cfg.fold),
-             "--nshot", str(cfg.nshot)]
+             "--nshot", str(cfg.nshot), "--bsz", str(cfg.bsz)]
+    if cfg.test_episodes not in (0, EVAL_EPISODES) and BENCHMARKS[cfg.benchmark].takes_episodes:
+        flags += ["--episodes", str(cfg.test_episodes)]
+    if cfg.workers:
+        flags += ["--workers", str(cfg.workers)]
+    # Flags eval/run.py shares with this command, with the same defaults: given only where the run changed them.
+    flags += build_parser().flags_for({"attn_impl": cfg.attn_impl, "amp": cfg.amp, "threads": cfg.threads})
     script = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "eval", "run.py"))
-    print(f"next, evaluate it: {shlex.join(['python', script, *flags])}")
+    return shlex.join(["python", script, *flags])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if rank0:
-        report(cfg, result)
+        report(result)
     return 0
 
 
