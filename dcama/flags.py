@@ -136,7 +136,8 @@ def check_file(name: str, path: str | None, missing: str = "") -> None:
 def check_output(name: str, path: str | os.PathLike | None, *, folder: bool) -> None:
     """An output flag (None: unset, allowed): a file (folder=False) or a folder this process can create or
     write in. Refused: an existing entry of the other kind, a path under a file, a folder without write
-    permission (files are written as a temporary file renamed, so a file's folder must be writable)."""
+    permission or on a read-only file system (files are written as a temporary file renamed, so a file's
+    folder must be writable)."""
     if path is None:
         return
     path = os.fspath(path)
@@ -157,9 +158,19 @@ def output_problem(path: str | os.PathLike, folder: bool) -> str:
         nearest = os.path.dirname(nearest)
     if not os.path.isdir(nearest):
         return f"{nearest} is a file, so nothing can be written under it"
+    if _read_only(nearest):  # os.access refuses it too, but no permission would help
+        return f"{nearest} is on a read-only file system"
     if not os.access(nearest, os.W_OK | os.X_OK):
         return f"no permission to write in {nearest}"
     return ""
+
+
+def _read_only(folder: str) -> bool:
+    """Whether `folder` lies on a file system mounted read-only (False when that cannot be told)."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def check_device(device: str | torch.device | None) -> torch.device:

@@ -2,8 +2,11 @@
 --json and --visualize, eval/predict.py --out), the device and --threads, each a one-line error with status 2
 before anything is loaded or written."""
 
+import errno
 import inspect
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import torch
 
 from dcama.config import CPU_THREADS
 from dcama.evaluate import evaluate_checkpoint
-from dcama.flags import ConfigError, check_device, check_output
+from dcama.flags import ConfigError, check_device, check_output, write_failure
 from dcama.predict import predict_files
 from dcama.train import TrainConfig
 from helpers import exit_status
@@ -35,6 +38,30 @@ def test_train_logdir_is_checked_before_anything_is_built(case, expected, a_file
     logdir = {"file": a_file, "under-file": a_file / "run", "deep-under-file": a_file / "a" / "b" / "run"}[case]
     assert exit_status(load_cli("train").main, ["--logdir", str(logdir), "--no-progress"]) == 2
     assert capsys.readouterr().err == "error: " + expected.replace("{file}", str(a_file)) + "\n"
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """An empty file system mounted read-only (a tmpfs; skipped where this process may not mount one)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                             capture_output=True, text=True) if shutil.which("mount") else None
+    if mounted is None or mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({mounted.stderr.strip() if mounted else 'no mount'})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_read_only_file_system_is_named_as_such(read_only_folder, capsys, load_cli):
+    """Not "no permission": no permission would help (as root, too, where access() refuses it all the same)."""
+    reason = f"{read_only_folder} is on a read-only file system"
+    assert exit_status(load_cli("train").main, ["--logdir", str(read_only_folder / "run"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"error: --logdir {read_only_folder}/run: {reason}\n"
+    failure = OSError(errno.EROFS, os.strerror(errno.EROFS))  # what a write raises there, e.g. at a run's save
+    assert write_failure(read_only_folder / "last.pt", failure) == f"cannot write {read_only_folder}/last.pt: {reason}"
 
 
 def test_an_unwritable_parent_is_refused(tmp_path):
