@@ -2,7 +2,9 @@
 built or written, and the one-line errors of the files a command writes.
 
 Each failure is a ConfigError whose message is one line naming the flag, in its command-line form, and what
-it accepts; the command lines print it and exit with status 2. What a benchmark accepts is read from its data
+it accepts; the command lines print it and exit with status 2. A check that Python entry points make too
+(the device of `dcama.predict.load_model`) raises an ArgumentError, worded for Python (`device='cuda'`)
+and by `error_line` for the command line (`--device cuda`). What a benchmark accepts is read from its data
 set class (`n_folds`, `max_shot`, `needs_root`) and what a backbone accepts from `dcama.backbones`, so a new
 benchmark or backbone brings its own rules. An output that cannot be written once the work is done (a full
 disk) is an OutputError naming the path and the reason (`writing`); `write_failure` words it, for the training
@@ -25,7 +27,7 @@ from .checkpoint import folder_not_file
 from .config import CPU_THREADS
 from .data import BENCHMARKS
 
-__all__ = ["ConfigError", "FlagParser", "OutputError", "check_at_least", "check_benchmark",
+__all__ = ["ArgumentError", "ConfigError", "FlagParser", "OutputError", "check_at_least", "check_benchmark",
            "check_checkpoint_model", "check_choice", "check_device", "check_file", "check_fraction",
            "check_img_size", "check_non_negative", "check_output", "check_positive", "error_line", "flag",
            "output_problem", "unused_episodes_note", "write_failure", "writing"]
@@ -33,6 +35,23 @@ __all__ = ["ConfigError", "FlagParser", "OutputError", "check_at_least", "check_
 
 class ConfigError(ValueError):
     """A flag value or a combination of flags that cannot run; the message is one line naming the flag."""
+
+
+class ArgumentError(ConfigError):
+    """A bad value of a setting that Python callers give as an argument (`load_model(device=...)`): the message
+    names the argument (`device='cuda': why`); `error_line` names the flag instead (`--device cuda: why`).
+    `instead`: a value to suggest, worded the same way."""
+
+    def __init__(self, name: str, value: Any, problem: str, instead: Any = None) -> None:
+        self.name, self.value, self.problem, self.instead = name, value, problem, instead
+        super().__init__(self.worded(command_line=False))
+
+    def worded(self, command_line: bool) -> str:
+        def setting(value: Any) -> str:
+            return f"{flag(self.name)} {value}" if command_line else f"{self.name}={value!r}"
+
+        suggestion = "" if self.instead is None else f"; use {setting(self.instead)}"
+        return f"{setting(self.value)}: {self.problem}{suggestion}"
 
 
 def flag(name: str) -> str:
@@ -174,20 +193,22 @@ def _read_only(folder: str) -> bool:
 
 
 def check_device(device: str | torch.device | None) -> torch.device:
-    """The device --device names (None: CUDA when there is one, else the CPU), if this machine has it."""
+    """The device `device` (--device) names (None: CUDA when there is one, else the CPU), if this machine has
+    it; an ArgumentError otherwise."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         dev = None
+    name = str(device)  # a torch.device is named as the string that gives it
     if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device}: choose cpu, cuda or cuda:N")
+        raise ArgumentError("device", name, "choose cpu, cuda or cuda:N")
     count = torch.cuda.device_count() if dev.type == "cuda" and torch.cuda.is_available() else 0
     if dev.type == "cuda" and count == 0:
-        raise ConfigError(f"--device {device}: this machine has no CUDA device (torch sees none); use --device cpu")
+        raise ArgumentError("device", name, "this machine has no CUDA device (torch sees none)", instead="cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= count:
-        raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        raise ArgumentError("device", name, f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return dev
 
 
@@ -216,8 +237,10 @@ def write_failure(path: str | os.PathLike, err: OSError, folder: bool = False) -
 
 
 def error_line(err: BaseException) -> str:
-    """The one line a command prints for an error it stops on: the project's message or, for an OSError the
-    system raised, the file and the system's reason."""
+    """The one line a command prints for an error it stops on: the project's message (an ArgumentError's
+    naming the flag), or, for an OSError the system raised, the file and the system's reason."""
+    if isinstance(err, ArgumentError):
+        return err.worded(command_line=True)
     if isinstance(err, OSError) and err.strerror:
         return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
     return str(err)

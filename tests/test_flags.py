@@ -14,7 +14,7 @@ import torch
 
 from dcama.config import CPU_THREADS
 from dcama.evaluate import evaluate_checkpoint
-from dcama.flags import ConfigError, check_device, check_output, write_failure
+from dcama.flags import ConfigError, check_device, check_output, error_line, write_failure
 from dcama.predict import predict_files
 from dcama.train import TrainConfig
 from helpers import exit_status
@@ -91,15 +91,18 @@ def test_devices():
     assert check_device("cpu") == torch.device("cpu")
     assert check_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
     for bad in ("bogus", "mps", "cuda:x"):
-        with pytest.raises(ConfigError, match=f"^--device {bad}: choose cpu, cuda or cuda:N$"):
+        with pytest.raises(ConfigError, match=f"^device='{bad}': choose cpu, cuda or cuda:N$") as err:
             check_device(bad)
+        assert error_line(err.value) == f"--device {bad}: choose cpu, cuda or cuda:N"  # what a command prints
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count:
-        with pytest.raises(ConfigError, match=f"^--device cuda:{count}: this machine has {count} CUDA device"):
-            check_device(f"cuda:{count}")
+        with pytest.raises(ConfigError, match=f"^device='cuda:{count}': this machine has {count} CUDA device"):
+            check_device(torch.device("cuda", count))
     else:
-        with pytest.raises(ConfigError, match="^--device cuda:1: this machine has no CUDA device"):
-            check_device("cuda:1")
+        with pytest.raises(ConfigError, match="^device='cuda:1': this machine has no CUDA device") as err:
+            check_device(torch.device("cuda", 1))
+        assert str(err.value).endswith("(torch sees none); use device='cpu'")
+        assert error_line(err.value).endswith("(torch sees none); use --device cpu")
 
 
 def test_threads_is_one_flag_for_every_command(load_cli):
