@@ -281,6 +281,16 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- versions
+def cpu_model() -> str:
+    """The CPU's model name as Linux gives it (/proc/cpuinfo), else as the platform module does."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or "unknown"
+
+
 def software_versions() -> dict[str, str]:
     """The software and device a run or a benchmark ran on (written into config.json and the GPU report)."""
     info = {"python": platform.python_version(), "torch": torch.__version__}
@@ -291,6 +301,9 @@ def software_versions() -> dict[str, str]:
             info[package] = "not installed"
     info["cuda (torch build)"] = str(torch.version.cuda)
     info["platform"] = platform.platform()
+    # A CPU run's scores depend on the kernels torch picks for the CPU's instruction set (docs/training.md).
+    info["cpu"] = f"{cpu_model()}, {os.cpu_count()} logical CPUs"
+    info["cpu capability (torch)"] = torch.backends.cpu.get_cpu_capability()
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name()
         info["compute capability"] = "sm_%d%d" % torch.cuda.get_device_capability()

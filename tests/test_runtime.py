@@ -89,6 +89,8 @@ def test_software_versions():
     info = software_versions()
     assert info["torch"] == torch.__version__
     assert {"python", "triton", "timm", "dcama-triton", "platform"} <= set(info)
+    assert info["cpu"].startswith(runtime.cpu_model()) and info["cpu"].endswith(f", {os.cpu_count()} logical CPUs")
+    assert info["cpu capability (torch)"] == torch.backends.cpu.get_cpu_capability()  # e.g. AVX2, AVX512
 
 
 def test_epoch_sampler_starts_part_way():
