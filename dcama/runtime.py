@@ -217,8 +217,9 @@ class StopRequests:
 
     Inside `deferred()` the first signal only records a request (`requested`: the signal's number), which the
     caller honours at a point where it can stop cleanly, and `notice` (formatted with {signal}) is written to
-    stderr on a line of its own (below a progress bar being drawn); a second signal raises Interrupted. Outside it every signal raises Interrupted at once. A signal
-    within REPEAT_WINDOW_S of the last one is the same signal passed on by a launcher, and is ignored.
+    stderr on a line of its own (below a progress bar being drawn); a second signal raises Interrupted. Outside
+    it every signal raises Interrupted at once. A signal within REPEAT_WINDOW_S of the last one is the same
+    signal passed on by a launcher, and is ignored.
     """
 
     def __init__(self, notice: str | None = None) -> None:
