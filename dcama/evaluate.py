@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint_file, trained_img_size
-from .config import BASELINES, EVAL_EPISODES, TEST_SEED, default_img_size
+from .config import BASELINES, CPU_THREADS, EVAL_EPISODES, TEST_SEED, default_img_size
 from .data import build_dataset, collate_episodes
 from .files import write_json
 from .flags import check_img_size, check_output, writing
@@ -144,7 +144,7 @@ def evaluate_checkpoint(checkpoint: str | Path | None, *, benchmark: str = "shap
                         fold: int = 0, nshot: int = 1, episodes: int = EVAL_EPISODES, seed: int = TEST_SEED,
                         use_original_imgsize: bool = False, img_size: int | None = None,
                         backbone: str | None = None, attn_impl: str = "auto", amp: str = "off",
-                        baseline: str | None = None, workers: int = 0, threads: int | None = None,
+                        baseline: str | None = None, workers: int = 0, threads: int = CPU_THREADS,
                         batch_size: int = 1, device: str | None = None,
                         json_path: str | Path | None = None, visualize_dir: str | Path | None = None,
                         progress: bool = True) -> dict[str, Any]:
@@ -152,8 +152,8 @@ def evaluate_checkpoint(checkpoint: str | Path | None, *, benchmark: str = "shap
 
     `baseline` evaluates a trivial predictor instead of a checkpoint. `img_size` None: the size the checkpoint
     was trained at (`dcama.checkpoint.trained_img_size`), else the benchmark's. `threads`: torch CPU threads
-    on the CPU (None: torch's default). `batch_size` must stay 1 with `use_original_imgsize` (episodes of
-    different sizes). Returns (and with `json_path` writes)
+    on a CPU device (`runtime.cpu_threads`; 0: torch's default). `batch_size` must stay 1 with
+    `use_original_imgsize` (episodes of different sizes). Returns (and with `json_path` writes)
     {"miou", "fb_iou", "per_class", "episodes", "settings"}; settings["data"] is what the data set says of
     itself (the folder benchmark's class split). Same arguments, same numbers. A device this machine lacks,
     a `json_path` or `visualize_dir` that cannot be written (checked before anything is read) or an image
@@ -180,7 +180,7 @@ def evaluate_checkpoint(checkpoint: str | Path | None, *, benchmark: str = "shap
         check_img_size(model.config["backbone"], img_size, built_for=model.backbone.img_size)
         model = model.to(dev).eval()
         predictor, model_config = model_predictor(model, amp=amp), dict(model.config)
-    with cpu_threads(threads if dev.type == "cpu" else None):
+    with cpu_threads(threads, dev):
         result = evaluate(predictor, dataset, device=dev, batch_size=batch_size, workers=workers,
                           progress=progress, visualize_dir=visualize_dir, desc=f"{benchmark} fold {fold} {nshot}-shot")
     note_unseen_classes(result)
@@ -188,7 +188,8 @@ def evaluate_checkpoint(checkpoint: str | Path | None, *, benchmark: str = "shap
         "checkpoint": None if checkpoint is None else str(checkpoint), "baseline": baseline,
         "benchmark": benchmark, "datapath": datapath, "fold": fold, "nshot": nshot, "episodes": len(dataset),
         "seed": seed, "use_original_imgsize": use_original_imgsize, "img_size": img_size, "attn_impl": attn_impl,
-        "amp": amp, "device": str(dev), "threads": threads, "model_config": model_config,
+        "amp": amp, "device": str(dev), "threads": threads, "batch_size": batch_size, "workers": workers,
+        "model_config": model_config,
         "data": dataset.describe(listed_in=None if json_path is None else str(json_path)),
     }
     if json_path is not None and dist_info()[0] == 0:

@@ -290,7 +290,7 @@ class DCAMA(nn.Module):
             config = {**config, "attn_impl": attn_impl, "backbone_weights": None}
             if backbone is not None and backbone != config["backbone"]:
                 raise CheckpointError(f"checkpoint {path!r} holds a {config['backbone']} model, not the "
-                                      f"--backbone {backbone} asked for")
+                                      f"{backbone} backbone asked for")
             model = cls(**config)
         else:
             name = backbone if backbone is not None else infer_backbone(blob, path)

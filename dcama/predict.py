@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint_file, trained_img_size
-from .config import PUBLISHED_IMG_SIZE
+from .config import CPU_THREADS, PUBLISHED_IMG_SIZE
 from .data.common import (MASK_THRESHOLD, grey_to_binary, image_size, load_grey_mask, load_rgb, mask_grey,
                           preprocess_image, resize_mask)
 from .data.folder import FOLLOW_EXIF_ORIENTATION, IMAGE_SUFFIXES, image_names, natural_key
@@ -233,13 +233,13 @@ def check_queries(queries: Sequence[str]) -> list[tuple[int, int]]:
 def predict_files(checkpoint: str | os.PathLike, supports: Sequence[tuple[str, str]], queries: Sequence[str],
                   out_dir: str | os.PathLike, *, img_size: int | None = None, batch_size: int = 8,
                   backbone: str | None = None, attn_impl: str = "auto", amp: str = "off",
-                  device: str | None = None, threads: int | None = None, overwrite: bool = False,
+                  device: str | None = None, threads: int = CPU_THREADS, overwrite: bool = False,
                   overlays: bool = True, progress: bool = True) -> dict[str, Any]:
     """What eval/predict.py does: masks of the query files (`query_files` expands folders and globs) into
     out_dir/masks/<name>.png (0/255, the query's size), overlay pictures into out_dir/overlays/<name>.png,
     and out_dir/predictions.json (the settings and one entry per query), written last. Every input is
     checked before the model is loaded; every file is written atomically. `threads`: torch CPU threads
-    (None: torch's default). Returns the predictions.json content."""
+    on a CPU device (`runtime.cpu_threads`; 0: torch's default). Returns the predictions.json content."""
     out, dev = Path(out_dir), check_device(device)
     check_out_dir(out, overwrite)
     paths = query_files(queries)
@@ -253,7 +253,7 @@ def predict_files(checkpoint: str | os.PathLike, supports: Sequence[tuple[str, s
     panels = _support_panels(pairs, supports) if overlays else []
     records: list[dict[str, Any]] = [{} for _ in paths]
     start = time.perf_counter()
-    with cpu_threads(threads if dev.type == "cpu" else None):
+    with cpu_threads(threads, dev):
         load = lambda i: load_rgb(paths[i], exif_orientation=FOLLOW_EXIF_ORIENTATION)  # noqa: E731
         for i, image, mask in _segment_iter(model, support_set, batches, load, side, amp, progress):
             title = names[i] + os.path.splitext(paths[i])[1]

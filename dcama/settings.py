@@ -52,7 +52,7 @@ class TrainConfig:
     episodes_per_epoch: int | None = None  # None: the training split's own length
     val_episodes: int | None = None
     test_episodes: int | None = None  # after training, the best checkpoint on the test split; 0 skips
-    threads: int | None = None  # torch.set_num_threads on CPU
+    threads: int | None = None  # torch CPU threads on a CPU device (runtime.cpu_threads); 0: torch's default
     progress: bool = True
 
 

@@ -226,7 +226,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, stop: 
         if cfg.resume is not None:  # under the lock: a folder in use is refused before its checkpoint is read
             resumed = _read_resume_file(cfg, rank)
             cfg = _resumed_settings(cfg, resumed, rank)
-        with cpu_threads(cfg.threads if device.type == "cpu" else None):
+        with cpu_threads(cfg.threads, device):
             run = _build(cfg, rank, world, device, stop)
             if resumed is not None:
                 _resume(run, resumed)
@@ -693,7 +693,8 @@ def _test(run: _Run) -> dict[str, Any]:
     result = evaluate_checkpoint(run.best_path, benchmark=cfg.benchmark, datapath=cfg.datapath, fold=cfg.fold,
                                  nshot=cfg.nshot, episodes=cfg.test_episodes, seed=TEST_SEED, img_size=cfg.img_size,
                                  backbone=cfg.backbone, attn_impl=cfg.attn_impl, amp=cfg.amp, workers=cfg.workers,
-                                 device=str(run.device), batch_size=cfg.bsz, progress=cfg.progress)
+                                 threads=cfg.threads, device=str(run.device), batch_size=cfg.bsz,
+                                 progress=cfg.progress)
     path = run.logdir / "test.json"
     _on_rank0(run, path, lambda: write_json(path, result))
     return result
