@@ -149,10 +149,12 @@ def test_every_command_and_engine_defaults_to_the_one_thread_count(load_cli):
     """One CPU-thread policy: train, eval and predict, as commands and from Python, default to CPU_THREADS, so
     a command another prints runs at the first one's thread count (and gives its numbers)."""
     predict_argv = ["--checkpoint", "c", "--support", "i", "m", "--query", "q", "--out", "o"]
-    commands = {"train": fill_defaults(load_cli("train").parse_args([])).threads,  # a new run's; a resume keeps its own
+    commands = {"train": fill_defaults(load_cli("train").parse_args([])).threads,  # a new run's
                 "eval": load_cli("eval").parse_args(["--checkpoint", "c"]).threads,
                 "predict": load_cli("eval/predict.py").parse_args(predict_argv).threads}
     engines = {"train": fill_defaults(TrainConfig()).threads,
                "eval": inspect.signature(evaluate_checkpoint).parameters["threads"].default,
                "predict": inspect.signature(predict_files).parameters["threads"].default}
     assert commands == engines == dict.fromkeys(commands, CPU_THREADS)
+    # train leaves it unset like its other flags, so a resume without --threads keeps the run's own count
+    assert load_cli("train").parse_args(["--resume", "--logdir", "x"]).threads is None
