@@ -24,15 +24,17 @@ except ImportError:  # run from a checkout that was not installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dcama.config import AMP_MODES, ATTN_IMPLS
-from dcama.flags import FlagParser, check_at_least, check_checkpoint_model, check_file, error_line
-from dcama.predict import RESULTS_FILE, predict_files
+from dcama.flags import (FlagParser, check_at_least, check_checkpoint_model, check_file, check_supports, error_line,
+                         one_line_warnings)
+from dcama.predict import RESULTS_FILE, SupportWarning, predict_files
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a .pt/.pth file: ours (best.pt) or the authors' release")
-    p.add_argument("--support", nargs=2, action="append", required=True, metavar=("IMAGE", "MASK"),
-                   help="a support image and its mask; repeat for K shots")
+    p.add_argument("--support", nargs="+", action="append", required=True, metavar="[CLASS] IMAGE MASK",
+                   help="a support image and its mask; repeat for K shots. With a class name first, once per "
+                        "support of each class: N classes in one label map")
     p.add_argument("--query", nargs="+", action="extend", required=True, metavar="FILE_OR_DIR_OR_GLOB",
                    help="query images: files, folders (their images, masks beside them left out) or glob patterns")
     p.add_argument("--out", required=True, help="output folder, new or empty unless --overwrite")
@@ -59,16 +61,18 @@ def check_flags(args: argparse.Namespace) -> None:
     check_checkpoint_model(args.backbone, args.img_size)
     check_at_least("bsz", args.bsz, 1)
     check_at_least("threads", args.threads, 0)
+    check_supports(args.support)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_flags(args)
-        result = predict_files(args.checkpoint, args.support, args.query, args.out, img_size=args.img_size,
-                               batch_size=args.bsz, backbone=args.backbone, attn_impl=args.attn_impl, amp=args.amp,
-                               device=args.device, threads=args.threads, overwrite=args.overwrite,
-                               overlays=args.overlays, progress=args.progress)
+        with one_line_warnings(SupportWarning):
+            result = predict_files(args.checkpoint, args.support, args.query, args.out, img_size=args.img_size,
+                                   batch_size=args.bsz, backbone=args.backbone, attn_impl=args.attn_impl,
+                                   amp=args.amp, device=args.device, threads=args.threads, overwrite=args.overwrite,
+                                   overlays=args.overlays, progress=args.progress)
     except (OSError, ValueError) as err:  # bad flags or input files, checkpoint errors, outputs not written
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
@@ -77,9 +81,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     n, s = len(result["queries"]), result["settings"]
-    print(f"{n} mask{'s' * (n != 1)} in {os.path.join(args.out, 'masks')}"
+    kind, folder = ("label map", "labels") if "classes" in s else ("mask", "masks")
+    shots = (f"{len(s['classes'])} classes, {len(s['supports'])} supports" if "classes" in s
+             else f"{len(s['supports'])}-shot")
+    print(f"{n} {kind}{'s' * (n != 1)} in {os.path.join(args.out, folder)}"
           + (f", overlays in {os.path.join(args.out, 'overlays')}" if args.overlays else "")
-          + f", {RESULTS_FILE} ({len(s['supports'])}-shot at {s['img_size']} px on {s['device']}, "
+          + f", {RESULTS_FILE} ({shots} at {s['img_size']} px on {s['device']}, "
           f"{n / max(s['seconds'], 1e-9):.1f} images/s)")
     return 0
 
