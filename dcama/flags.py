@@ -28,7 +28,7 @@ from .data import BENCHMARKS
 
 __all__ = ["ConfigError", "FlagParser", "OutputError", "check_at_least", "check_benchmark",
            "check_checkpoint_model", "check_choice", "check_device", "check_file", "check_fraction",
-           "check_img_size", "check_non_negative", "check_output", "check_positive", "check_supports", "error_line",
+           "check_img_size", "check_non_negative", "check_output", "check_positive", "check_seeds", "check_supports", "error_line",
            "flag", "one_line_warnings", "output_problem", "unused_episodes_note", "write_failure", "writing"]
 
 
@@ -122,6 +122,16 @@ def check_checkpoint_model(backbone: str | None, img_size: int | None) -> None:
         check_img_size(backbone, img_size)
     else:
         check_at_least("img_size", img_size, 1)
+
+
+def check_seeds(seeds: list[int] | None) -> None:
+    """--seeds (eval/run.py; None: unset): at least 2 distinct episode seeds >= 0, for a spread."""
+    if seeds is None:
+        return
+    for seed in seeds:
+        check_at_least("seeds", seed, 0)
+    if len(seeds) < 2 or len(set(seeds)) < len(seeds):
+        raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: give at least 2 distinct seeds (one seed: --seed)")
 
 
 def check_supports(supports: list[list[str]]) -> None:

@@ -17,6 +17,7 @@ stopped. Epochs and steps are numbered from 1 in every line and file a run write
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import signal
 import time
@@ -34,7 +35,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from .backbones import BACKBONES
-from .checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint, trained_img_size
 from .config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, IGNORE_INDEX, OPTIMIZERS, TEST_SEED
 from .data import FewShotDataset, build_dataset
 from .evaluate import evaluate, evaluate_checkpoint, model_predictor
@@ -48,10 +49,11 @@ from .runtime import (EpochSampler, Interrupted, StopRequests, all_gather, any_r
                       dist_info, from_rank0, gather_rng_states, ignore_stop_signals, move_batch, mute_stop_signals,
                       seed_everything, set_rng_state, setup_distributed, software_versions)
 
-__all__ = ["ConfigError", "NonFiniteLossError", "RunStopped", "TrainConfig", "TrainResult", "WriteError",
-           "build_optimizer", "fill_defaults", "previous_checkpoint", "resolve_config",
+__all__ = ["ConfigError", "InitModel", "NonFiniteLossError", "RunStopped", "TrainConfig", "TrainResult", "WriteError",
+           "build_optimizer", "fill_defaults", "previous_checkpoint", "read_init", "resolve_config", "run_settings",
            "segmentation_loss", "train", "train_step", "trainable_parameters"]
 
+CONFIG_FILE = "config.json"  # the run's resolved settings, model config and data split, written at its start
 TENSORBOARD_TAGS = {"train_loss": "train/loss", "train_miou": "train/miou", "train_fb_iou": "train/fb_iou",
                     "val_miou": "val/miou", "val_fb_iou": "val/fb_iou", "lr": "train/lr",
                     "episodes_per_s": "train/episodes_per_s"}
@@ -108,6 +110,7 @@ class TrainConfig:
     amp: str = "off"
     logdir: str | None = None
     resume: str | None = None  # a checkpoint path, or "last" for <logdir>/last.pt
+    init: str | None = None  # a DCAMA checkpoint to fine-tune (ours or the authors'): its backbone, size, weights
     save_every_min: float | None = None  # minutes between checkpoints inside an epoch; 0: at epoch ends only
     seed: int = 0
     workers: int | None = None
@@ -227,9 +230,13 @@ def fill_defaults(cfg: TrainConfig) -> TrainConfig:
                           for k, v in dataclasses.asdict(cfg).items()})
 
 
-def resolve_config(cfg: TrainConfig) -> TrainConfig:
+def resolve_config(cfg: TrainConfig, init: InitModel | None = None) -> TrainConfig:
     """A copy of `cfg` with every None filled from the benchmark's defaults, every setting checked (ConfigError,
-    one line naming the flag), and the run folder chosen. Looks at files and folders but reads none."""
+    one line naming the flag), and the run folder chosen. Looks at files and folders but reads none, except
+    the `init` checkpoint when it is not given already read (`read_init`): its backbone and image size."""
+    if cfg.init is not None:
+        init = init or read_init(cfg)
+        cfg = dataclasses.replace(cfg, backbone=init.backbone, img_size=init.img_size)
     out = fill_defaults(cfg)
     _check_settings(out)
     if out.resume not in (None, "last"):
@@ -249,6 +256,40 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if clash:
         raise ConfigError(clash)
     return out
+
+
+@dataclass
+class InitModel:
+    """What a run fine-tunes from (--init): the checkpoint's model and the image side it was trained at."""
+
+    model: DCAMA
+    backbone: str
+    img_size: int
+
+
+def read_init(cfg: TrainConfig) -> InitModel:
+    """The model of the --init checkpoint (ours or the authors', read once through `DCAMA.from_loaded`) and
+    its training size (`trained_img_size`; the benchmark's for a file of ours that records none). Refused
+    (ConfigError): --init with --resume, and a --backbone, --img-size or --backbone-weights that contradicts
+    the checkpoint, which holds its backbone's weights."""
+    if cfg.resume is not None:
+        raise ConfigError(f"--init {cfg.init} with --resume {cfg.resume}: --init starts a new run from a checkpoint's "
+                          "weights, --resume continues a run; give one of them")
+    check_file("init", cfg.init)
+    check_benchmark(cfg.benchmark, cfg.datapath, cfg.fold, cfg.nshot)  # before the checkpoint is read
+    if cfg.backbone_weights is not None:
+        raise ConfigError(f"--backbone-weights {cfg.backbone_weights}: --init {cfg.init} holds the backbone's "
+                          "weights; leave it out")
+    blob = load_checkpoint_file(cfg.init)
+    img_size = trained_img_size(blob, fill_defaults(cfg).img_size)
+    model = DCAMA.from_loaded(blob, cfg.init, attn_impl=cfg.attn_impl)
+    del blob  # its tensors are the model's now
+    backbone = model.config["backbone"]
+    for name, given, held in (("backbone", cfg.backbone, backbone), ("img_size", cfg.img_size, img_size)):
+        if given is not None and given != held:
+            raise ConfigError(f"{flag(name)} {given}: --init {cfg.init} holds a model trained with {flag(name)} {held}; "
+                              f"leave {flag(name)} out (it is taken from the checkpoint)")
+    return InitModel(model, backbone, img_size)
 
 
 def _check_resume_file(path: str) -> None:
@@ -307,13 +348,14 @@ def train(cfg: TrainConfig, on_epoch_end: EpochHook | None = None,
     stopped it at once.
     """
     with StopRequests() as stop:
-        cfg = resolve_config(cfg)
+        init = read_init(cfg) if cfg.init is not None else None
+        cfg = resolve_config(cfg, init)
         rank, world, device, owned_group = setup_distributed()
         try:
             cfg = from_rank0(cfg)  # one run folder: the default name holds rank 0's clock
             stop.notice = _STOP_NOTICE if rank == 0 else None
             with cpu_threads(cfg.threads if device.type == "cpu" else None):
-                return _train(cfg, rank, world, device, stop, on_epoch_end, on_step_end)
+                return _train(cfg, rank, world, device, stop, init, on_epoch_end, on_step_end)
         except Interrupted as err:
             last = Path(cfg.logdir) / "last.pt"
             note = f"{last} holds the last save" if last.exists() else "no checkpoint was written"
@@ -323,9 +365,9 @@ def train(cfg: TrainConfig, on_epoch_end: EpochHook | None = None,
                 dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, stop: StopRequests,
+def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, stop: StopRequests, init: InitModel | None,
            on_epoch_end: EpochHook | None, on_step_end: StepHook | None) -> TrainResult:
-    run = _build(cfg, rank, world, device, stop)
+    run = _build(cfg, rank, world, device, stop, init)
     with _locked(run):
         if cfg.resume is not None:
             _resume(run)  # under the lock: a folder another run holds is refused before its checkpoint is read
@@ -352,8 +394,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, stop: 
 
 
 # ------------------------------------------------------------------------------------------------- build
-def _build(cfg: TrainConfig, rank: int, world: int, device: torch.device, stop: StopRequests) -> _Run:
-    """Data sets, model, optimiser and gradient scaler, and every RNG seeded."""
+def _build(cfg: TrainConfig, rank: int, world: int, device: torch.device, stop: StopRequests,
+           init: InitModel | None) -> _Run:
+    """Data sets, model (the `init` checkpoint's, else a new one), a new optimiser and gradient scaler, and
+    every RNG seeded."""
     # Datasets first: a missing data set fails before any model is built.
     data_kw = dict(shot=cfg.nshot, img_size=cfg.img_size, use_original_imgsize=False, seed=cfg.seed)
     trn_kw = {} if cfg.episodes_per_epoch is None else {"episodes": cfg.episodes_per_epoch}
@@ -366,14 +410,20 @@ def _build(cfg: TrainConfig, rank: int, world: int, device: torch.device, stop: 
     note = unused_episodes_note(cfg.benchmark, "episodes_per_epoch", cfg.episodes_per_epoch)
     if note and rank == 0:
         print(note, flush=True)
-    if cfg.backbone_weights is None and cfg.benchmark != "shapes" and rank == 0:
+    if cfg.backbone_weights is None and cfg.init is None and cfg.benchmark != "shapes" and rank == 0:
         print(f"note: no --backbone-weights: the {cfg.backbone} backbone stays randomly initialised (the published "
               f"recipe uses ImageNet weights, e.g. {BACKBONES[cfg.backbone].weights_file})", flush=True)
     # Same seed on every rank for the weights; per-rank streams afterwards for dropout.
     torch.manual_seed(cfg.seed)
     # Swin is built for one input size; ResNets take any multiple of 32, so their checkpoints stay size-free.
-    model = DCAMA(backbone=cfg.backbone, attn_impl=cfg.attn_impl, backbone_weights=cfg.backbone_weights,
-                  img_size=cfg.img_size if BACKBONES[cfg.backbone].kind == "swin" else None).to(device)
+    if init is not None:
+        model = init.model.to(device)
+        if rank == 0:
+            print(f"fine-tuning {cfg.init} ({cfg.backbone}, trained at {cfg.img_size} px) with a new optimiser and "
+                  "schedule", flush=True)
+    else:
+        model = DCAMA(backbone=cfg.backbone, attn_impl=cfg.attn_impl, backbone_weights=cfg.backbone_weights,
+                      img_size=cfg.img_size if BACKBONES[cfg.backbone].kind == "swin" else None).to(device)
     optimizer = build_optimizer(cfg, trainable_parameters(model))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     seed_everything(cfg.seed + rank)
@@ -709,6 +759,14 @@ def _stopped(run: _Run) -> RunStopped:
     return RunStopped(name, run.last_path, run.saved_at)
 
 
+def run_settings(logdir: str | Path) -> dict[str, Any]:
+    """The resolved settings a run recorded in its config.json ({} when it has none yet or it cannot be read)."""
+    try:
+        return json.loads((Path(logdir) / CONFIG_FILE).read_text())["train"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def _start_logs(run: _Run) -> SummaryWriter | None:
     """On rank 0: the run folder named, its config.json and the TensorBoard writer."""
     trainable = sum(p.numel() for p in trainable_parameters(run.model))
@@ -721,7 +779,7 @@ def _start_logs(run: _Run) -> SummaryWriter | None:
         print(f"run folder: {run.logdir}", flush=True)
         if data.get("summary"):
             print(data["summary"], flush=True)
-    config_path, tensorboard = run.logdir / "config.json", run.logdir / "tensorboard"
+    config_path, tensorboard = run.logdir / CONFIG_FILE, run.logdir / "tensorboard"
     _on_rank0(run, config_path, lambda: write_json(config_path, run_config))
     return _on_rank0(run, tensorboard, lambda: SummaryWriter(str(tensorboard)), folder=True)
 

@@ -30,7 +30,8 @@ from dcama.config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, OPTIMIZERS, 
 from dcama.data import DatasetFileError
 from dcama.flags import FlagParser
 from dcama.runtime import Interrupted, mute_stop_signals
-from dcama.train import ConfigError, NonFiniteLossError, RunStopped, TrainConfig, TrainResult, WriteError, train
+from dcama.train import (ConfigError, NonFiniteLossError, RunStopped, TrainConfig, TrainResult, WriteError, run_settings,
+                         train)
 
 EXIT_STOPPED = 75  # sysexits.h EX_TEMPFAIL: "try again later", what a requeue script looks for
 
@@ -60,6 +61,9 @@ def build_parser() -> FlagParser:
     p.add_argument("--logdir", default=None, help="run folder (default: logs/<benchmark>-fold<f>-...-<time>)")
     p.add_argument("--resume", nargs="?", const="last", default=None,
                    help="checkpoint to continue from; bare --resume continues <logdir>/last.pt")
+    p.add_argument("--init", default=None,
+                   help="fine-tune a DCAMA checkpoint (ours or the authors'): its weights, backbone and image size, "
+                        "a new optimiser and schedule")
     save_defaults = ", ".join(f"{name} {d['save_every_min']:g}" for name, d in BENCHMARK_DEFAULTS.items())
     p.add_argument("--save-every-min", type=float, default=None,
                    help=f"minutes between checkpoints inside an epoch; 0: at epoch ends only ({save_defaults})")
@@ -81,7 +85,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 def resume_hint(cfg: TrainConfig, logdir: Path, lead: str = "resume with") -> str:
     """`lead`, then the command that continues this run from `<logdir>/last.pt` (the flags given, the same
     launcher), which can be pasted as it is on one node; on several, each node adds its torchrun options."""
-    values = {**vars(cfg), "logdir": str(logdir), "resume": "last"}
+    values = {**vars(cfg), "logdir": str(logdir), "resume": "last", "init": None}
+    if cfg.init is not None:  # the weights are in last.pt now; the model's settings came from the --init file
+        values.update({k: v for k, v in run_settings(logdir).items() if k in ("backbone", "img_size")})
     script = os.path.relpath(os.path.abspath(__file__))
     world, local = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("LOCAL_WORLD_SIZE", "1")
     launcher = ["python"] if world == 1 else ["torchrun", "--nproc_per_node", local]
