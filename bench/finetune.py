@@ -109,7 +109,8 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, default=None, help="folder for the runs and the data (default: a temporary one)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="folder for the runs and the data (default: a temporary one)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--pretrain-epochs", type=int, default=3)
     p.add_argument("--epochs", type=int, default=4, help="epochs of both folder runs")

@@ -28,8 +28,9 @@ from .data import BENCHMARKS
 
 __all__ = ["ConfigError", "FlagParser", "OutputError", "check_at_least", "check_benchmark",
            "check_checkpoint_model", "check_choice", "check_device", "check_file", "check_fraction",
-           "check_img_size", "check_non_negative", "check_output", "check_positive", "check_seeds", "check_supports", "error_line",
-           "flag", "one_line_warnings", "output_problem", "unused_episodes_note", "write_failure", "writing"]
+           "check_img_size", "check_non_negative", "check_output", "check_positive", "check_seeds", "check_supports",
+           "error_line", "flag", "one_line_warnings", "output_problem", "unused_episodes_note", "write_failure",
+           "writing"]
 
 
 class ConfigError(ValueError):

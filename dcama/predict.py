@@ -277,7 +277,8 @@ def _read_classes(supports: Sequence[Sequence[ImageLike]]) -> list[tuple[str, li
 
 
 def segment_classes(model: DCAMA, supports: Sequence[tuple[str, ImageLike, ImageLike]], queries: Sequence[ImageLike],
-                    *, img_size: int, batch_size: int = 8, amp: str = "off", progress: bool = False) -> list[np.ndarray]:
+                    *, img_size: int, batch_size: int = 8, amp: str = "off",
+                    progress: bool = False) -> list[np.ndarray]:
     """Segment every query into the supports' classes: a (H, W) uint8 label map per query, at its own size,
     0 background and 1..N the classes in the order first given (`label_map` says how a pixel is decided).
 

@@ -287,8 +287,8 @@ def read_init(cfg: TrainConfig) -> InitModel:
     backbone = model.config["backbone"]
     for name, given, held in (("backbone", cfg.backbone, backbone), ("img_size", cfg.img_size, img_size)):
         if given is not None and given != held:
-            raise ConfigError(f"{flag(name)} {given}: --init {cfg.init} holds a model trained with {flag(name)} {held}; "
-                              f"leave {flag(name)} out (it is taken from the checkpoint)")
+            raise ConfigError(f"{flag(name)} {given}: --init {cfg.init} holds a model trained with {flag(name)} "
+                              f"{held}; leave {flag(name)} out (it is taken from the checkpoint)")
     return InitModel(model, backbone, img_size)
 
 

@@ -18,7 +18,7 @@ def test_the_one_list_of_attention_implementations():
 def test_every_benchmark_has_defaults_for_every_defaultable_setting():
     assert set(BENCHMARK_DEFAULTS) == set(BENCHMARKS)
     defaultable = {name for name, value in vars(TrainConfig()).items() if value is None} - {"datapath", "logdir",
-                                                                                             "resume",
+                                                                                             "resume", "init",
                                                                                              "backbone_weights"}
     for name, defaults in BENCHMARK_DEFAULTS.items():
         assert set(defaults) == defaultable, name

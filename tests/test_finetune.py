@@ -107,5 +107,6 @@ def test_cli_flags_that_contradict_the_checkpoint_are_one_line(argv: list[str], 
 
 
 def test_cli_a_missing_init_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, load_cli) -> None:
-    assert exit_status(load_cli("train").main, ["--init", str(tmp_path / "no.pt"), "--logdir", str(tmp_path / "r")]) == 2
+    args = ["--init", str(tmp_path / "no.pt"), "--logdir", str(tmp_path / "r")]
+    assert exit_status(load_cli("train").main, args) == 2
     assert capsys.readouterr().err == f"error: --init {tmp_path / 'no.pt'}: no such file\n"

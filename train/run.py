@@ -30,8 +30,8 @@ from dcama.config import AMP_MODES, ATTN_IMPLS, BENCHMARK_DEFAULTS, OPTIMIZERS, 
 from dcama.data import DatasetFileError
 from dcama.flags import FlagParser
 from dcama.runtime import Interrupted, mute_stop_signals
-from dcama.train import (ConfigError, NonFiniteLossError, RunStopped, TrainConfig, TrainResult, WriteError, run_settings,
-                         train)
+from dcama.train import (ConfigError, NonFiniteLossError, RunStopped, TrainConfig, TrainResult, WriteError,
+                         run_settings, train)
 
 EXIT_STOPPED = 75  # sysexits.h EX_TEMPFAIL: "try again later", what a requeue script looks for
 
