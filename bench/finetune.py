@@ -1,6 +1,7 @@
 """Fine-tuning versus training from scratch on a folder of new classes, on a CPU in minutes.
 
     python bench/finetune.py [--work DIR] [--json FILE] [--pretrain-epochs 3] [--epochs 4] [--seeds 0 1 2 3 4]
+        [--pretrained DIR/pretrain/best.pt]
 
 1. Pretrain on the shapes benchmark, fold 0 (its 30 training classes; ResNet-18 at 96 px, the first run's
    settings, fewer epochs): `python train/run.py --epochs P --test-episodes 0`.
@@ -56,11 +57,13 @@ def score(checkpoint: Path, folder: Path, seeds: list[int]) -> dict[str, Any]:
                                threads=1, progress=False)
 
 
-def run(work: Path, pretrain_epochs: int, epochs: int, seeds: list[int], images_per_class: int) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    pretrained = train(TrainConfig(logdir=str(work / "pretrain"), epochs=pretrain_epochs, test_episodes=0,
-                                   attn_impl="sdpa", progress=False)).best_checkpoint
-    t_pretrain = time.perf_counter() - t0
+def run(work: Path, pretrain_epochs: int, epochs: int, seeds: list[int], images_per_class: int,
+        pretrained: Path | None = None) -> dict[str, Any]:
+    t0, t_pretrain = time.perf_counter(), None  # None: an earlier run's checkpoint
+    if pretrained is None:
+        pretrained = train(TrainConfig(logdir=str(work / "pretrain"), epochs=pretrain_epochs, test_episodes=0,
+                                       attn_impl="sdpa", progress=False)).best_checkpoint
+        t_pretrain = round(time.perf_counter() - t0, 1)
     folder = work / "folder"
     splits = export_novel_classes(folder, images_per_class)
     runs = {}
@@ -71,7 +74,7 @@ def run(work: Path, pretrain_epochs: int, epochs: int, seeds: list[int], images_
                                    epochs=epochs, **start, **SCHEDULE))
         runs[name] = {"checkpoint": str(result.best_checkpoint), "seconds": round(time.perf_counter() - t0, 1),
                       "best_val_miou": result.best_val_miou}
-    runs["pretrained, not fine-tuned"] = {"checkpoint": str(pretrained), "seconds": round(t_pretrain, 1)}
+    runs["pretrained, not fine-tuned"] = {"checkpoint": str(pretrained), "seconds": t_pretrain}
     for record in runs.values():
         record["test"] = score(Path(record["checkpoint"]), folder, seeds)
     return {"settings": {"pretrain_epochs": pretrain_epochs, "epochs": epochs, "seeds": seeds,
@@ -101,7 +104,7 @@ def commands(work: Path, pretrain_epochs: int, epochs: int, seeds: list[int], im
 def table(result: dict[str, Any]) -> str:
     pm = lambda v: f"{v['mean']:.2f} +- {v['std']:.2f}"  # noqa: E731
     rows = [{"run": name, "miou": pm(r["test"]["miou"]), "fb_iou": pm(r["test"]["fb_iou"]),
-             "per_seed": " ".join(f"{s['miou']:.1f}" for s in r["test"]["runs"]), "seconds": f"{r['seconds']:.0f}"}
+             "per_seed": " ".join(f"{s['miou']:.1f}" for s in r["test"]["runs"]), "seconds": "-" if r["seconds"] is None else f"{r['seconds']:.0f}"}
             for name, r in result["runs"].items()]
     return markdown_table(rows, [("run", "run", str), ("miou", "test mIoU", str), ("fb_iou", "test FB-IoU", str),
                                  ("per_seed", "mIoU per seed", str), ("seconds", "training s", str)])
@@ -116,11 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=4, help="epochs of both folder runs")
     p.add_argument("--images-per-class", type=int, default=20)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--pretrained", type=Path, default=None,
+                   help="the best.pt of an earlier step 1 (same --pretrain-epochs) instead of pretraining again")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         setup = (args.pretrain_epochs, args.epochs, args.seeds, args.images_per_class)
-        result = run(work, *setup)
+        result = run(work, *setup, pretrained=args.pretrained)
         result["commands"] = commands(work, *setup)
     print("\n".join(result["commands"]))
     print(table(result))
