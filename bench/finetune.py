@@ -104,7 +104,8 @@ def commands(work: Path, pretrain_epochs: int, epochs: int, seeds: list[int], im
 def table(result: dict[str, Any]) -> str:
     pm = lambda v: f"{v['mean']:.2f} +- {v['std']:.2f}"  # noqa: E731
     rows = [{"run": name, "miou": pm(r["test"]["miou"]), "fb_iou": pm(r["test"]["fb_iou"]),
-             "per_seed": " ".join(f"{s['miou']:.1f}" for s in r["test"]["runs"]), "seconds": "-" if r["seconds"] is None else f"{r['seconds']:.0f}"}
+             "per_seed": " ".join(f"{s['miou']:.1f}" for s in r["test"]["runs"]),
+             "seconds": "-" if r["seconds"] is None else f"{r['seconds']:.0f}"}
             for name, r in result["runs"].items()]
     return markdown_table(rows, [("run", "run", str), ("miou", "test mIoU", str), ("fb_iou", "test FB-IoU", str),
                                  ("per_seed", "mIoU per seed", str), ("seconds", "training s", str)])
