@@ -4,6 +4,9 @@ grey value >= 128 is foreground. docs/predict.md describes the outputs.
 
   python eval/predict.py --checkpoint best.pt --support part1.jpg part1.png --support part2.jpg part2.png \\
       --query photos/ --out predictions/
+
+With a class name before each support (--support cat cat1.jpg cat1.png --support dog dog1.jpg dog1.png), every
+query gets a label map (0 background, 1..N the classes in the order first given) with its legend instead.
 """
 
 from __future__ import annotations
