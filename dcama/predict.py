@@ -371,7 +371,7 @@ def predict_files(checkpoint: str | os.PathLike, supports: Sequence[Sequence[str
     side = img_size or trained_size
     check_img_size(model.config["backbone"], side, built_for=model.backbone.img_size)
     styles = class_styles(names) if names else [SUPPORT]
-    panels = _support_panels(classes, styles, [s[-2] for s in supports]) if overlays else []
+    panels = _support_panels(classes, styles, support_classes(supports)) if overlays else []
     records: list[dict[str, Any]] = [{} for _ in paths]
     start = time.perf_counter()
     with cpu_threads(threads if dev.type == "cpu" else None):
@@ -393,13 +393,14 @@ def predict_files(checkpoint: str | os.PathLike, supports: Sequence[Sequence[str
 
 
 def _support_panels(classes: Sequence[tuple[str, Sequence[tuple[Image.Image, np.ndarray]]]],
-                    styles: Sequence[MaskStyle], files: Sequence[str | os.PathLike]) -> list[Panel]:
-    """Each support with its mask in its class's colour, captioned 'support k' (one class) or '<class> k'."""
-    panels, files = [], iter(files)
-    for (name, pairs), style in zip(classes, styles):
+                    styles: Sequence[MaskStyle], files: Sequence[tuple[str, Sequence[Sequence[str]]]]) -> list[Panel]:
+    """Each support (`classes`, read) with its mask in its class's colour, class by class, captioned 'support k'
+    (one class) or '<class> k' and its image file's name (`files`: support_classes of the paths)."""
+    panels = []
+    for (name, pairs), style, (_, paths) in zip(classes, styles, files):
         lead = "support" if len(classes) == 1 and name == FOREGROUND else name
-        panels += [draw_panel(img, [(m, style)], f"{lead} {k + 1}: {os.path.basename(os.fspath(next(files)))}")
-                   for k, (img, m) in enumerate(pairs)]
+        panels += [draw_panel(img, [(m, style)], f"{lead} {k + 1}: {os.path.basename(os.fspath(path[0]))}")
+                   for k, ((img, m), path) in enumerate(zip(pairs, paths))]
     return panels
 
 

@@ -17,8 +17,9 @@ from PIL import Image
 from dcama.checkpoint import save_checkpoint
 from dcama.data.common import preprocess_image
 from dcama.model import DCAMA, resize_logits
-from dcama.predict import (InputError, SupportSet, SupportWarning, class_margins, encode_classes, label_map,
-                           read_support, segment, segment_classes, support_classes)
+from dcama.predict import (InputError, SupportSet, SupportWarning, _support_panels, class_margins, encode_classes,
+                           label_map, read_support, segment, segment_classes, support_classes)
+from dcama.visualize import class_styles
 from helpers import exit_status, randomise_
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,3 +193,9 @@ def test_cli_a_swap_warning_is_one_line_and_the_run_goes_on(model: DCAMA, files:
     err = capsys.readouterr().err
     assert err.startswith(f"error: image {mask} holds only") and "image and mask look swapped" in err
     assert err.count("\n") == 1 and not (tmp_path / "out2").exists()
+
+
+def test_support_panels_are_captioned_with_their_own_files(files: dict) -> None:
+    """Panels go class by class (cat 1, cat 2, dog 1) while the supports were given cat, dog, cat."""
+    panels = _support_panels(read_classes(files), class_styles(["cat", "dog"]), support_classes(files["supports"]))
+    assert [p.caption for p in panels] == ["cat 1: s0.png", "cat 2: s2.png", "dog 1: s1.png"]
