@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
@@ -26,8 +28,9 @@ from .files import folder_not_file
 
 __all__ = ["ArgumentError", "ConfigError", "FlagParser", "OutputError", "check_at_least", "check_benchmark",
            "check_checkpoint_model", "check_choice", "check_file", "check_folder", "check_fraction",
-           "check_img_size", "check_non_negative", "check_output", "check_positive", "error_line", "flag",
-           "output_problem", "unused_episodes_note", "write_failure", "writing"]
+           "check_img_size", "check_non_negative", "check_output", "check_positive", "check_seeds", "check_supports",
+           "error_line", "flag", "one_line_warnings", "output_problem", "unused_episodes_note", "write_failure",
+           "writing"]
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
@@ -116,6 +119,45 @@ def check_folder(name: str, path: str | None) -> None:
     """A folder flag (None: unset, allowed) that must name an existing folder."""
     if path is not None and not os.path.isdir(path):
         raise ConfigError(f"{flag(name)} {path}: no such folder")
+
+
+def check_seeds(seeds: list[int] | None) -> None:
+    """--seeds (eval/run.py; None: unset): at least 2 distinct episode seeds >= 0, for a spread."""
+    if seeds is None:
+        return
+    for seed in seeds:
+        check_at_least("seeds", seed, 0)
+    if len(seeds) < 2 or len(set(seeds)) < len(seeds):
+        raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: give at least 2 distinct seeds (one seed: --seed)")
+
+
+def check_supports(supports: list[list[str]]) -> None:
+    """--support (eval/predict.py), given once per support: IMAGE MASK each (one class), or CLASS IMAGE MASK
+    each (N classes in one label map); one form per command."""
+    for values in supports:
+        if len(values) not in (2, 3):
+            raise ConfigError(f"--support {' '.join(values)}: give IMAGE MASK, or CLASS IMAGE MASK for several classes")
+    if len({len(values) for values in supports}) > 1:
+        raise ConfigError("--support: give every support as IMAGE MASK (one class) or every one as CLASS IMAGE MASK "
+                          "(several classes), not both forms")
+
+
+@contextmanager
+def one_line_warnings(category: type[Warning]) -> Iterator[None]:
+    """In the block, each warning of `category` (a command's notes on its input) printed as one line on
+    stderr, 'warning: <message>', every time; other warnings as Python shows them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", category)
+        shown = warnings.showwarning
+
+        def show(message: Warning | str, kind: type[Warning], *rest: Any, **kwargs: Any) -> None:
+            if issubclass(kind, category):
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                shown(message, kind, *rest, **kwargs)
+
+        warnings.showwarning = show
+        yield
 
 
 def check_file(name: str, path: str | None, missing: str = "") -> None:

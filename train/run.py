@@ -61,6 +61,9 @@ def build_parser() -> FlagParser:
     p.add_argument("--resume", nargs="?", const="last", default=None,
                    help="checkpoint to continue from, with the settings it was started with; bare --resume "
                         "continues <logdir>/last.pt")
+    p.add_argument("--init", default=None,
+                   help="fine-tune a DCAMA checkpoint (ours or the authors'): its weights, backbone and image size, "
+                        "a new optimiser and schedule")
     save_defaults = ", ".join(f"{name} {d['save_every_min']:g}" for name, d in BENCHMARK_DEFAULTS.items())
     p.add_argument("--save-every-min", type=float, default=None,
                    help=f"minutes between checkpoints inside an epoch; 0: at epoch ends only ({save_defaults})")

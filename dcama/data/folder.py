@@ -260,6 +260,9 @@ class FolderDataset(ImageFilesDataset):
         self.class_ids = list(self.class_names)
         self.set_files(root, {cid: self.index.files[n] for cid, n in self.class_names.items()})
 
+    def class_name(self, class_id: int) -> str:
+        return self.index.classes[class_id]
+
     def describe(self, listed_in: str | None = "the run's config.json") -> dict[str, Any]:
         index = self.index
         return {"benchmark": "folder", "root": index.root, "split_from": index.split_from,
