@@ -18,6 +18,28 @@ class ConfigError(ValueError):
     (dcama.flags words and raises it)."""
 
 
+class ArgumentError(ConfigError):
+    """A bad value of a setting that Python callers give as an argument (`load_model(device=...)`): the message
+    names the argument (`device='cuda': why`); `dcama.flags.error_line` names the flag instead (`--device cuda:
+    why`). `instead`: a value to suggest, worded the same way."""
+
+    def __init__(self, name: str, value: Any, problem: str, instead: Any = None) -> None:
+        self.name, self.value, self.problem, self.instead = name, value, problem, instead
+        super().__init__(self.worded(command_line=False))
+
+    def worded(self, command_line: bool) -> str:
+        def setting(value: Any) -> str:
+            return f"{flag(self.name)} {value}" if command_line else f"{self.name}={value!r}"
+
+        suggestion = "" if self.instead is None else f"; use {setting(self.instead)}"
+        return f"{setting(self.value)}: {self.problem}{suggestion}"
+
+
+def flag(name: str) -> str:
+    """The command-line form of a setting: img_size -> --img-size."""
+    return "--" + name.replace("_", "-")
+
+
 # The attention op's implementations, kernels.IMPLS (DCAMA(attn_impl=...) and --attn-impl); named here without
 # importing the kernels, which import torch, and held equal to them by tests/test_config.py.
 ATTN_IMPLS: tuple[str, ...] = ("auto", "triton", "naive", "sdpa")
@@ -36,6 +58,11 @@ PUBLISHED_BATCH = 12
 EVAL_EPISODES = 1000
 TEST_SEED = 0
 
+# torch CPU threads of every command on a CPU device (--threads; 0: torch's default, one per core). One, the same
+# for train, eval and predict, so that a command repeats another's numbers (they depend on the thread count) at its
+# speed, and a shared machine is not oversubscribed: docs/training.md, "CPU threads".
+CPU_THREADS = 1
+
 # --save-every-min where an epoch is long (why, and where: docs/training.md, "Interruptions").
 SAVE_EVERY_MIN = 10.0
 
@@ -47,22 +74,21 @@ DATA_WORKERS = min(8, USABLE_CPUS)
 
 # The benchmark a run trains on when none is named, and the defaults every benchmark shares.
 DEFAULT_BENCHMARK = "shapes"
-SHARED_DEFAULTS: dict[str, Any] = dict(fold=0, nshot=1, seed=0, momentum=0.9, attn_impl="auto", amp="off")
+SHARED_DEFAULTS: dict[str, Any] = dict(fold=0, nshot=1, seed=0, momentum=0.9, attn_impl="auto", amp="off",
+                                       threads=CPU_THREADS)
 # Real benchmarks follow the published recipe; so does "folder", a person's own classes in FSS-1000's layout
 # (docs/data.md), which is FSS-1000's protocol on other images. "shapes" is the embedded synthetic benchmark,
 # tuned so that `python train/run.py` learns on 2 CPU cores in a few minutes with a random frozen ResNet-18.
 BENCHMARK_DEFAULTS: dict[str, dict[str, Any]] = {
     name: dict(**SHARED_DEFAULTS, backbone="swin_b", img_size=PUBLISHED_IMG_SIZE, bsz=PUBLISHED_BATCH,
                optimizer="sgd", lr=1e-3, weight_decay=1e-4, fg_weight=1.0, epochs=50, episodes_per_epoch=None,
-               val_episodes=EVAL_EPISODES, test_episodes=0, workers=DATA_WORKERS, threads=None,
-               save_every_min=SAVE_EVERY_MIN)
+               val_episodes=EVAL_EPISODES, test_episodes=0, workers=DATA_WORKERS, save_every_min=SAVE_EVERY_MIN)
     for name in ("coco", "pascal", "fss", "folder")
 }
-# Why these values (the image side, the foreground weight, one thread): docs/training.md, "The first run in detail".
+# Why these values (the image side, the foreground weight): docs/training.md, "The first run in detail".
 BENCHMARK_DEFAULTS["shapes"] = dict(**SHARED_DEFAULTS, backbone="resnet18", img_size=96, bsz=8, optimizer="adamw",
                                     lr=1e-3, weight_decay=1e-4, fg_weight=4.0, epochs=8, episodes_per_epoch=400,
-                                    val_episodes=100, test_episodes=EVAL_EPISODES, workers=0, threads=1,
-                                    save_every_min=0.0)
+                                    val_episodes=100, test_episodes=EVAL_EPISODES, workers=0, save_every_min=0.0)
 
 
 def default_img_size(benchmark: str) -> int:

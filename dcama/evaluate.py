@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint_file, trained_img_size
-from .config import BASELINES, EVAL_EPISODES, TEST_SEED, default_img_size
+from .config import BASELINES, CPU_THREADS, EVAL_EPISODES, TEST_SEED, default_img_size
 from .data import build_dataset, collate_episodes
 from .files import write_json
 from .flags import check_img_size, check_output, writing
@@ -30,7 +30,7 @@ from .runtime import (Batch, ShardSampler, autocast_context, check_device, cpu_t
 from .visualize import save_episode_png
 
 __all__ = ["BASELINES", "baseline_predictor", "evaluate", "evaluate_checkpoint", "format_result", "model_predictor",
-           "note_unseen_classes"]
+           "note_unseen_classes", "spread"]
 
 Predictor = Callable[[Batch], torch.Tensor]
 
@@ -108,6 +108,7 @@ def evaluate(predictor: Predictor, dataset: Dataset, *, device: torch.device | s
     metric.all_reduce()
     result = metric.compute()
     result["episodes"] = len(dataset)
+    result["class_names"] = {c: dataset.class_name(c) for c in dataset.class_ids}
     return result
 
 
@@ -134,31 +135,73 @@ def _draw_episodes(folder: Path, batch: Batch, pred: torch.Tensor, indices: list
 
 
 def format_result(result: dict[str, Any]) -> str:
-    """Per-class IoU, mIoU and FB-IoU as printable lines."""
-    lines = [f"class {c:>4}: IoU {iou:6.2f}" for c, iou in sorted(result["per_class"].items())]
-    lines.append(f"mIoU {result['miou']:.2f}   FB-IoU {result['fb_iou']:.2f}   ({result['episodes']} episodes)")
+    """Per-class IoU, mIoU and FB-IoU as printable lines, each class named; for a result of several seeds
+    (`spread`), each figure as mean +- standard deviation."""
+    names = result.get("class_names", {})
+    label = {c: f"class {c:>4} {names.get(c, '')}".rstrip() for c in result["per_class"]}
+    width = max(map(len, label.values()), default=0)
+    if "seeds" not in result:
+        lines = [f"{label[c]:<{width}}: IoU {iou:6.2f}" for c, iou in sorted(result["per_class"].items())]
+        lines.append(f"mIoU {result['miou']:.2f}   FB-IoU {result['fb_iou']:.2f}   ({result['episodes']} episodes)")
+        return "\n".join(lines)
+    pm = lambda v: f"{v['mean']:6.2f} +- {v['std']:5.2f}"  # noqa: E731
+    lines = [f"{label[c]:<{width}}: IoU {pm(v)}" for c, v in sorted(result["per_class"].items())]
+    seeds = " ".join(map(str, result["seeds"]))
+    lines.append(f"mIoU {pm(result['miou'])}   FB-IoU {pm(result['fb_iou'])}   (mean +- standard deviation over "
+                 f"seeds {seeds}, {result['episodes']} episodes each)")
     return "\n".join(lines)
+
+
+def spread(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The results of one model on several episode seeds (`evaluate`'s, each with its "seed") summarised:
+    mIoU, FB-IoU and every class's IoU as {"mean", "std"}, the standard deviation over the seeds with n - 1 in
+    the denominator (a sample of seeds; NaN from fewer than 2 values); a class without an episode in some run
+    is left out of its mean and deviation (NaN when it has none in any). "runs" keeps every seed's own numbers."""
+    def stats(values: list[float]) -> dict[str, float]:
+        seen = [v for v in values if not math.isnan(v)]
+        if not seen:
+            return {"mean": math.nan, "std": math.nan}
+        mean = sum(seen) / len(seen)
+        var = sum((v - mean) ** 2 for v in seen) / (len(seen) - 1) if len(seen) > 1 else math.nan
+        return {"mean": mean, "std": math.sqrt(var)}
+
+    classes = list(runs[0]["per_class"])
+    return {"seeds": [r["seed"] for r in runs], "miou": stats([r["miou"] for r in runs]),
+            "fb_iou": stats([r["fb_iou"] for r in runs]),
+            "per_class": {c: stats([r["per_class"][c] for r in runs]) for c in classes},
+            "class_names": runs[0]["class_names"], "episodes": runs[0]["episodes"], "runs": list(runs)}
+
+
+def _load_model(checkpoint: str | Path, blob: dict[str, Any] | None, backbone: str | None, attn_impl: str,
+                img_size: int, device: torch.device) -> DCAMA:
+    """The checkpoint's model (from `blob` when the file was read already) on `device` in eval mode, after
+    checking that it takes `img_size`."""
+    model = DCAMA.from_loaded(load_checkpoint_file(checkpoint) if blob is None else blob, str(checkpoint),
+                              backbone=backbone, attn_impl=attn_impl)
+    check_img_size(model.config["backbone"], img_size, built_for=model.backbone.img_size)
+    return model.to(device).eval()
 
 
 def evaluate_checkpoint(checkpoint: str | Path | None, *, benchmark: str = "shapes", datapath: str | None = None,
                         fold: int = 0, nshot: int = 1, episodes: int = EVAL_EPISODES, seed: int = TEST_SEED,
-                        use_original_imgsize: bool = False, img_size: int | None = None,
-                        backbone: str | None = None, attn_impl: str = "auto", amp: str = "off",
-                        baseline: str | None = None, workers: int = 0, threads: int | None = None,
+                        seeds: Sequence[int] | None = None, use_original_imgsize: bool = False,
+                        img_size: int | None = None, backbone: str | None = None, attn_impl: str = "auto",
+                        amp: str = "off", baseline: str | None = None, workers: int = 0, threads: int = CPU_THREADS,
                         batch_size: int = 1, device: str | None = None,
                         json_path: str | Path | None = None, visualize_dir: str | Path | None = None,
                         progress: bool = True) -> dict[str, Any]:
     """Load a checkpoint (this project's or the authors' released file) and evaluate it on the test split.
 
-    `baseline` evaluates a trivial predictor instead of a checkpoint. `img_size` None: the size the checkpoint
-    was trained at (`dcama.checkpoint.trained_img_size`), else the benchmark's. `threads`: torch CPU threads
-    on the CPU (None: torch's default). `batch_size` must stay 1 with `use_original_imgsize` (episodes of
-    different sizes). Returns (and with `json_path` writes)
-    {"miou", "fb_iou", "per_class", "episodes", "settings"}; settings["data"] is what the data set says of
-    itself (the folder benchmark's class split). Same arguments, same numbers. A device this machine lacks,
-    a `json_path` or `visualize_dir` that cannot be written (checked before anything is read) or an image
-    size the model cannot take is a ConfigError, a result that cannot be written at the end an OutputError.
-    """
+    `baseline` evaluates a trivial predictor instead. `img_size` None: the size the checkpoint was trained at
+    (`dcama.checkpoint.trained_img_size`), else the benchmark's. `threads`: torch CPU threads on a CPU
+    device (`runtime.cpu_threads`; 0: torch's default). `batch_size` must stay 1 with `use_original_imgsize`
+    (episodes of different sizes). Returns (with `json_path`, writes)
+    {"miou", "fb_iou", "per_class", "class_names", "episodes", "settings"}; settings["data"]: what the data set
+    says of itself (the folder benchmark's split). Same arguments, same numbers. `seeds`: the model (loaded
+    once) scored on each seed's episodes instead of `seed`'s, the result their `spread`, `visualize_dir` one
+    folder seed<N>/ each. A device this machine lacks, a `json_path` or `visualize_dir` that cannot be written
+    (checked before anything is read) or a size the model cannot take is a ConfigError, a result that cannot
+    be written at the end an OutputError."""
     dev = check_device(device)
     if (checkpoint is None) == (baseline is None):
         raise ValueError("give exactly one of a checkpoint or a baseline")
@@ -169,26 +212,30 @@ def evaluate_checkpoint(checkpoint: str | Path | None, *, benchmark: str = "shap
     blob = load_checkpoint_file(checkpoint) if checkpoint is not None and img_size is None else None
     default = default_img_size(benchmark)
     img_size = img_size or (default if blob is None else trained_img_size(blob, default))
-    dataset = build_dataset(benchmark, datapath, fold=fold, split="test", shot=nshot, img_size=img_size,
-                            use_original_imgsize=use_original_imgsize, episodes=episodes, seed=seed)
-    if checkpoint is None:
-        predictor, model_config = baseline_predictor(baseline), None
-    else:
-        model = DCAMA.from_loaded(load_checkpoint_file(checkpoint) if blob is None else blob, str(checkpoint),
-                                  backbone=backbone, attn_impl=attn_impl)
-        del blob  # its tensors are the model's now
-        check_img_size(model.config["backbone"], img_size, built_for=model.backbone.img_size)
-        model = model.to(dev).eval()
-        predictor, model_config = model_predictor(model, amp=amp), dict(model.config)
-    with cpu_threads(threads if dev.type == "cpu" else None):
-        result = evaluate(predictor, dataset, device=dev, batch_size=batch_size, workers=workers,
-                          progress=progress, visualize_dir=visualize_dir, desc=f"{benchmark} fold {fold} {nshot}-shot")
-    note_unseen_classes(result)
+    data = dict(fold=fold, split="test", shot=nshot, img_size=img_size, use_original_imgsize=use_original_imgsize,
+                episodes=episodes)
+    all_seeds = [seed] if seeds is None else list(seeds)
+    dataset = build_dataset(benchmark, datapath, seed=all_seeds[0], **data)
+    model = None if checkpoint is None else _load_model(checkpoint, blob, backbone, attn_impl, img_size, dev)
+    del blob  # its tensors are the model's now
+    predictor = baseline_predictor(baseline) if model is None else model_predictor(model, amp=amp)
+    runs = []
+    with cpu_threads(threads, dev):
+        for s in all_seeds:
+            dataset = dataset if s == all_seeds[0] else build_dataset(benchmark, datapath, seed=s, **data)
+            pictures = None if visualize_dir is None or seeds is None else Path(visualize_dir) / f"seed{s}"
+            runs.append({"seed": s, **evaluate(predictor, dataset, device=dev, batch_size=batch_size, workers=workers,
+                                               progress=progress, visualize_dir=pictures or visualize_dir,
+                                               desc=f"{benchmark} fold {fold} {nshot}-shot seed {s}")})
+            note_unseen_classes(runs[-1])
+    result = {k: v for k, v in runs[0].items() if k != "seed"} if seeds is None else spread(runs)
     result["settings"] = {
         "checkpoint": None if checkpoint is None else str(checkpoint), "baseline": baseline,
         "benchmark": benchmark, "datapath": datapath, "fold": fold, "nshot": nshot, "episodes": len(dataset),
-        "seed": seed, "use_original_imgsize": use_original_imgsize, "img_size": img_size, "attn_impl": attn_impl,
-        "amp": amp, "device": str(dev), "threads": threads, "model_config": model_config,
+        "seed": all_seeds[0] if seeds is None else None, "seeds": None if seeds is None else all_seeds,
+        "use_original_imgsize": use_original_imgsize, "img_size": img_size, "attn_impl": attn_impl,
+        "amp": amp, "device": str(dev), "threads": threads, "batch_size": batch_size, "workers": workers,
+        "model_config": model and dict(model.config),
         "data": dataset.describe(listed_in=None if json_path is None else str(json_path)),
     }
     if json_path is not None and dist_info()[0] == 0:

@@ -2,7 +2,9 @@
 built or written, and the one-line errors of the files a command writes.
 
 Each failure is a ConfigError whose message is one line naming the flag, in its command-line form, and what
-it accepts; the command lines print it and exit with status 2. What a benchmark accepts (`BENCHMARK_RULES`:
+it accepts; the command lines print it and exit with status 2. A check that Python entry points make too
+(the device of `dcama.predict.load_model`) raises an ArgumentError, worded for Python (`device='cuda'`)
+and by `error_line` for the command line (`--device cuda`). What a benchmark accepts (`BENCHMARK_RULES`:
 folds, K, a data folder) and what a backbone accepts (`img_size_problem`) are read from dcama/config.py, which
 the data set classes and the backbones read too. Like config.py this module imports no torch: the command
 lines check their flags before torch is imported. An output that cannot be written once the work is done (a full
@@ -15,22 +17,20 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
-from .config import BACKBONES, BENCHMARK_RULES, ConfigError, img_size_problem
+from .config import BACKBONES, BENCHMARK_RULES, CPU_THREADS, ArgumentError, ConfigError, flag, img_size_problem
 from .files import folder_not_file
 
-__all__ = ["ConfigError", "FlagParser", "OutputError", "check_at_least", "check_benchmark",
+__all__ = ["ArgumentError", "ConfigError", "FlagParser", "OutputError", "check_at_least", "check_benchmark",
            "check_checkpoint_model", "check_choice", "check_file", "check_folder", "check_fraction",
-           "check_img_size", "check_non_negative", "check_output", "check_positive", "error_line", "flag",
-           "output_problem", "unused_episodes_note", "write_failure", "writing"]
-
-
-def flag(name: str) -> str:
-    """The command-line form of a setting: img_size -> --img-size."""
-    return "--" + name.replace("_", "-")
+           "check_img_size", "check_non_negative", "check_output", "check_positive", "check_seeds", "check_supports",
+           "error_line", "flag", "one_line_warnings", "output_problem", "unused_episodes_note", "write_failure",
+           "writing"]
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
@@ -121,6 +121,45 @@ def check_folder(name: str, path: str | None) -> None:
         raise ConfigError(f"{flag(name)} {path}: no such folder")
 
 
+def check_seeds(seeds: list[int] | None) -> None:
+    """--seeds (eval/run.py; None: unset): at least 2 distinct episode seeds >= 0, for a spread."""
+    if seeds is None:
+        return
+    for seed in seeds:
+        check_at_least("seeds", seed, 0)
+    if len(seeds) < 2 or len(set(seeds)) < len(seeds):
+        raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: give at least 2 distinct seeds (one seed: --seed)")
+
+
+def check_supports(supports: list[list[str]]) -> None:
+    """--support (eval/predict.py), given once per support: IMAGE MASK each (one class), or CLASS IMAGE MASK
+    each (N classes in one label map); one form per command."""
+    for values in supports:
+        if len(values) not in (2, 3):
+            raise ConfigError(f"--support {' '.join(values)}: give IMAGE MASK, or CLASS IMAGE MASK for several classes")
+    if len({len(values) for values in supports}) > 1:
+        raise ConfigError("--support: give every support as IMAGE MASK (one class) or every one as CLASS IMAGE MASK "
+                          "(several classes), not both forms")
+
+
+@contextmanager
+def one_line_warnings(category: type[Warning]) -> Iterator[None]:
+    """In the block, each warning of `category` (a command's notes on its input) printed as one line on
+    stderr, 'warning: <message>', every time; other warnings as Python shows them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", category)
+        shown = warnings.showwarning
+
+        def show(message: Warning | str, kind: type[Warning], *rest: Any, **kwargs: Any) -> None:
+            if issubclass(kind, category):
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                shown(message, kind, *rest, **kwargs)
+
+        warnings.showwarning = show
+        yield
+
+
 def check_file(name: str, path: str | None, missing: str = "") -> None:
     """A file flag (None: unset, allowed) that must name an existing file; for a folder, the weight files in
     it are suggested; `missing`: what to do instead, added to the message of a path that does not exist."""
@@ -134,7 +173,8 @@ def check_file(name: str, path: str | None, missing: str = "") -> None:
 def check_output(name: str, path: str | os.PathLike | None, *, folder: bool) -> None:
     """An output flag (None: unset, allowed): a file (folder=False) or a folder this process can create or
     write in. Refused: an existing entry of the other kind, a path under a file, a folder without write
-    permission (files are written as a temporary file renamed, so a file's folder must be writable)."""
+    permission or on a read-only file system (files are written as a temporary file renamed, so a file's
+    folder must be writable)."""
     if path is None:
         return
     path = os.fspath(path)
@@ -155,9 +195,19 @@ def output_problem(path: str | os.PathLike, folder: bool) -> str:
         nearest = os.path.dirname(nearest)
     if not os.path.isdir(nearest):
         return f"{nearest} is a file, so nothing can be written under it"
+    if _read_only(nearest):  # os.access refuses it too, but no permission would help
+        return f"{nearest} is on a read-only file system"
     if not os.access(nearest, os.W_OK | os.X_OK):
         return f"no permission to write in {nearest}"
     return ""
+
+
+def _read_only(folder: str) -> bool:
+    """Whether `folder` lies on a file system mounted read-only (False when that cannot be told)."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 class OutputError(OSError):
@@ -185,8 +235,10 @@ def write_failure(path: str | os.PathLike, err: OSError, folder: bool = False) -
 
 
 def error_line(err: BaseException) -> str:
-    """The one line a command prints for an error it stops on: the project's message or, for an OSError the
-    system raised, the file and the system's reason."""
+    """The one line a command prints for an error it stops on: the project's message (an ArgumentError's
+    naming the flag), or, for an OSError the system raised, the file and the system's reason."""
+    if isinstance(err, ArgumentError):
+        return err.worded(command_line=True)
     if isinstance(err, OSError) and err.strerror:
         return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
     return str(err)
@@ -199,10 +251,12 @@ class FlagParser(argparse.ArgumentParser):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(allow_abbrev=False, **kwargs)
 
-    def add_threads(self, default: str = "torch's") -> None:
-        """--threads, the one definition every command shares (checked with check_at_least("threads", n, 0))."""
-        self.add_argument("--threads", type=int, default=None,
-                          help=f"torch CPU threads (0: torch's default; default: {default})")
+    def add_threads(self) -> None:
+        """--threads, the one definition every command shares, with the one default (config.CPU_THREADS);
+        checked with check_at_least("threads", n, 0)."""
+        self.add_argument("--threads", type=int, default=CPU_THREADS,
+                          help=f"torch CPU threads on a CPU device (default {CPU_THREADS}, in every command; 0: "
+                               "torch's default, one per core); the scores depend on it: docs/training.md")
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (--help lists the flags)\n")

@@ -22,7 +22,7 @@ from .checkpoint import (FORMAT, CheckpointError, checkpoint_parts, is_own_check
 from .config import ATTN_IMPLS
 
 __all__ = ["DCAMA", "DCAMAHead", "PositionalEncoding", "StageAttention", "checkpoint_filter_fn", "infer_backbone",
-           "merge_heads", "split_heads", "stage_attention"]
+           "merge_heads", "resize_logits", "split_heads", "stage_attention"]
 
 NUM_HEADS = 8
 DROPOUT_P = 0.5
@@ -226,12 +226,18 @@ class DCAMA(nn.Module):
         """query_img (B, 3, S, S), support_imgs (B, K, 3, S, S), support_masks (B, K, S, S) in {0, 1}
         -> logits (B, 2, S, S), channel 1 = foreground."""
         self._check_inputs(query_img, support_imgs, support_masks)
-        batch, shots = support_imgs.shape[:2]
-        with torch.no_grad():  # frozen backbone: one pass over the query and all support images
-            feats = self.backbone(torch.cat((query_img, support_imgs.flatten(0, 1)), dim=0))
+        batch = query_img.shape[0]
+        # One backbone pass over the query and all support images.
+        feats = self.encode(torch.cat((query_img, support_imgs.flatten(0, 1)), dim=0))
         query_feats = [f[:batch] for f in feats]
         support_feats = [f[batch:] for f in feats]
         return self.head(query_feats, support_feats, support_masks, self.attn_impl)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen backbone's block features of images (N, 3, S, S), what `head` takes: computed once, they
+        serve every query of a support set (`dcama.predict`)."""
+        return self.backbone(images)
 
     @torch.no_grad()
     def predict(self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor,
@@ -239,10 +245,7 @@ class DCAMA(nn.Module):
         """0/1 foreground mask (B, h, w) long. The logits are resized to out_size (e.g. the query's original
         (H, W)) bilinearly with align_corners=True before the argmax, as the evaluation protocol does.
         Call model.eval() first: in training mode dropout is active."""
-        logits = self(query_img, support_imgs, support_masks)
-        if out_size is not None and tuple(out_size) != tuple(logits.shape[-2:]):
-            logits = _up(logits.float(), (int(out_size[0]), int(out_size[1])))
-        return logits.argmax(dim=1)
+        return resize_logits(self(query_img, support_imgs, support_masks), out_size).argmax(dim=1)
 
     def _check_inputs(self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor) -> None:
         if query_img.dim() != 4 or query_img.shape[1] != 3:
@@ -290,7 +293,7 @@ class DCAMA(nn.Module):
             config = {**config, "attn_impl": attn_impl, "backbone_weights": None}
             if backbone is not None and backbone != config["backbone"]:
                 raise CheckpointError(f"checkpoint {path!r} holds a {config['backbone']} model, not the "
-                                      f"--backbone {backbone} asked for")
+                                      f"{backbone} backbone asked for")
             model = cls(**config)
         else:
             name = backbone if backbone is not None else infer_backbone(blob, path)
@@ -299,6 +302,14 @@ class DCAMA(nn.Module):
         load_fitting_state(model, state, f"checkpoint {path!r} does not fit a DCAMA model with the "
                                          f"{model.config['backbone']} backbone")
         return model.eval()
+
+
+def resize_logits(logits: torch.Tensor, out_size: tuple[int, int] | None) -> torch.Tensor:
+    """Logits (B, C, h, w) resized to out_size (None: as they are) bilinearly with align_corners=True, in
+    float32: the evaluation protocol's resize to the query's original size, made before any decision."""
+    if out_size is None or tuple(out_size) == tuple(logits.shape[-2:]):
+        return logits
+    return _up(logits.float(), (int(out_size[0]), int(out_size[1])))
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: DCAMA, source: str = "<state dict>") -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,24 +26,37 @@ from PIL import Image
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint_file, trained_img_size
-from .config import PUBLISHED_IMG_SIZE
+from .config import CPU_THREADS, PUBLISHED_IMG_SIZE
 from .data.common import (MASK_THRESHOLD, grey_to_binary, image_size, load_grey_mask, load_rgb, mask_grey,
                           preprocess_image, resize_mask)
 from .data.folder import FOLLOW_EXIF_ORIENTATION, IMAGE_SUFFIXES, image_names, natural_key
 from .files import write_json
 from .flags import check_img_size, check_output, writing
-from .model import DCAMA
+from .model import DCAMA, resize_logits
 from .runtime import autocast_context, check_device, cpu_threads
-from .visualize import SUPPORT, Panel, draw_panel, prediction_picture, save_picture
+from .visualize import (SUPPORT, MaskStyle, Panel, class_styles, draw_panel, labels_picture, prediction_picture,
+                        save_picture)
 
-__all__ = ["InputError", "SupportSet", "load_model", "predict_files", "query_files", "read_support", "segment"]
+__all__ = ["EncodedSupports", "InputError", "SupportSet", "SupportWarning", "class_margins", "encode_classes",
+           "label_map", "load_model", "predict_files", "query_files", "read_support", "segment", "segment_classes",
+           "support_classes"]
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 RESULTS_FILE = "predictions.json"
+FOREGROUND, BACKGROUND = "foreground", "background"  # the one class of (image, mask) supports; label 0's name
+MAX_CLASSES = 255  # labels 1..255 in an 8-bit label map
+# A support pair that looks swapped: an "image" holding only 0 and 255, a "mask" with many grey levels (more
+# than SWAP_LEVELS distinct values and over SWAP_MID_SHARE of its pixels strictly between the two bounds of
+# SWAP_MID). A photo has most of its pixels mid-grey; a mask saved as JPEG or with soft edges only its edges.
+SWAP_LEVELS, SWAP_MID, SWAP_MID_SHARE = 16, (32, 224), 0.25
 
 
 class InputError(ValueError):
     """An input a prediction cannot use (a mask of the wrong size or empty, no query found, a full --out)."""
+
+
+class SupportWarning(UserWarning):
+    """A support image or mask that looks like the other kind (image and mask swapped?), used as given."""
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -73,6 +87,7 @@ def read_support(image: ImageLike, mask: ImageLike, index: int = 0) -> tuple[Ima
     img, values = _image(image), _mask_values(mask)
     m = values.astype(np.uint8) if values.dtype == bool else grey_to_binary(values)
     image_name, mask_name = _name(image, f"support image {index + 1}"), _name(mask, f"support mask {index + 1}")
+    _check_not_swapped(np.asarray(img), values, image_name, mask_name)
     if m.shape != (img.height, img.width):
         raise InputError(f"mask {mask_name} is {m.shape[0]}x{m.shape[1]} (HxW) but its image {image_name} is "
                          f"{img.height}x{img.width}")
@@ -81,6 +96,23 @@ def read_support(image: ImageLike, mask: ImageLike, index: int = 0) -> tuple[Ima
         hint = f"; its largest value is {top}: save a 0/1 mask as 0/255" if 0 < top < MASK_THRESHOLD else ""
         raise InputError(f"mask {mask_name} has no foreground pixel (grey value >= {MASK_THRESHOLD}){hint}")
     return img, m
+
+
+def _check_not_swapped(rgb: np.ndarray, values: np.ndarray, image_name: str, mask_name: str) -> None:
+    """InputError when the image looks like a mask and the mask like a photo (both: surely swapped); a
+    SupportWarning when only one of them does (a black-and-white drawing, a soft mask: maybe meant)."""
+    binary_image = bool(np.isin(rgb, (0, 255)).all())
+    grey = values.astype(np.uint8) if values.dtype == bool else values
+    mid = float(((grey > SWAP_MID[0]) & (grey < SWAP_MID[1])).mean()) if grey.size else 0.0
+    photo_mask = values.dtype != bool and len(np.unique(grey)) > SWAP_LEVELS and mid > SWAP_MID_SHARE
+    image_says = f"image {image_name} holds only the values 0 and 255 (like a mask)"
+    mask_says = f"mask {mask_name} has {len(np.unique(grey))} grey levels, {mid:.0%} of its pixels mid-grey (like " \
+                "a photo)"
+    if binary_image and photo_mask:
+        raise InputError(f"{image_says} and {mask_says}: image and mask look swapped; give the image first")
+    if binary_image or photo_mask:
+        said = image_says if binary_image else mask_says + f", read as foreground where grey >= {MASK_THRESHOLD}"
+        warnings.warn(f"{said}: are image and mask swapped?", SupportWarning, stacklevel=3)
 
 
 @dataclass
@@ -98,6 +130,42 @@ class SupportSet:
         images = torch.stack([preprocess_image(img, img_size) for img, _ in supports])
         masks = torch.stack([resize_mask(torch.from_numpy(m), img_size) for _, m in supports]).float()
         return cls(images, masks)
+
+
+@dataclass
+class EncodedSupports:
+    """One class's K supports as the head takes them, computed once for all queries: the frozen backbone's
+    block features (K, C, h, w) each, and the masks (K, S, S), on the model's device."""
+
+    feats: list[torch.Tensor]
+    masks: torch.Tensor
+
+    @classmethod
+    def encode(cls, model: DCAMA, supports: SupportSet, amp: str = "off") -> "EncodedSupports":
+        device = next(model.parameters()).device
+        with torch.no_grad(), autocast_context(device, amp):
+            feats = model.encode(supports.images.to(device))
+        return cls(feats, supports.masks.to(device))
+
+
+def support_classes(supports: Sequence[Sequence[ImageLike]]) -> list[tuple[str, list[tuple[ImageLike, ImageLike]]]]:
+    """The classes of `supports` in the order they are first given, each with its (image, mask) pairs.
+    `supports` are all (image, mask) pairs (one class, FOREGROUND) or all (class name, image, mask) triples."""
+    lengths = {len(s) for s in supports}
+    if not supports or not lengths <= {2, 3} or len(lengths) > 1:
+        raise InputError("supports must be all (image, mask) pairs (one class) or all (class name, image, mask) "
+                         f"triples (several classes); got {sorted(lengths) or 'none'} items per support")
+    if lengths == {2}:
+        return [(FOREGROUND, [(img, m) for img, m in supports])]
+    classes: dict[str, list[tuple[ImageLike, ImageLike]]] = {}
+    for name, img, m in supports:
+        name = str(name)
+        if not name.strip() or name == BACKGROUND:
+            raise InputError(f"class name {name!r}: choose a non-empty name other than {BACKGROUND!r} (label 0)")
+        classes.setdefault(name, []).append((img, m))
+    if len(classes) > MAX_CLASSES:
+        raise InputError(f"{len(classes)} classes: a label map PNG holds at most {MAX_CLASSES}")
+    return list(classes.items())
 
 
 def query_files(patterns: Sequence[str | os.PathLike]) -> list[str]:
@@ -150,31 +218,73 @@ def size_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list
     return [idx[k:k + batch_size] for idx in groups.values() for k in range(0, len(idx), batch_size)]
 
 
-def predict_batch(model: DCAMA, supports: SupportSet, queries: Sequence[Image.Image], img_size: int,
+def class_margins(model: DCAMA, classes: Sequence[EncodedSupports], queries: Sequence[Image.Image], img_size: int,
                   amp: str = "off") -> torch.Tensor:
-    """(B, H, W) long {0, 1} masks of queries that share one original size (H, W)."""
+    """(B, N, H, W) float32: for each query (one original size (H, W)) and class, the foreground logit minus
+    the background logit, resized to (H, W) as `DCAMA.predict` resizes them. The queries go through the
+    backbone once for all N classes; the supports' features come encoded."""
     device = next(model.parameters()).device
     batch = len(queries)
     query = torch.stack([preprocess_image(img, img_size) for img in queries]).to(device)
-    images = supports.images.to(device).unsqueeze(0).expand(batch, -1, -1, -1, -1)
-    masks = supports.masks.to(device).unsqueeze(0).expand(batch, -1, -1, -1)
+    margins = []
     with torch.no_grad(), autocast_context(device, amp):
-        return model.predict(query, images, masks, out_size=(queries[0].height, queries[0].width))
+        query_feats = model.encode(query)
+        for cls in classes:
+            support_feats = [f.repeat(batch, 1, 1, 1) for f in cls.feats]  # (B*K, ...), an episode's shots adjacent
+            masks = cls.masks.unsqueeze(0).expand(batch, -1, -1, -1)
+            logits = resize_logits(model.head(query_feats, support_feats, masks, model.attn_impl),
+                                   (queries[0].height, queries[0].width))
+            margins.append(logits[:, 1].float() - logits[:, 0].float())
+    return torch.stack(margins, dim=1)
 
 
-def _segment_iter(model: DCAMA, supports: SupportSet, batches: Sequence[list[int]],
+def label_map(margins: torch.Tensor) -> torch.Tensor:
+    """(B, N, H, W) margins -> (B, H, W) labels 0..N (docs/predict.md, "Several classes"): the class whose
+    foreground beats its background by the most (the first given on a tie), when it does beat it (margin > 0,
+    the 1-way argmax); else 0, background. With N = 1, exactly `DCAMA.predict`'s mask."""
+    best = margins.argmax(dim=1)  # the first of equal maxima
+    wins = margins.gather(1, best.unsqueeze(1)).squeeze(1) > 0
+    return torch.where(wins, best + 1, torch.zeros_like(best))
+
+
+def _segment_iter(model: DCAMA, classes: Sequence[EncodedSupports], batches: Sequence[list[int]],
                   load: Callable[[int], Image.Image], img_size: int, amp: str,
                   progress: bool) -> Iterator[tuple[int, Image.Image, np.ndarray]]:
-    """(index, query image, (H, W) bool mask) for every query, batch by batch (size_batches); `load(i)` reads
-    query i."""
+    """(index, query image, (H, W) uint8 label map) for every query, batch by batch (size_batches); `load(i)`
+    reads query i."""
     total = sum(map(len, batches))
     with tqdm(total=total, desc="predict", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for batch in batches:
             images = [load(i) for i in batch]
-            masks = predict_batch(model, supports, images, img_size, amp).cpu().numpy().astype(bool)
-            for i, img, mask in zip(batch, images, masks):
-                yield i, img, mask
+            labels = label_map(class_margins(model, classes, images, img_size, amp)).cpu().numpy().astype(np.uint8)
+            for i, img, label in zip(batch, images, labels):
+                yield i, img, label
             bar.update(len(batch))
+
+
+def encode_classes(model: DCAMA, classes: Sequence[tuple[str, Sequence[tuple[Image.Image, np.ndarray]]]],
+                   img_size: int, amp: str = "off") -> list[EncodedSupports]:
+    """Every class's supports (read_support pairs) preprocessed and through the backbone, once."""
+    return [EncodedSupports.encode(model, SupportSet.build(pairs, img_size), amp) for _, pairs in classes]
+
+
+def _read_classes(supports: Sequence[Sequence[ImageLike]]) -> list[tuple[str, list[tuple[Image.Image, np.ndarray]]]]:
+    """support_classes with every pair read and checked (read_support), numbered in the order given."""
+    numbered, out = iter(range(len(supports))), []
+    for name, pairs in support_classes(supports):
+        out.append((name, [read_support(img, m, next(numbered)) for img, m in pairs]))
+    return out
+
+
+def segment_classes(model: DCAMA, supports: Sequence[tuple[str, ImageLike, ImageLike]], queries: Sequence[ImageLike],
+                    *, img_size: int, batch_size: int = 8, amp: str = "off",
+                    progress: bool = False) -> list[np.ndarray]:
+    """Segment every query into the supports' classes: a (H, W) uint8 label map per query, at its own size,
+    0 background and 1..N the classes in the order first given (`label_map` says how a pixel is decided).
+
+    supports: (class name, image, mask) triples, K per class allowed; the rest as `segment`.
+    """
+    return _segment_all(model, _read_classes(supports), queries, img_size, batch_size, amp, progress)
 
 
 def segment(model: DCAMA, supports: Sequence[tuple[ImageLike, ImageLike]], queries: Sequence[ImageLike], *,
@@ -185,12 +295,19 @@ def segment(model: DCAMA, supports: Sequence[tuple[ImageLike, ImageLike]], queri
     masks are paths or PIL images (grey >= 128 is foreground), bool arrays, or grey arrays. `img_size` is the
     side the model runs at (`load_model` returns the checkpoint's). The model should be in eval mode.
     """
-    support_set = SupportSet.build([read_support(img, m, k) for k, (img, m) in enumerate(supports)], img_size)
+    labels = _segment_all(model, _read_classes(supports), queries, img_size, batch_size, amp, progress)
+    return [label == 1 for label in labels]
+
+
+def _segment_all(model: DCAMA, classes: Sequence[tuple[str, Sequence[tuple[Image.Image, np.ndarray]]]],
+                 queries: Sequence[ImageLike], img_size: int, batch_size: int, amp: str,
+                 progress: bool) -> list[np.ndarray]:
+    encoded = encode_classes(model, classes, img_size, amp)
     images = [_image(q) for q in queries]
     batches = size_batches([(im.height, im.width) for im in images], batch_size)
-    out: list[np.ndarray] = [np.zeros(0, dtype=bool)] * len(images)
-    for i, _, mask in _segment_iter(model, support_set, batches, images.__getitem__, img_size, amp, progress):
-        out[i] = mask
+    out: list[np.ndarray] = [np.zeros(0, dtype=np.uint8)] * len(images)
+    for i, _, label in _segment_iter(model, encoded, batches, images.__getitem__, img_size, amp, progress):
+        out[i] = label
     return out
 
 
@@ -230,48 +347,61 @@ def check_queries(queries: Sequence[str]) -> list[tuple[int, int]]:
     return sizes
 
 
-def predict_files(checkpoint: str | os.PathLike, supports: Sequence[tuple[str, str]], queries: Sequence[str],
+def predict_files(checkpoint: str | os.PathLike, supports: Sequence[Sequence[str]], queries: Sequence[str],
                   out_dir: str | os.PathLike, *, img_size: int | None = None, batch_size: int = 8,
                   backbone: str | None = None, attn_impl: str = "auto", amp: str = "off",
-                  device: str | None = None, threads: int | None = None, overwrite: bool = False,
+                  device: str | None = None, threads: int = CPU_THREADS, overwrite: bool = False,
                   overlays: bool = True, progress: bool = True) -> dict[str, Any]:
-    """What eval/predict.py does: masks of the query files (`query_files` expands folders and globs) into
-    out_dir/masks/<name>.png (0/255, the query's size), overlay pictures into out_dir/overlays/<name>.png,
-    and out_dir/predictions.json (the settings and one entry per query), written last. Every input is
-    checked before the model is loaded; every file is written atomically. `threads`: torch CPU threads
-    (None: torch's default). Returns the predictions.json content."""
+    """What eval/predict.py does. With (image, mask) supports: masks of the query files (`query_files`
+    expands folders and globs) into out_dir/masks/<name>.png (0/255, the query's size); with (class name,
+    image, mask) supports: label maps into out_dir/labels/<name>.png (0 background, 1..N the classes in the
+    order first given) with a legend labels/<name>.json (names, pixel shares). Overlay pictures go into
+    out_dir/overlays/<name>.png, and out_dir/predictions.json (the settings and one entry per query) is
+    written last. Every input is checked before the model is loaded; every file is written atomically; the
+    supports go through the backbone once. `threads`: torch CPU threads on a CPU device
+    (`runtime.cpu_threads`; 0: torch's default). Returns the predictions.json content."""
     out, dev = Path(out_dir), check_device(device)
     check_out_dir(out, overwrite)
     paths = query_files(queries)
-    pairs = [read_support(img, m, k) for k, (img, m) in enumerate(supports)]
-    sizes, names = check_queries(paths), output_names(paths)
+    classes = _read_classes(supports)
+    names = [name for name, _ in classes] if len(supports[0]) == 3 else None  # None: the 1-way outputs
+    sizes, outputs = check_queries(paths), output_names(paths)
     batches = size_batches(sizes, batch_size)
     model, trained_size = load_model(checkpoint, backbone=backbone, attn_impl=attn_impl, device=dev)
     side = img_size or trained_size
     check_img_size(model.config["backbone"], side, built_for=model.backbone.img_size)
-    support_set = SupportSet.build(pairs, side)
-    panels = _support_panels(pairs, supports) if overlays else []
+    styles = class_styles(names) if names else [SUPPORT]
+    panels = _support_panels(classes, styles, support_classes(supports)) if overlays else []
     records: list[dict[str, Any]] = [{} for _ in paths]
     start = time.perf_counter()
-    with cpu_threads(threads if dev.type == "cpu" else None):
+    with cpu_threads(threads, dev):
+        encoded = encode_classes(model, classes, side, amp)
         load = lambda i: load_rgb(paths[i], exif_orientation=FOLLOW_EXIF_ORIENTATION)  # noqa: E731
-        for i, image, mask in _segment_iter(model, support_set, batches, load, side, amp, progress):
-            title = names[i] + os.path.splitext(paths[i])[1]
-            records[i] = _write_outputs(out, names[i], paths[i], title, image, mask, panels)
-    result = {"settings": {"checkpoint": os.fspath(checkpoint), "supports": [list(map(os.fspath, s)) for s in supports],
-                           "img_size": side, "batch_size": batch_size, "attn_impl": attn_impl, "amp": amp,
-                           "device": str(next(model.parameters()).device), "threads": threads,
-                           "model_config": dict(model.config),
-                           "seconds": round(time.perf_counter() - start, 3)},
-              "queries": records}
+        for i, image, label in _segment_iter(model, encoded, batches, load, side, amp, progress):
+            title = outputs[i] + os.path.splitext(paths[i])[1]
+            records[i] = (_write_outputs(out, outputs[i], paths[i], title, image, label == 1, panels) if names is None
+                          else _write_labels(out, outputs[i], paths[i], title, image, label, styles, panels))
+    settings = {"checkpoint": os.fspath(checkpoint), "supports": [list(map(os.fspath, s)) for s in supports],
+                **({"classes": names} if names else {}), "img_size": side, "batch_size": batch_size,
+                "attn_impl": attn_impl, "amp": amp, "device": str(next(model.parameters()).device),
+                "threads": threads, "model_config": dict(model.config),
+                "seconds": round(time.perf_counter() - start, 3)}
+    result = {"settings": settings, "queries": records}
     with writing(out / RESULTS_FILE):
         write_json(out / RESULTS_FILE, result)
     return result
 
 
-def _support_panels(pairs: Sequence[tuple[Image.Image, np.ndarray]], files: Sequence[tuple[str, str]]) -> list[Panel]:
-    return [draw_panel(img, [(m, SUPPORT)], f"support {k + 1}: {os.path.basename(os.fspath(files[k][0]))}")
-            for k, (img, m) in enumerate(pairs)]
+def _support_panels(classes: Sequence[tuple[str, Sequence[tuple[Image.Image, np.ndarray]]]],
+                    styles: Sequence[MaskStyle], files: Sequence[tuple[str, Sequence[Sequence[str]]]]) -> list[Panel]:
+    """Each support (`classes`, read) with its mask in its class's colour, class by class, captioned 'support k'
+    (one class) or '<class> k' and its image file's name (`files`: support_classes of the paths)."""
+    panels = []
+    for (name, pairs), style, (_, paths) in zip(classes, styles, files):
+        lead = "support" if len(classes) == 1 and name == FOREGROUND else name
+        panels += [draw_panel(img, [(m, style)], f"{lead} {k + 1}: {os.path.basename(os.fspath(path[0]))}")
+                   for k, ((img, m), path) in enumerate(zip(pairs, paths))]
+    return panels
 
 
 def _write_outputs(out: Path, name: str, path: str, title: str, image: Image.Image, mask: np.ndarray,
@@ -285,4 +415,24 @@ def _write_outputs(out: Path, name: str, path: str, title: str, image: Image.Ima
         record["overlay"] = f"overlays/{name}.png"
         with writing(out / record["overlay"]):
             save_picture(out / record["overlay"], prediction_picture(image, mask, panels, title))
+    return record
+
+
+def _write_labels(out: Path, name: str, path: str, title: str, image: Image.Image, labels: np.ndarray,
+                  styles: Sequence[MaskStyle], panels: Sequence[Panel]) -> dict[str, Any]:
+    """One query's label map PNG (8-bit grey, the label values), its legend JSON and overlay picture; its
+    predictions.json entry."""
+    names = [BACKGROUND, *(style.label for style in styles)]
+    legend = {"image": path, "height": int(labels.shape[0]), "width": int(labels.shape[1]),
+              "labels": {str(k): n for k, n in enumerate(names)},
+              "shares": {n: round(float((labels == k).mean()), 6) for k, n in enumerate(names)}}
+    record = {**legend, "label_map": f"labels/{name}.png", "legend": f"labels/{name}.json"}
+    with writing(out / record["label_map"]):
+        save_picture(out / record["label_map"], Image.fromarray(labels.astype(np.uint8)))
+    with writing(out / record["legend"]):
+        write_json(out / record["legend"], legend)
+    if panels:
+        record["overlay"] = f"overlays/{name}.png"
+        with writing(out / record["overlay"]):
+            save_picture(out / record["overlay"], labels_picture(image, labels, styles, panels, title))
     return record

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
+from tqdm import tqdm
 
-from .config import ConfigError
+from .config import ArgumentError
 
 Batch = dict[str, Any]
 # The autocast dtype of each --amp mode (dcama.config.AMP_MODES) but "off".
@@ -92,31 +93,35 @@ def from_rank0(obj: Any) -> Any:
 
 
 def check_device(device: str | torch.device | None) -> torch.device:
-    """The device --device names (None: CUDA when there is one, else the CPU), if this machine has it."""
+    """The device `device` (--device) names (None: CUDA when there is one, else the CPU), if this machine has
+    it; an ArgumentError otherwise."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         dev = None
+    name = str(device)  # a torch.device is named as the string that gives it
     if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device}: choose cpu, cuda or cuda:N")
+        raise ArgumentError("device", name, "choose cpu, cuda or cuda:N")
     count = torch.cuda.device_count() if dev.type == "cuda" and torch.cuda.is_available() else 0
     if dev.type == "cuda" and count == 0:
-        raise ConfigError(f"--device {device}: this machine has no CUDA device (torch sees none); use --device cpu")
+        raise ArgumentError("device", name, "this machine has no CUDA device (torch sees none)", instead="cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= count:
-        raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        raise ArgumentError("device", name, f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return dev
 
 
 @contextmanager
-def cpu_threads(threads: int | None) -> Iterator[None]:
-    """torch.set_num_threads(threads) inside the block (None or 0: unchanged); the previous count restored
-    after it, so a library call leaves the process as it found it. ValueError for a negative count."""
+def cpu_threads(threads: int | None, device: torch.device | str = "cpu") -> Iterator[None]:
+    """The project's CPU-thread policy, which train, eval and predict all follow (config.CPU_THREADS is the
+    default of each, --threads the flag of each): on a CPU device, torch.set_num_threads(threads) inside the
+    block (None or 0: unchanged, torch's default); on a GPU nothing changes. The previous count is restored
+    after the block, so a library call leaves the process as it found it. ValueError for a negative count."""
     if threads is not None and threads < 0:
         raise ValueError(f"threads must be >= 0 (0 or None: torch's default), got {threads}")
     before = torch.get_num_threads()
-    if threads:
+    if threads and torch.device(device).type == "cpu":
         torch.set_num_threads(threads)
     try:
         yield
@@ -234,8 +239,9 @@ class StopRequests:
 
     Inside `deferred()` the first signal only records a request (`requested`: the signal's number), which the
     caller honours at a point where it can stop cleanly, and `notice` (formatted with {signal}) is written to
-    stderr; a second signal raises Interrupted. Outside it every signal raises Interrupted at once. A signal
-    within REPEAT_WINDOW_S of the last one is the same signal passed on by a launcher, and is ignored.
+    stderr on a line of its own (below a progress bar being drawn); a second signal raises Interrupted. Outside
+    it every signal raises Interrupted at once. A signal within REPEAT_WINDOW_S of the last one is the same
+    signal passed on by a launcher, and is ignored.
     """
 
     def __init__(self, notice: str | None = None) -> None:
@@ -271,7 +277,15 @@ class StopRequests:
             raise Interrupted(signum)
         self.requested = signum
         if self.notice:  # os.write: print() could be interrupted inside another print and refuse re-entry
-            os.write(2, (self.notice.format(signal=signal.Signals(signum).name) + "\n").encode())
+            line = self.notice.format(signal=signal.Signals(signum).name) + "\n"
+            os.write(2, (("\n" if progress_bar_drawn() else "") + line).encode())
+
+
+def progress_bar_drawn() -> bool:
+    """Whether a tqdm progress bar is on the screen, which leaves the cursor at the end of its own line: a message
+    written then begins with a newline, so that it starts a line of its own. (tqdm keeps its live bars in
+    `tqdm._instances`; a disabled one is not kept there.)"""
+    return bool(list(tqdm._instances))
 
 
 def mute_stop_signals() -> None:
@@ -290,6 +304,16 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- versions
+def cpu_model() -> str:
+    """The CPU's model name as Linux gives it (/proc/cpuinfo), else as the platform module does."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or "unknown"
+
+
 def software_versions() -> dict[str, str]:
     """The software and device a run or a benchmark ran on (written into config.json and the GPU report)."""
     info = {"python": platform.python_version(), "torch": torch.__version__}
@@ -300,6 +324,9 @@ def software_versions() -> dict[str, str]:
             info[package] = "not installed"
     info["cuda (torch build)"] = str(torch.version.cuda)
     info["platform"] = platform.platform()
+    # A CPU run's scores depend on the kernels torch picks for the CPU's instruction set (docs/training.md).
+    info["cpu"] = f"{cpu_model()}, {os.cpu_count()} logical CPUs"
+    info["cpu capability (torch)"] = torch.backends.cpu.get_cpu_capability()
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name()
         info["compute capability"] = "sm_%d%d" % torch.cuda.get_device_capability()

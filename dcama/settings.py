@@ -3,7 +3,8 @@ checked (ConfigError, one line naming the flag), its run folder chosen, and the 
 its checkpoint recorded, with the few changes a resume may make (`resumed_config`).
 
 train/run.py resolves its flags here before it imports torch, so that a bad flag is reported at once;
-`dcama.train` calls `resumed_config` once it has read the checkpoint.
+`dcama.train` calls `resumed_config` once it has read the checkpoint, and completes a fine-tuning run's settings
+(`FROM_INIT`) once it has read the --init checkpoint (`read_init`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from .files import folder_holder
 from .flags import (ConfigError, check_at_least, check_benchmark, check_choice, check_file, check_folder,
                     check_fraction, check_img_size, check_non_negative, check_output, check_positive, flag)
 
-__all__ = ["PER_START", "RESUME_CHANGEABLE", "TrainConfig", "fill_defaults", "in_use", "previous_checkpoint",
-           "resolve_config", "resumed_config", "run_clash"]
+__all__ = ["FROM_INIT", "PER_START", "RESUME_CHANGEABLE", "TrainConfig", "fill_defaults", "in_use",
+           "previous_checkpoint", "resolve_config", "resumed_config", "run_clash"]
 
 
 @dataclass
@@ -46,13 +47,14 @@ class TrainConfig:
     amp: str | None = None
     logdir: str | None = None
     resume: str | None = None  # a checkpoint path, or "last" for <logdir>/last.pt
+    init: str | None = None  # a DCAMA checkpoint to fine-tune (ours or the authors'): its backbone, size, weights
     save_every_min: float | None = None  # minutes between checkpoints inside an epoch; 0: at epoch ends only
     seed: int | None = None
     workers: int | None = None
     episodes_per_epoch: int | None = None  # None: the training split's own length
     val_episodes: int | None = None
     test_episodes: int | None = None  # after training, the best checkpoint on the test split; 0 skips
-    threads: int | None = None  # torch.set_num_threads on CPU
+    threads: int | None = None  # torch CPU threads on a CPU device (runtime.cpu_threads); 0: torch's default
     progress: bool = True
 
 
@@ -62,6 +64,9 @@ class TrainConfig:
 RESUME_CHANGEABLE = ("epochs", "test_episodes", "save_every_min", "datapath", "workers", "threads", "attn_impl")
 # Options of one start, not settings of the run: never taken from a checkpoint.
 PER_START = ("logdir", "resume", "progress")
+# Settings a fine-tuning run (--init) takes from its checkpoint, not from the benchmark's defaults: they stay as
+# given (None) here until dcama.train.read_init has read the file.
+FROM_INIT = ("backbone", "img_size")
 
 _CHOICES = (("benchmark", BENCHMARK_DEFAULTS), ("backbone", BACKBONES), ("optimizer", OPTIMIZERS),
             ("amp", AMP_MODES), ("attn_impl", ATTN_IMPLS))
@@ -88,9 +93,14 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """A copy of `cfg` checked (ConfigError, one line naming the flag) and with its run folder chosen; for a new
     run every None filled from the benchmark's defaults. A resumed run (`resume` set) keeps its Nones, which
     stand for the values in its checkpoint (`resumed_config`), and only the values given are checked here.
-    Looks at files and folders but reads none."""
+    A fine-tuning run (`init` set) keeps its FROM_INIT settings as given. Looks at files and folders but reads
+    none."""
+    if cfg.init is not None:
+        _check_init(cfg)
     if cfg.resume is None:
         out = fill_defaults(cfg)
+        if out.init is not None:
+            out = dataclasses.replace(out, **{name: getattr(cfg, name) for name in FROM_INIT})
         _check_settings(out)
     else:
         out = dataclasses.replace(cfg)
@@ -101,7 +111,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         if out.resume == "last":
             raise ConfigError("--resume without a path needs --logdir (the run folder holding last.pt)")
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        out.logdir = f"logs/{out.benchmark}-fold{out.fold}-{out.backbone}-{out.nshot}shot-{stamp}"
+        model = out.backbone or "finetuned"  # a fine-tuning run's backbone is known once its --init file is read
+        out.logdir = f"logs/{out.benchmark}-fold{out.fold}-{model}-{out.nshot}shot-{stamp}"
     check_output("logdir", out.logdir, folder=True)  # the default's too: a file named logs in the working folder
     holder = folder_holder(out.logdir)
     if holder is not None:  # before what a resume would advise: a run that has not saved yet is still a run
@@ -114,6 +125,19 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if clash:
         raise ConfigError(clash)
     return out
+
+
+def _check_init(cfg: TrainConfig) -> None:
+    """--init on its own: a file, and not given with the flags it contradicts whatever it holds (--resume, and
+    --backbone-weights: the checkpoint holds its backbone's weights). What contradicts the file's model (its
+    backbone, its image side) is refused once it is read (dcama.train.read_init)."""
+    if cfg.resume is not None:
+        raise ConfigError(f"--init {cfg.init} with --resume {cfg.resume}: --init starts a new run from a checkpoint's "
+                          "weights, --resume continues a run; give one of them")
+    check_file("init", cfg.init)
+    if cfg.backbone_weights is not None:
+        raise ConfigError(f"--backbone-weights {cfg.backbone_weights}: --init {cfg.init} holds the backbone's "
+                          "weights; leave it out")
 
 
 def in_use(logdir: str | Path, holder: str) -> str:
@@ -182,4 +206,5 @@ def _check_settings(cfg: TrainConfig) -> None:
     """A whole config (no None left but the optional ones): every value, and the values together."""
     _check_values(cfg)
     check_benchmark(cfg.benchmark, cfg.datapath, cfg.fold, cfg.nshot)
-    check_img_size(cfg.backbone, cfg.img_size)
+    if None not in (cfg.backbone, cfg.img_size):  # None: a fine-tuning run's, known once its --init file is read
+        check_img_size(cfg.backbone, cfg.img_size)

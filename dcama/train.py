@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from .backbones import BACKBONES
 from .checkpoint import (BACKBONE_FILE, CheckpointError, checkpoint_parts, load_checkpoint_file, load_fitting_state,
-                         save_backbone, save_checkpoint)
+                         save_backbone, save_checkpoint, trained_img_size)
 from .config import IGNORE_INDEX, TEST_SEED
 from .data import FewShotDataset, build_dataset
 from .evaluate import evaluate, evaluate_checkpoint, model_predictor
@@ -50,8 +50,8 @@ from .runtime import (EpochSampler, Interrupted, StopRequests, all_gather, any_r
                       seed_everything, set_rng_state, setup_distributed, software_versions)
 from .settings import TrainConfig, fill_defaults, in_use, previous_checkpoint, resolve_config, resumed_config, run_clash
 
-__all__ = ["ConfigError", "NonFiniteLossError", "RunStopped", "TrainConfig", "TrainResult", "WriteError",
-           "build_optimizer", "fill_defaults", "previous_checkpoint", "resolve_config",
+__all__ = ["ConfigError", "InitModel", "NonFiniteLossError", "RunStopped", "TrainConfig", "TrainResult", "WriteError",
+           "build_optimizer", "fill_defaults", "previous_checkpoint", "read_init", "resolve_config",
            "segmentation_loss", "train", "train_step", "trainable_parameters"]
 
 TENSORBOARD_TAGS = {"train_loss": "train/loss", "train_miou": "train/miou", "train_fb_iou": "train/fb_iou",
@@ -185,6 +185,33 @@ class _Run:
         return f"{self.last_path} ({self.saved_at})" if self.saved_at else "none was written yet"
 
 
+@dataclass
+class InitModel:
+    """What a run fine-tunes from (--init): the checkpoint's model and the image side it was trained at."""
+
+    model: DCAMA
+    backbone: str
+    img_size: int
+
+
+def read_init(cfg: TrainConfig) -> InitModel:
+    """The model of the --init checkpoint (ours or the authors', read once through `DCAMA.from_loaded`) and
+    its training size (`trained_img_size`; the benchmark's for a file of ours that records none). A --backbone
+    or --img-size that contradicts the checkpoint is refused (ConfigError); the flags that contradict any
+    checkpoint are refused before it is read (`resolve_config`)."""
+    filled = fill_defaults(cfg)
+    blob = load_checkpoint_file(cfg.init)
+    img_size = trained_img_size(blob, filled.img_size)
+    model = DCAMA.from_loaded(blob, cfg.init, attn_impl=filled.attn_impl)
+    del blob  # its tensors are the model's now
+    backbone = model.config["backbone"]
+    for name, given, held in (("backbone", cfg.backbone, backbone), ("img_size", cfg.img_size, img_size)):
+        if given is not None and given != held:
+            raise ConfigError(f"{flag(name)} {given}: --init {cfg.init} holds a model trained with {flag(name)} "
+                              f"{held}; leave {flag(name)} out (it is taken from the checkpoint)")
+    return InitModel(model, backbone, img_size)
+
+
 def train(cfg: TrainConfig, on_epoch_end: EpochHook | None = None,
           on_step_end: StepHook | None = None) -> TrainResult:
     """Run (or resume) a training run; returns where the checkpoints are and what they reached.
@@ -205,11 +232,14 @@ def train(cfg: TrainConfig, on_epoch_end: EpochHook | None = None,
     """
     with StopRequests() as stop:
         cfg = resolve_config(cfg)
+        init = read_init(cfg) if cfg.init is not None else None
+        if init is not None:  # the model's settings (FROM_INIT) are the checkpoint's
+            cfg = dataclasses.replace(cfg, backbone=init.backbone, img_size=init.img_size)
         rank, world, device, owned_group = setup_distributed()
         try:
             cfg = from_rank0(cfg)  # one run folder: the default name holds rank 0's clock
             stop.notice = _STOP_NOTICE if rank == 0 else None
-            return _train(cfg, rank, world, device, stop, on_epoch_end, on_step_end)
+            return _train(cfg, rank, world, device, stop, init, on_epoch_end, on_step_end)
         except Interrupted as err:
             last = Path(cfg.logdir) / "last.pt"
             note = f"{last} holds the last save" if last.exists() else "no checkpoint was written"
@@ -219,15 +249,15 @@ def train(cfg: TrainConfig, on_epoch_end: EpochHook | None = None,
                 dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, stop: StopRequests,
+def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, stop: StopRequests, init: InitModel | None,
            on_epoch_end: EpochHook | None, on_step_end: StepHook | None) -> TrainResult:
     with _locked(cfg, rank):
         resumed = None
         if cfg.resume is not None:  # under the lock: a folder in use is refused before its checkpoint is read
             resumed = _read_resume_file(cfg, rank)
             cfg = _resumed_settings(cfg, resumed, rank)
-        with cpu_threads(cfg.threads if device.type == "cpu" else None):
-            run = _build(cfg, rank, world, device, stop)
+        with cpu_threads(cfg.threads, device):
+            run = _build(cfg, rank, world, device, stop, init)
             if resumed is not None:
                 _resume(run, resumed)
             return _run_epochs(run, on_epoch_end, on_step_end)
@@ -259,8 +289,10 @@ def _run_epochs(run: _Run, on_epoch_end: EpochHook | None, on_step_end: StepHook
 
 
 # ------------------------------------------------------------------------------------------------- build
-def _build(cfg: TrainConfig, rank: int, world: int, device: torch.device, stop: StopRequests) -> _Run:
-    """Data sets, model, optimiser and gradient scaler, and every RNG seeded."""
+def _build(cfg: TrainConfig, rank: int, world: int, device: torch.device, stop: StopRequests,
+           init: InitModel | None) -> _Run:
+    """Data sets, model (the `init` checkpoint's, else a new one), a new optimiser and gradient scaler, and
+    every RNG seeded."""
     # Datasets first: a missing data set fails before any model is built.
     data_kw = dict(shot=cfg.nshot, img_size=cfg.img_size, use_original_imgsize=False, seed=cfg.seed)
     trn_kw = {} if cfg.episodes_per_epoch is None else {"episodes": cfg.episodes_per_epoch}
@@ -273,16 +305,23 @@ def _build(cfg: TrainConfig, rank: int, world: int, device: torch.device, stop: 
     note = unused_episodes_note(cfg.benchmark, "episodes_per_epoch", cfg.episodes_per_epoch)
     if note and rank == 0:
         print(note, flush=True)
-    if cfg.backbone_weights is None and cfg.benchmark != "shapes" and cfg.resume is None and rank == 0:
+    if cfg.backbone_weights is None and cfg.benchmark != "shapes" and cfg.resume is None and cfg.init is None \
+            and rank == 0:
         print(f"note: no --backbone-weights: the {cfg.backbone} backbone stays randomly initialised (the published "
               f"recipe uses ImageNet weights, e.g. {BACKBONES[cfg.backbone].weights_file})", flush=True)
     # Same seed on every rank for the weights; per-rank streams afterwards for dropout.
     torch.manual_seed(cfg.seed)
     # Swin is built for one input size; ResNets take any multiple of 32, so their checkpoints stay size-free. A
     # resumed run's backbone comes from its checkpoint: the ImageNet file is not read again.
-    model = DCAMA(backbone=cfg.backbone, attn_impl=cfg.attn_impl,
-                  backbone_weights=cfg.backbone_weights if cfg.resume is None else None,
-                  img_size=cfg.img_size if BACKBONES[cfg.backbone].kind == "swin" else None).to(device)
+    if init is not None:
+        model = init.model.to(device)
+        if rank == 0:
+            print(f"fine-tuning {cfg.init} ({cfg.backbone}, trained at {cfg.img_size} px) with a new optimiser and "
+                  "schedule", flush=True)
+    else:
+        model = DCAMA(backbone=cfg.backbone, attn_impl=cfg.attn_impl,
+                      backbone_weights=cfg.backbone_weights if cfg.resume is None else None,
+                      img_size=cfg.img_size if BACKBONES[cfg.backbone].kind == "swin" else None).to(device)
     optimizer = build_optimizer(cfg, trainable_parameters(model))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     seed_everything(cfg.seed + rank)
@@ -693,7 +732,8 @@ def _test(run: _Run) -> dict[str, Any]:
     result = evaluate_checkpoint(run.best_path, benchmark=cfg.benchmark, datapath=cfg.datapath, fold=cfg.fold,
                                  nshot=cfg.nshot, episodes=cfg.test_episodes, seed=TEST_SEED, img_size=cfg.img_size,
                                  backbone=cfg.backbone, attn_impl=cfg.attn_impl, amp=cfg.amp, workers=cfg.workers,
-                                 device=str(run.device), batch_size=cfg.bsz, progress=cfg.progress)
+                                 threads=cfg.threads, device=str(run.device), batch_size=cfg.bsz,
+                                 progress=cfg.progress)
     path = run.logdir / "test.json"
     _on_rank0(run, path, lambda: write_json(path, result))
     return result

@@ -21,8 +21,8 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from .data.common import IMAGENET_MEAN, IMAGENET_STD
 from .files import atomic_open
 
-__all__ = ["PREDICTION", "SUPPORT", "TRUTH", "MaskStyle", "Panel", "compose", "draw_panel", "prediction_picture",
-           "save_episode_png", "save_picture", "to_rgb"]
+__all__ = ["CLASS_COLOURS", "PREDICTION", "SUPPORT", "TRUTH", "MaskStyle", "Panel", "class_styles", "compose",
+           "draw_panel", "labels_picture", "prediction_picture", "save_episode_png", "save_picture", "to_rgb"]
 
 PANEL_HEIGHT = 288  # 96 px shapes images x 3
 FILL_ALPHA = 0.3  # the light fill: 30% of the mask's colour over the image
@@ -47,6 +47,10 @@ class MaskStyle:
 SUPPORT = MaskStyle("support mask", (255, 150, 0))
 TRUTH = MaskStyle("ground truth", (0, 210, 90))
 PREDICTION = MaskStyle("prediction", (235, 30, 220))
+# The classes of an N-way prediction, label k in CLASS_COLOURS[(k - 1) % 10]: the Okabe-Ito colours (told apart
+# with the common colour-vision deficiencies), then the magenta, green and a brown, repeated past 10 classes.
+CLASS_COLOURS = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
+                 (204, 121, 167), (235, 30, 220), (0, 210, 90), (140, 80, 30))
 
 
 @dataclass
@@ -223,3 +227,19 @@ def prediction_picture(query: Image.Image | np.ndarray, pred: np.ndarray, suppor
     share = float(np.asarray(pred).astype(bool).mean())
     panel = draw_panel(query, [(pred, PREDICTION)], f"prediction: {share:.1%} of the image")
     return compose([*supports, panel], title, [SUPPORT, PREDICTION])
+
+
+def class_styles(names: Sequence[str]) -> list[MaskStyle]:
+    """One style per class of an N-way prediction, in label order (label k: names[k - 1])."""
+    return [MaskStyle(name, CLASS_COLOURS[k % len(CLASS_COLOURS)]) for k, name in enumerate(names)]
+
+
+def labels_picture(query: Image.Image | np.ndarray, labels: np.ndarray, styles: Sequence[MaskStyle],
+                   supports: Sequence[Panel], title: str) -> Image.Image:
+    """An N-way prediction: the support panels (each in its class's colour), then the query with every class's
+    region in its colour (label k: styles[k - 1]) and a legend naming each class with its share of the image."""
+    labels = np.asarray(labels)
+    masks = [(labels == k + 1, style) for k, style in enumerate(styles)]
+    panel = draw_panel(query, masks, f"prediction: {(labels > 0).mean():.1%} of the image in a class")
+    legend = [MaskStyle(f"{style.label} {mask.mean():.1%}", style.colour) for mask, style in masks]
+    return compose([*supports, panel], title, legend)

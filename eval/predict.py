@@ -4,6 +4,9 @@ grey value >= 128 is foreground. docs/predict.md describes the outputs.
 
   python eval/predict.py --checkpoint best.pt --support part1.jpg part1.png --support part2.jpg part2.png \\
       --query photos/ --out predictions/
+
+With a class name before each support (--support cat cat1.jpg cat1.png --support dog dog1.jpg dog1.png), every
+query gets a label map (0 background, 1..N the classes in the order first given) with its legend instead.
 """
 
 from __future__ import annotations
@@ -20,14 +23,16 @@ except ImportError:  # run from a checkout that was not installed
 # Torch-free: the flags are parsed and checked before torch is imported (in `run`), so that a flag error or
 # --help takes a fraction of a second instead of the seconds torch and the model take to import.
 from dcama.config import AMP_MODES, ATTN_IMPLS
-from dcama.flags import ConfigError, FlagParser, check_at_least, check_checkpoint_model, check_file, error_line
+from dcama.flags import (ConfigError, FlagParser, check_at_least, check_checkpoint_model, check_file, check_supports,
+                         error_line, one_line_warnings)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a .pt/.pth file: ours (best.pt) or the authors' release")
-    p.add_argument("--support", nargs=2, action="append", required=True, metavar=("IMAGE", "MASK"),
-                   help="a support image and its mask; repeat for K shots")
+    p.add_argument("--support", nargs="+", action="append", required=True, metavar="[CLASS] IMAGE MASK",
+                   help="a support image and its mask; repeat for K shots. With a class name first, once per "
+                        "support of each class: N classes in one label map")
     p.add_argument("--query", nargs="+", action="extend", required=True, metavar="FILE_OR_DIR_OR_GLOB",
                    help="query images: files, folders (their images, masks beside them left out) or glob patterns")
     p.add_argument("--out", required=True, help="output folder, new or empty unless --overwrite")
@@ -54,6 +59,7 @@ def check_flags(args: argparse.Namespace) -> None:
     check_checkpoint_model(args.backbone, args.img_size)
     check_at_least("bsz", args.bsz, 1)
     check_at_least("threads", args.threads, 0)
+    check_supports(args.support)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,13 +79,14 @@ def run(args: argparse.Namespace) -> int:
 
     if not torch.cuda.is_available():  # the Triton kernels can then only run in the interpreter, chosen before import
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from dcama.predict import RESULTS_FILE, predict_files
+    from dcama.predict import RESULTS_FILE, SupportWarning, predict_files
 
     try:
-        result = predict_files(args.checkpoint, args.support, args.query, args.out, img_size=args.img_size,
-                               batch_size=args.bsz, backbone=args.backbone, attn_impl=args.attn_impl, amp=args.amp,
-                               device=args.device, threads=args.threads, overwrite=args.overwrite,
-                               overlays=args.overlays, progress=args.progress)
+        with one_line_warnings(SupportWarning):
+            result = predict_files(args.checkpoint, args.support, args.query, args.out, img_size=args.img_size,
+                                   batch_size=args.bsz, backbone=args.backbone, attn_impl=args.attn_impl,
+                                   amp=args.amp, device=args.device, threads=args.threads, overwrite=args.overwrite,
+                                   overlays=args.overlays, progress=args.progress)
     except (OSError, ValueError) as err:  # bad flags or input files, checkpoint errors, outputs not written
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
@@ -88,9 +95,12 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     n, s = len(result["queries"]), result["settings"]
-    print(f"{n} mask{'s' * (n != 1)} in {os.path.join(args.out, 'masks')}"
+    kind, folder = ("label map", "labels") if "classes" in s else ("mask", "masks")
+    shots = (f"{len(s['classes'])} classes, {len(s['supports'])} supports" if "classes" in s
+             else f"{len(s['supports'])}-shot")
+    print(f"{n} {kind}{'s' * (n != 1)} in {os.path.join(args.out, folder)}"
           + (f", overlays in {os.path.join(args.out, 'overlays')}" if args.overlays else "")
-          + f", {RESULTS_FILE} ({len(s['supports'])}-shot at {s['img_size']} px on {s['device']}, "
+          + f", {RESULTS_FILE} ({shots} at {s['img_size']} px on {s['device']}, "
           f"{n / max(s['seconds'], 1e-9):.1f} images/s)")
     return 0
 

@@ -16,7 +16,7 @@ except ImportError:  # run from a checkout that was not installed
 # --help takes a fraction of a second instead of the seconds torch and the model take to import.
 from dcama.config import AMP_MODES, ATTN_IMPLS, BASELINES, BENCHMARK_DEFAULTS, EVAL_EPISODES, TEST_SEED
 from dcama.flags import (ConfigError, FlagParser, check_at_least, check_benchmark, check_checkpoint_model,
-                         check_file, error_line, unused_episodes_note)
+                         check_file, check_seeds, error_line, unused_episodes_note)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,7 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nshot", type=int, default=1)
     p.add_argument("--episodes", type=int, default=None,
                    help=f"default: {EVAL_EPISODES}; fss and folder take none (every test image is a query once)")
-    p.add_argument("--seed", type=int, default=TEST_SEED)
+    seed = p.add_mutually_exclusive_group()
+    seed.add_argument("--seed", type=int, default=TEST_SEED, help="the episodes' seed")
+    seed.add_argument("--seeds", type=int, nargs="+", default=None,
+                      help="evaluate on each of these episode seeds: mean +- standard deviation, every seed in --json")
     p.add_argument("--img-size", type=int, default=None,
                    help="default: the size the checkpoint was trained at (ours; 384 for the authors'), else the "
                         "benchmark's")
@@ -58,6 +61,7 @@ def check_flags(args: argparse.Namespace) -> None:
     check_checkpoint_model(args.backbone, args.img_size)
     for name, minimum in (("episodes", 1), ("seed", 0), ("bsz", 1), ("workers", 0), ("threads", 0)):
         check_at_least(name, getattr(args, name), minimum)
+    check_seeds(args.seeds)
     if args.use_original_imgsize and args.bsz != 1:
         raise ConfigError(f"--bsz {args.bsz}: --use-original-imgsize needs --bsz 1 (the queries differ in size)")
 
@@ -88,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         episodes = EVAL_EPISODES if args.episodes is None else args.episodes
         result = evaluate_checkpoint(
             args.checkpoint, benchmark=args.benchmark, datapath=args.datapath, fold=args.fold, nshot=args.nshot,
-            episodes=episodes, seed=args.seed, use_original_imgsize=args.use_original_imgsize,
+            episodes=episodes, seed=args.seed, seeds=args.seeds, use_original_imgsize=args.use_original_imgsize,
             img_size=args.img_size, backbone=args.backbone, attn_impl=args.attn_impl, amp=args.amp,
             baseline=args.baseline, workers=args.workers, threads=args.threads, batch_size=args.bsz,
             json_path=args.json_path, visualize_dir=args.visualize_dir, progress=args.progress)
@@ -100,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     s = result["settings"]
-    print(f"{s['checkpoint'] or s['baseline']}: {s['benchmark']} fold {s['fold']} {s['nshot']}-shot, "
-          f"seed {s['seed']}")
+    seeds = f"seed {s['seed']}" if s["seeds"] is None else f"seeds {' '.join(map(str, s['seeds']))}"
+    print(f"{s['checkpoint'] or s['baseline']}: {s['benchmark']} fold {s['fold']} {s['nshot']}-shot, {seeds}")
     if s["data"].get("summary"):  # the folder benchmark's class split
         print(s["data"]["summary"])
     print(format_result(result))

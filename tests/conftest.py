@@ -43,10 +43,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def load_cli() -> Callable[[str], ModuleType]:
-    """Loads `<name>/run.py` (train or eval) as a module, so a test can call its main(argv)."""
+    """Loads `<name>/run.py` (train or eval), or the script at a path (eval/predict.py), as a module, so a
+    test can call its main(argv)."""
 
     def load(name: str) -> ModuleType:
-        spec = importlib.util.spec_from_file_location(f"{name}_run_cli", REPO / name / "run.py")
+        path = REPO / name if name.endswith(".py") else REPO / name / "run.py"
+        spec = importlib.util.spec_from_file_location(f"{path.parent.name}_{path.stem}_cli", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module

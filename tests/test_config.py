@@ -28,7 +28,7 @@ def test_every_data_set_class_follows_its_benchmarks_rules():
 
 def test_every_benchmark_has_defaults_for_every_defaultable_setting():
     assert set(BENCHMARK_DEFAULTS) == set(BENCHMARKS)
-    optional = {"datapath", "logdir", "resume", "backbone_weights", "benchmark"}  # benchmark: DEFAULT_BENCHMARK
+    optional = {"datapath", "logdir", "resume", "init", "backbone_weights", "benchmark"}  # benchmark: DEFAULT_BENCHMARK
     defaultable = {name for name, value in vars(TrainConfig()).items() if value is None} - optional
     for name, defaults in BENCHMARK_DEFAULTS.items():
         assert set(defaults) == defaultable, name

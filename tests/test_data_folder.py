@@ -93,6 +93,21 @@ def test_every_problem_reported_once_naming_the_files(tmp_path):
         build_dataset("folder", tmp_path, split="val", shot=1, img_size=4)
 
 
+def test_the_problems_are_listed_by_class_then_file_in_natural_order(tmp_path):
+    """docs/data.md's order, not the lines' as strings: class a2 before a10 and a-b, a class's files before
+    what is wrong with the class as a whole, whatever the characters after its name."""
+    for name in ("a-b", "a10", "a2", "a"):
+        write_class(tmp_path, name, ["x"])
+    write_image(tmp_path / "a" / "z.jpg")  # no mask
+    (tmp_path / "splits.json").write_text(json.dumps({"trn": ["a-b", "a"], "val": ["a10"], "test": ["a2"]}))
+    with pytest.raises(FolderLayoutError) as info:
+        build_dataset("folder", tmp_path, split="test", shot=1, img_size=4)
+    listed = [line[2:] for line in str(info.value).splitlines() if line.startswith("  ") and not line.startswith("  <")]
+    too_few = "1 image(s) with masks, 1-shot episodes need 2"
+    assert listed[:5] == ["a/z.jpg: image without mask (expected a/z.png)", f"a/: {too_few}", f"a2/: {too_few}",
+                          f"a10/: {too_few}", f"a-b/: {too_few}"]
+
+
 @pytest.mark.parametrize("content, expected", [
     ("{", "cannot read"),
     ('["a"]', "must be a JSON object"),

@@ -2,7 +2,10 @@
 --json and --visualize, eval/predict.py --out), the device and --threads, each a one-line error with status 2
 before anything is loaded or written."""
 
+import errno
+import inspect
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcama.flags import ConfigError, check_output
+from dcama.config import CPU_THREADS
+from dcama.evaluate import evaluate_checkpoint
+from dcama.flags import ConfigError, check_output, error_line, write_failure
+from dcama.predict import predict_files
 from dcama.runtime import check_device
+from dcama.settings import TrainConfig, fill_defaults
 from helpers import exit_status
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +40,30 @@ def test_train_logdir_is_checked_before_anything_is_built(case, expected, a_file
     logdir = {"file": a_file, "under-file": a_file / "run", "deep-under-file": a_file / "a" / "b" / "run"}[case]
     assert exit_status(load_cli("train").main, ["--logdir", str(logdir), "--no-progress"]) == 2
     assert capsys.readouterr().err == "error: " + expected.replace("{file}", str(a_file)) + "\n"
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """An empty file system mounted read-only (a tmpfs; skipped where this process may not mount one)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                             capture_output=True, text=True) if shutil.which("mount") else None
+    if mounted is None or mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({mounted.stderr.strip() if mounted else 'no mount'})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_read_only_file_system_is_named_as_such(read_only_folder, capsys, load_cli):
+    """Not "no permission": no permission would help (as root, too, where access() refuses it all the same)."""
+    reason = f"{read_only_folder} is on a read-only file system"
+    assert exit_status(load_cli("train").main, ["--logdir", str(read_only_folder / "run"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"error: --logdir {read_only_folder}/run: {reason}\n"
+    failure = OSError(errno.EROFS, os.strerror(errno.EROFS))  # what a write raises there, e.g. at a run's save
+    assert write_failure(read_only_folder / "last.pt", failure) == f"cannot write {read_only_folder}/last.pt: {reason}"
 
 
 def test_an_unwritable_parent_is_refused(tmp_path):
@@ -62,15 +93,18 @@ def test_devices():
     assert check_device("cpu") == torch.device("cpu")
     assert check_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
     for bad in ("bogus", "mps", "cuda:x"):
-        with pytest.raises(ConfigError, match=f"^--device {bad}: choose cpu, cuda or cuda:N$"):
+        with pytest.raises(ConfigError, match=f"^device='{bad}': choose cpu, cuda or cuda:N$") as err:
             check_device(bad)
+        assert error_line(err.value) == f"--device {bad}: choose cpu, cuda or cuda:N"  # what a command prints
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count:
-        with pytest.raises(ConfigError, match=f"^--device cuda:{count}: this machine has {count} CUDA device"):
-            check_device(f"cuda:{count}")
+        with pytest.raises(ConfigError, match=f"^device='cuda:{count}': this machine has {count} CUDA device"):
+            check_device(torch.device("cuda", count))
     else:
-        with pytest.raises(ConfigError, match="^--device cuda:1: this machine has no CUDA device"):
-            check_device("cuda:1")
+        with pytest.raises(ConfigError, match="^device='cuda:1': this machine has no CUDA device") as err:
+            check_device(torch.device("cuda", 1))
+        assert str(err.value).endswith("(torch sees none); use device='cpu'")
+        assert error_line(err.value).endswith("(torch sees none); use --device cpu")
 
 
 def test_threads_is_one_flag_for_every_command(load_cli):
@@ -109,3 +143,18 @@ def test_help_and_flag_errors_come_before_torch_is_imported(script, argv, status
                           text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert proc.stdout.splitlines()[-1] == f"exit {status} False", proc.stdout + proc.stderr
     assert proc.stderr.startswith(message.replace("{tmp}", str(tmp_path))), proc.stderr
+
+
+def test_every_command_and_engine_defaults_to_the_one_thread_count(load_cli):
+    """One CPU-thread policy: train, eval and predict, as commands and from Python, default to CPU_THREADS, so
+    a command another prints runs at the first one's thread count (and gives its numbers)."""
+    predict_argv = ["--checkpoint", "c", "--support", "i", "m", "--query", "q", "--out", "o"]
+    commands = {"train": fill_defaults(load_cli("train").parse_args([])).threads,  # a new run's
+                "eval": load_cli("eval").parse_args(["--checkpoint", "c"]).threads,
+                "predict": load_cli("eval/predict.py").parse_args(predict_argv).threads}
+    engines = {"train": fill_defaults(TrainConfig()).threads,
+               "eval": inspect.signature(evaluate_checkpoint).parameters["threads"].default,
+               "predict": inspect.signature(predict_files).parameters["threads"].default}
+    assert commands == engines == dict.fromkeys(commands, CPU_THREADS)
+    # train leaves it unset like its other flags, so a resume without --threads keeps the run's own count
+    assert load_cli("train").parse_args(["--resume", "--logdir", "x"]).threads is None

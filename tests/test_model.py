@@ -376,7 +376,7 @@ def test_own_checkpoint_round_trip(tmp_path, r18):
     assert not loaded.training and loaded.config == {**r18.config, "attn_impl": "sdpa"}
     with torch.no_grad():
         torch.testing.assert_close(loaded(*inputs), ref, rtol=1e-5, atol=1e-6)
-    with pytest.raises(CheckpointError, match="holds a resnet18 model, not the --backbone resnet34"):
+    with pytest.raises(CheckpointError, match="holds a resnet18 model, not the resnet34 backbone asked for"):
         DCAMA.from_checkpoint(path, backbone="resnet34")
 
 

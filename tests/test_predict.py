@@ -13,7 +13,7 @@ from PIL import Image
 
 import dcama.flags as flags
 from dcama.backbones import BACKBONES
-from dcama.checkpoint import save_checkpoint
+from dcama.checkpoint import CheckpointError, save_checkpoint
 from dcama.data import DatasetFileError
 from dcama.model import DCAMA
 from dcama.predict import InputError, load_model, output_names, query_files, read_support, size_batches
@@ -209,6 +209,19 @@ def test_load_model_reads_the_checkpoint_once(resnet18_checkpoint, monkeypatch):
     model, side = load_model(resnet18_checkpoint, attn_impl="sdpa", device="cpu")
     assert reads == [str(resnet18_checkpoint)] and side == 384  # no recorded size: the published one
     assert not model.training
+
+
+def test_from_python_the_errors_name_the_arguments(resnet18_checkpoint):
+    """Worded for the caller: `device='cuda'`, not the command line's `--device cuda` (which the command adds)."""
+    with pytest.raises(flags.ConfigError, match=r"^device='bogus': choose cpu, cuda or cuda:N$"):
+        load_model(resnet18_checkpoint, device="bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(flags.ConfigError, match=r"^device='cuda': this machine has no CUDA device \(torch sees "
+                                                    r"none\); use device='cpu'$"):
+            load_model(resnet18_checkpoint, device="cuda")
+    for load in (load_model, DCAMA.from_checkpoint):
+        with pytest.raises(CheckpointError, match=r"holds a resnet18 model, not the swin_b backbone asked for$"):
+            load(resnet18_checkpoint, backbone="swin_b")
 
 
 def test_device_is_checked_before_any_input_is_read(resnet18_checkpoint, tmp_path, capsys):

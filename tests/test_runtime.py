@@ -5,11 +5,13 @@ What the ranks agree on is tested with two processes in test_train.py."""
 import os
 import random
 import signal
+import sys
 import time
 
 import numpy as np
 import pytest
 import torch
+from tqdm import tqdm
 
 import dcama.runtime as runtime
 from dcama.runtime import (STOP_SIGNALS, EpochSampler, Interrupted, ShardSampler, StopRequests, all_gather, any_rank,
@@ -87,6 +89,8 @@ def test_software_versions():
     info = software_versions()
     assert info["torch"] == torch.__version__
     assert {"python", "triton", "timm", "dcama-triton", "platform"} <= set(info)
+    assert info["cpu"].startswith(runtime.cpu_model()) and info["cpu"].endswith(f", {os.cpu_count()} logical CPUs")
+    assert info["cpu capability (torch)"] == torch.backends.cpu.get_cpu_capability()  # e.g. AVX2, AVX512
 
 
 def test_epoch_sampler_starts_part_way():
@@ -126,6 +130,20 @@ def test_stop_requests_defer_the_first_signal_and_not_a_second(short_repeat_wind
         assert err.value.signum == signal.SIGTERM and err.value.exit_status == 143
     assert capfd.readouterr().err == "SIGUSR1: stopping after this step\n"
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+@pytest.mark.parametrize("bar", ["drawn", "disabled"])
+def test_the_stop_notice_starts_a_line_of_its_own(bar, short_repeat_window, capfd):
+    """A progress bar leaves the cursor at the end of its line: the notice goes below it, not into it, and
+    without a bar (--no-progress) it is not preceded by an empty line."""
+    with tqdm(total=4, desc="epoch 1/8", file=sys.stderr, disable=bar == "disabled") as progress:
+        progress.update(1)
+        drawn = capfd.readouterr().err  # the bar's line, without a newline
+        assert (drawn.rstrip().endswith("it/s]") and not drawn.endswith("\n")) if bar == "drawn" else drawn == ""
+        with StopRequests(notice="{signal}: stopping after this step") as stop, stop.deferred():
+            _signal_self()
+    err = capfd.readouterr().err  # the notice, then what the bar drew when it closed
+    assert err.startswith("\nSIGUSR1: stopping after this step\n" if bar == "drawn" else "SIGUSR1: stopping")
 
 
 def test_stop_requests_outside_the_deferred_part_stop_at_once(short_repeat_window):

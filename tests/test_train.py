@@ -98,8 +98,8 @@ def test_cli_default_machinery_writes_every_file(tmp_path: Path, capsys: pytest.
     assert f"best checkpoint: {tmp_path / 'best.pt'}" in out
     assert f"results in {tmp_path}: backbone.pt, best.pt, config.json, last.prev.pt, last.pt, metrics.jsonl, " \
            "tensorboard/, test.json" in out
-    assert lines[-1].startswith(f"next, evaluate it: python eval/run.py --checkpoint {tmp_path / 'best.pt'} "
-                                "--benchmark shapes --fold 0 --nshot 1")
+    assert lines[-1] == f"next, evaluate it: python eval/run.py --checkpoint {tmp_path / 'best.pt'} " \
+                        "--benchmark shapes --fold 0 --nshot 1 --bsz 2 --episodes 2 --attn-impl sdpa"
     for name in ("backbone.pt", "best.pt", "last.pt", "last.prev.pt", "config.json", "metrics.jsonl", "test.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name  # the umask's mode, not mkstemp's 0600
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
@@ -119,6 +119,21 @@ def test_cli_default_machinery_writes_every_file(tmp_path: Path, capsys: pytest.
     assert last["epochs_done"] == 2 and previous["epochs_done"] == 1 and last["config"]["backbone"] == "resnet18"
     test = json.loads((tmp_path / "test.json").read_text())
     assert test["settings"]["checkpoint"] == str(tmp_path / "best.pt") and test["episodes"] == 2
+
+
+def test_cli_the_printed_eval_command_repeats_the_test(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch, load_cli) -> None:
+    """`next, evaluate it` scores best.pt as the run's test did: the same scores, and the same episodes, batch
+    size, workers, CPU threads, attention and precision, so at the same speed. Flags away from the defaults
+    (3 threads, 1 worker) so that a command that leaves one out runs otherwise."""
+    monkeypatch.chdir(REPO)
+    assert load_cli("train").main(tiny_args(tmp_path, "--epochs", "1", "--test-episodes", "3", "--threads", "3",
+                                            "--workers", "1")) == 0
+    command = shlex.split(capsys.readouterr().out.splitlines()[-1].removeprefix("next, evaluate it: "))
+    assert command[:2] == ["python", "eval/run.py"]
+    assert load_cli("eval").main([*command[2:], "--json", str(tmp_path / "again.json"), "--no-progress"]) == 0
+    test, again = (json.loads((tmp_path / name).read_text()) for name in ("test.json", "again.json"))
+    assert again == test and test["settings"]["threads"] == 3 and test["settings"]["batch_size"] == 2
 
 
 def test_loss_decreases_on_a_fixed_batch() -> None:

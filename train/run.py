@@ -22,9 +22,9 @@ except ImportError:  # run from a checkout that was not installed
 
 # Torch-free: the flags are parsed and checked before torch is imported (in `run`), so that a flag error or
 # --help takes a fraction of a second instead of the seconds torch and the model take to import.
-from dcama.config import (AMP_MODES, ATTN_IMPLS, BACKBONES, BENCHMARK_DEFAULTS, DEFAULT_BENCHMARK, OPTIMIZERS,
-                          SHARED_DEFAULTS, TEST_SEED)
-from dcama.flags import ConfigError, FlagParser
+from dcama.config import (AMP_MODES, ATTN_IMPLS, BACKBONES, BENCHMARK_DEFAULTS, BENCHMARK_RULES, DEFAULT_BENCHMARK,
+                          EVAL_EPISODES, OPTIMIZERS, SHARED_DEFAULTS, TEST_SEED)
+from dcama.flags import ConfigError, FlagParser, flag
 from dcama.settings import TrainConfig, resolve_config
 
 if TYPE_CHECKING:
@@ -61,6 +61,9 @@ def build_parser() -> FlagParser:
     p.add_argument("--resume", nargs="?", const="last", default=None,
                    help="checkpoint to continue from, with the settings it was started with; bare --resume "
                         "continues <logdir>/last.pt")
+    p.add_argument("--init", default=None,
+                   help="fine-tune a DCAMA checkpoint (ours or the authors'): its weights, backbone and image size, "
+                        "a new optimiser and schedule")
     save_defaults = ", ".join(f"{name} {d['save_every_min']:g}" for name, d in BENCHMARK_DEFAULTS.items())
     p.add_argument("--save-every-min", type=float, default=None,
                    help=f"minutes between checkpoints inside an epoch; 0: at epoch ends only ({save_defaults})")
@@ -70,7 +73,8 @@ def build_parser() -> FlagParser:
     p.add_argument("--val-episodes", type=int, default=None)
     p.add_argument("--test-episodes", type=int, default=None,
                    help=f"after training, evaluate best.pt on this many test episodes (seed {TEST_SEED}); 0 skips")
-    p.add_threads(default="the benchmark's, 1 for shapes")
+    p.add_threads()
+    p.set_defaults(threads=None)  # like every flag here: the default (CPU_THREADS), or on a resume the run's own
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
@@ -94,7 +98,6 @@ def resume_hint(cfg: TrainConfig, logdir: Path, lead: str = "resume with") -> st
 
 def report(result: TrainResult) -> None:
     """Where the results are and the command to run next."""
-    cfg = result.config
     if result.test is not None:
         t = result.test
         print(f"test ({t['episodes']} episodes, novel classes, seed {TEST_SEED}): mIoU {t['miou']:.2f}  "
@@ -106,11 +109,26 @@ def report(result: TrainResult) -> None:
     files = [p.name + ("/" if p.is_dir() else earlier if p.name == "test.json" else "")
              for p in sorted(result.logdir.iterdir()) if not p.name.startswith(".")]
     print(f"results in {result.logdir}: {', '.join(files)}")
+    print(f"next, evaluate it: {eval_command(result)}")
+
+
+def eval_command(result: TrainResult) -> str:
+    """The eval/run.py command that repeats the run's test: its episodes, and the batch size, workers, CPU
+    threads, attention and precision the test ran with, so the same scores at the same speed."""
+    cfg = result.config
     flags = ["--checkpoint", str(result.best_checkpoint), "--benchmark", cfg.benchmark,
              *(["--datapath", cfg.datapath] if cfg.datapath else []), "--fold", str(cfg.fold),
-             "--nshot", str(cfg.nshot)]
+             "--nshot", str(cfg.nshot), "--bsz", str(cfg.bsz)]
+    if cfg.test_episodes not in (0, EVAL_EPISODES) and BENCHMARK_RULES[cfg.benchmark].takes_episodes:
+        flags += ["--episodes", str(cfg.test_episodes)]
+    if cfg.workers:
+        flags += ["--workers", str(cfg.workers)]
+    # Settings whose eval/run.py defaults are the shared ones: given only where the run changed them.
+    for name in ("attn_impl", "amp", "threads"):
+        if getattr(cfg, name) != SHARED_DEFAULTS[name]:
+            flags += [flag(name), str(getattr(cfg, name))]
     script = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "eval", "run.py"))
-    print(f"next, evaluate it: {shlex.join(['python', script, *flags])}")
+    return shlex.join(["python", script, *flags])
 
 
 def main(argv: list[str] | None = None, mute_signals: bool = False) -> int:

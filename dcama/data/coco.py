@@ -28,6 +28,18 @@ from dcama.files import atomic_open
 
 N_FOLDS = BENCHMARK_RULES["coco"].n_folds
 N_CLASSES = 80
+# COCO's 80 category names in ascending category-id order: class index i is CLASS_NAMES[i].
+CLASS_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+)
 INDEX_FORMAT = "dcama-coco-index"
 INDEX_VERSION = 1
 
@@ -168,6 +180,9 @@ class COCODataset(FewShotDataset):
 
     def __len__(self) -> int:
         return self.length
+
+    def class_name(self, class_id: int) -> str:
+        return CLASS_NAMES[class_id]
 
     def _load(self, class_id: int, pos: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         img_id, counts = self.class_images[class_id][pos]

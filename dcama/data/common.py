@@ -210,6 +210,10 @@ class FewShotDataset(Dataset):
         {} for the benchmarks whose classes are fixed."""
         return {}
 
+    def class_name(self, class_id: int) -> str:
+        """The name of a class id of this benchmark, for people (per-class lines); each benchmark lists its own."""
+        return str(class_id)
+
     def check_index(self, index: int) -> int:
         if not -len(self) <= index < len(self):
             raise IndexError(f"episode index {index} out of range for {len(self)} episodes")

@@ -195,10 +195,9 @@ def index_folder(root: str, shot: int, split_seed: int = 0) -> FolderIndex:
                                     'the split, e.g. {"test": [...]} to evaluate on all of them')
         splits, split_from = seeded_split(classes, split_seed), f"seeded split (split_seed {split_seed})"
     files, problems = {}, []
-    for name in (c for s in SPLITS for c in splits[s]):
+    for name in sorted((c for s in SPLITS for c in splits[s]), key=natural_key):  # the report's order
         files[name], found = _index_class(root, name, shot)
         problems += found
-    problems.sort(key=natural_key)  # "<class>/<file>: ..." lines: by class, then by file
     if problems:
         shown = "\n  ".join(problems[:MAX_LISTED])
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
@@ -208,7 +207,8 @@ def index_folder(root: str, shot: int, split_seed: int = 0) -> FolderIndex:
 
 
 def _index_class(root: str, name: str, shot: int) -> tuple[list[tuple[str, str]], list[str]]:
-    """One class folder's (image path, mask path) pairs and its problems, the files named as <class>/<file>."""
+    """One class folder's (image path, mask path) pairs and its problems, the files named as <class>/<file>:
+    those of its files in natural order of the file names, then that of the class as a whole (too few images)."""
     folder = os.path.join(root, name)
     entries = list(os.scandir(folder))
     pairs, problems = pair_files([e.name for e in entries if e.is_file()], name)
@@ -227,6 +227,7 @@ def _index_class(root: str, name: str, shot: int) -> tuple[list[tuple[str, str]]
                             f"its image {name}/{image} {sizes[0][0]}x{sizes[0][1]}")
             continue
         paths.append((os.path.join(folder, image), os.path.join(folder, mask)))
+    problems.sort(key=lambda line: natural_key(line.partition(": ")[0]))  # by the files the line names
     if len(paths) < shot + 1:
         folders = [e.name for e in entries if e.is_dir()]
         hint = f" (it holds folders {folders[:3]}: is --datapath one level too high?)" if folders and not pairs else ""
@@ -258,6 +259,9 @@ class FolderDataset(ImageFilesDataset):
         self.class_names = {self.index.class_id(n): n for n in names}
         self.class_ids = list(self.class_names)
         self.set_files(root, {cid: self.index.files[n] for cid, n in self.class_names.items()})
+
+    def class_name(self, class_id: int) -> str:
+        return self.index.classes[class_id]
 
     def describe(self, listed_in: str | None = "the run's config.json") -> dict[str, Any]:
         index = self.index

@@ -41,6 +41,7 @@ class FSSDataset(ImageFilesDataset):
         check_dir(base, "FSS-1000 folder", LAYOUT)
         names = read_classes(split)
         self.class_ids = [CLASS_OFFSET[split] + i for i in range(len(names))]
+        self.names = dict(zip(self.class_ids, names))
         files: dict[int, list[tuple[str, str]]] = {}  # class id -> (n.jpg, n.png) by number n
         too_few = []
         for cid, name in zip(self.class_ids, names):
@@ -57,3 +58,6 @@ class FSSDataset(ImageFilesDataset):
         self.set_files(base, files)
         if not self.queries:
             raise ValueError(f"FSS-1000 {split}: no class has shot+1={shot + 1} images")
+
+    def class_name(self, class_id: int) -> str:
+        return self.names[class_id]

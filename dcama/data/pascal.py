@@ -23,6 +23,9 @@ from dcama.data.common import (
 
 N_FOLDS = BENCHMARK_RULES["pascal"].n_folds
 N_CLASSES = 20
+# The VOC2012 class names: 0-based class c is CLASS_NAMES[c] (value c + 1 in the masks).
+CLASS_NAMES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 
 LAYOUT = """Expected PASCAL-5i layout (HSNet/DCAMA convention):
   <root>/VOC2012/JPEGImages/<image id>.jpg           from the PASCAL VOC2012 trainval tar
@@ -93,6 +96,9 @@ class PascalDataset(FewShotDataset):
 
     def __len__(self) -> int:
         return self.length
+
+    def class_name(self, class_id: int) -> str:
+        return CLASS_NAMES[class_id]
 
     def _load(self, name: str, class_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         img = preprocess_image(load_rgb(os.path.join(self.img_dir, name + ".jpg")), self.img_size)

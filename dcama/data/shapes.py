@@ -215,6 +215,9 @@ class ShapesDataset(FewShotDataset):
     def __len__(self) -> int:
         return self.length
 
+    def class_name(self, class_id: int) -> str:
+        return class_name(class_id)
+
     def render(self, class_id: int, number: int) -> tuple[np.ndarray, np.ndarray]:
         """Image `number` of a class's pool: (H, W, 3) uint8 RGB and (H, W) {0, 1} uint8 mask.
 
