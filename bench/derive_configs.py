@@ -41,8 +41,9 @@ MODULE = Path(__file__).resolve().parents[1] / "kernels" / "arch_configs.py"
 DEFAULT_CACHE = Path.home() / ".cache" / "dcama" / "derive_configs.json"
 # Which field to shrink first, by what failed: resources (shared memory, tensor memory: the pipeline's
 # buffers and the resident tiles) or registers (spills: the live tiles per thread).
+# Software pipelining holds the next tiles in registers too, hence num_stages early for both.
 SHRINK_ORDER = {"resources": ("num_stages", "D_CHUNK", "BLOCK_M", "KEY_TILES", "D_SPLIT"),
-                "registers": ("KEY_TILES", "num_warps", "D_SPLIT", "BLOCK_M", "D_CHUNK", "num_stages")}
+                "registers": ("num_stages", "KEY_TILES", "num_warps", "D_SPLIT", "D_CHUNK", "BLOCK_M")}
 Key = tuple[str, str, int, int]
 WHY_WIDTH = 90  # the reasons are written as string pieces of this length (the repository's 120-column limit)
 
@@ -54,15 +55,15 @@ def launch_name(key: Key) -> str:
 
 def shrink_steps(kernel: str, head_dim: int, entry: Config, cause: str) -> list[tuple[Config, str]]:
     """The valid one-step shrinks of `entry`, most promising first for `cause`, each with its description:
-    one pipeline stage fewer, D_CHUNK / D_SPLIT / KEY_TILES / BLOCK_M halved, or 4 -> 8 warps (the tile spread
-    over twice the threads, so half the registers each)."""
+    num_stages / D_CHUNK / D_SPLIT / KEY_TILES / BLOCK_M halved, or 4 -> 8 warps (the tile spread over twice the
+    threads, so half the registers each)."""
     fields = CONFIG_FIELDS[kernel]
     out = []
     for name in SHRINK_ORDER[cause]:
         if name not in fields:
             continue
         value = entry[fields.index(name)]
-        new = {"num_stages": value - 1, "num_warps": 8 if value == 4 else value}.get(name, value // 2)
+        new = 8 if name == "num_warps" and value == 4 else value if name == "num_warps" else value // 2
         if new == value or new < 1:
             continue
         variant = tuple(new if f == name else v for f, v in zip(fields, entry))
@@ -116,24 +117,31 @@ def derive(arch: str, key: Key, cache: dict[str, dict[str, Any]], max_tries: int
     if not problems:
         return None
     why = f"sm_90 entry {base}: {', '.join(problems)}"
-    entry, steps, tried = base, [], []
-    for _ in range(max_tries):
-        cause = "registers" if problems == [f"spills {usage['spill_bytes']} B"] else "resources"
-        moves = shrink_steps(kernel, head_dim, entry, cause)
-        if not moves:
+    # Best first: try every one-step shrink of the current entry (the first clean one wins), then go on from the
+    # least-spilling one of those that fit (spills do not always fall as tiles shrink).
+    tried: list[tuple[Config, dict[str, Any], list[str]]] = [(base, usage, [])]
+    entry, steps = base, []
+
+    def badness(t: tuple[Config, dict[str, Any], list[str]]) -> tuple[bool, int]:  # fits first, then fewer spills
+        return bool(limit_problems(arch, t[1])), t[1]["spill_bytes"]
+
+    while len(tried) <= max_tries:
+        level = []
+        for variant, step in shrink_steps(kernel, head_dim, entry, "registers" if problems == [
+                f"spills {usage['spill_bytes']} B"] else "resources")[:max_tries + 1 - len(tried)]:
+            variant_usage = measure(arch, key, variant, cache)
+            tried.append((variant, variant_usage, [*steps, step]))
+            if not usage_problems(arch, variant_usage):
+                return variant, f"{why}; {', '.join(tried[-1][2])}"
+            level.append(tried[-1])
+        if not level:
             break
-        entry, step = moves[0]
-        steps.append(step)
-        usage = measure(arch, key, entry, cache)
+        entry, usage, steps = min(level, key=badness)
         problems = usage_problems(arch, usage)
-        tried.append((entry, usage, list(steps)))
-        if not problems:
-            return entry, f"{why}; {', '.join(steps)}"
-    fitting = [t for t in tried if not limit_problems(arch, t[1])]
-    if not fitting:
-        return base, f"{why}; NO VARIANT FITS after {', '.join(steps) or 'no possible step'}"
-    entry, usage, steps = min(fitting, key=lambda t: t[1]["spill_bytes"])
-    return entry, f"{why}; {', '.join(steps)} (least spilling found: {usage['spill_bytes']} B)"
+    entry, usage, steps = min(tried, key=badness)
+    if limit_problems(arch, usage):
+        return base, f"{why}; NO VARIANT FITS in {len(tried) - 1} tries"
+    return entry, f"{why}; {', '.join(steps) or 'kept'} (least spilling of {len(tried)} tried: {usage['spill_bytes']} B)"
 
 
 def _measured(cache: dict[str, dict[str, Any]]) -> dict[str, dict[tuple, tuple[int, ...]]]:
@@ -163,7 +171,8 @@ def module_text(derived: dict[str, dict[Key, tuple[Config, str]]], cache: dict[s
             lines += [f"        {key!r}:", f"            ({entry!r},",
                       *(f"             {piece!r}" for piece in pieces[:-1]), f"             {pieces[-1]!r}),"]
         lines.append("    },")
-    lines += ["}", "# MEASURED[arch][(kernel, group, head dim, DROP_BITS, entry)] = (shared bytes, tensor-memory columns,",
+    lines += ["}",
+              "# MEASURED[arch][(kernel, group, head dim, DROP_BITS, entry)] = (shared bytes, tensor-memory columns,",
               "# registers, spill bytes), the largest over the group's dtypes measured (fp16 and bf16 for \"16bit\").",
               "MEASURED: dict[str, dict[tuple[str, str, int, int, tuple[int, ...]], tuple[int, int, int, int]]] = {"]
     measured = _measured(cache)
@@ -184,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--match", metavar="REGEX", help="only the launches whose name ('bwd_dq 16bit d64 drop1') "
                                                           "matches")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="measurements kept between runs")
-    parser.add_argument("--max-tries", type=int, default=4, help="shrink steps per launch before giving up")
+    parser.add_argument("--max-tries", type=int, default=6, help="variants compiled per launch before giving up")
     args = parser.parse_args(argv)
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     from kernels.arch_configs import DERIVED

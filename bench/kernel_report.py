@@ -1,11 +1,14 @@
 """Compile report of the fused DCAMA attention kernels, read from the SASS, no GPU needed.
 
-    python bench/kernel_report.py [--sample] [--json FILE] [--archs 80 90] [--match REGEX] [--jobs 2]
+    python bench/kernel_report.py [--sample] [--json FILE] [--archs 80 86 89 90 100 120] [--match REGEX]
+                                  [--jobs 2] [--choices]
 
-Compiles every kernel configuration the op can launch (`bench/kernel_specs.py`) for sm_80 (Ampere) and
-sm_90 (Hopper) with `triton.compile(..., target=GPUTarget("cuda", cc, 32))` and reads each cubin with the
-CUDA tools bundled in the triton wheel: `ptxas -v` for registers and spills, `cuobjdump -sass` for the
-instructions. Exits with status 1 when a configuration fails to compile or to analyse, or cannot ship
+First prints which configuration each architecture gets and why (`kernels/arch_configs.py`, derived by
+bench/derive_configs.py; `--choices` stops there). Then compiles every kernel configuration each listed
+architecture can get (`bench/kernel_specs.py`) for it with `triton.compile(..., target=GPUTarget("cuda", cc,
+32))` and reads each cubin with the CUDA tools bundled in the triton wheel: `ptxas -v` for registers and
+spills, Triton's metadata for shared and tensor memory, `cuobjdump -sass` for the instructions (HMMA, HGMMA,
+UTCHMMA: the tensor cores of sm_80-sm_120, sm_90, sm_100). Exits with status 1 when a configuration fails to compile or to analyse, or cannot ship
 (`limit_violations`).
 
 What is counted (all static, from the SASS; nothing is typed in):
@@ -27,8 +30,11 @@ What is counted (all static, from the SASS; nothing is typed in):
     timing: latency, memory stalls and occupancy are not in it.
 
 `--sample` compiles what the budget and the regression ceilings cover (`BUDGET_TOTAL`, `CEILING_TOTAL`: every
-configuration the autotuner can pick for them, sm_90) plus a rotation over the other head dims on both
-archs: the CI gate (`tests/test_kernel_report.py`) runs it. The summary line "budget:" lists every breach.
+configuration the autotuner can pick for them, sm_90) plus a rotation over the other head dims, the budget's
+D = 32 configurations on sm_80 and sm_89 (reported, not gated), and on each other arch the configurations
+derived because the sm_90 entry failed there (`sample_tasks`): the CI gate (`tests/test_kernel_report.py`) runs
+it. The summary line "budget:" lists every breach; "CANNOT SHIP" every configuration over its arch's limits or
+spilling at D <= 64 (`limit_violations`).
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ if __name__ == "__main__":  # compiling needs real JITFunctions: the kernels mus
 from bench.common import H100_SXM, markdown_table
 from dcama.files import write_json
 from kernels.configs import ARCHS, BASE_ARCH, REGISTERS_PER_BLOCK, REGISTERS_PER_THREAD, base_candidates, \
-    candidates, launch_keys
+    candidates, launch_keys, split_config
 from kernels.arch_configs import DERIVED
 
 ARCH_CAPABILITIES = tuple(arch.capability for arch in ARCHS.values())
@@ -284,10 +290,11 @@ def is_gated(config: dict[str, Any]) -> bool:
 
 def sample_tasks(archs: tuple[int, ...]) -> list[tuple[int, int]]:
     """(cc, spec index) pairs of `--sample`, the CI gate's set. On sm_90 every gated spec and, for each kernel,
-    one spec at one other head dim (the head dims and the variants rotate over the kernels). On every other
-    listed arch the configurations derived there because the sm_90 entry failed (kernels/arch_configs.py) in
-    the groups a training run uses: fp32 3xTF32 (the default precision) at any dropout mode and 16-bit with
-    dropout, bf16 standing for fp16 (the same entry)."""
+    one spec at one other head dim (the head dims and the variants rotate over the kernels); on the archs of
+    BUDGET_REPORTED_ARCHS the budget's D = 32 specs (reported there). On every arch but sm_90 the configurations
+    derived there because the sm_90 entry failed (kernels/arch_configs.py) in the groups a training run uses:
+    fp32 3xTF32 (the default precision) at any dropout mode and 16-bit with dropout, bf16 standing for fp16
+    (the same entry)."""
     tasks = []
     for cc in archs:
         arch, specs = f"sm_{cc}", _specs(f"sm_{cc}")
@@ -299,6 +306,9 @@ def sample_tasks(archs: tuple[int, ...]) -> list[tuple[int, int]]:
                            s["config"]["head_dim"] == others[n % len(others)]]
                 tasks.append((cc, members[n % len(members)]))
             continue
+        if arch in BUDGET_REPORTED_ARCHS:
+            tasks += [(cc, i) for i, s in enumerate(specs) if s["config"]["head_dim"] == 32 and
+                      variant_key(s["config"]) in BUDGET_TOTAL]
         derived = DERIVED.get(arch, {})
         tasks += [(cc, i) for i, s in enumerate(specs) if s["config"]["dtype"] != "fp16"
                   and (s["group"] == "tf32x3" or (s["group"] == "16bit" and s["config"]["drop_bits"]))
@@ -486,26 +496,47 @@ def summary(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def format_choices(archs: tuple[int, ...]) -> str:
-    """Which configuration each arch gets for each launch and why (kernels/arch_configs.py): per arch how many
-    launches keep the sm_90 entry, then every launch that gets another entry, with the reason."""
+def arch_table(archs: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Per arch, from what bench/derive_configs.py measured of the configurations it ships (kernels/arch_configs.py):
+    launches measured, derived, the largest shared memory, the launches that spill, the groups whose every measured
+    launch fits."""
     from kernels.arch_configs import MEASURED
 
-    rows, counts = [], []
+    rows = []
     for cc in archs:
         arch = f"sm_{cc}"
-        derived, measured = DERIVED.get(arch, {}), MEASURED.get(arch, {})
-        keys = launch_keys()
-        unmeasured = [k for k in keys if not any((*k, e) in measured for e in candidates(*k, arch=arch))]
-        counts.append(f"{arch} ({ARCHS[arch].gpus}; {ARCHS[arch].shared_bytes // 1024} KB shared"
-                      f"{f', {ARCHS[arch].tmem_columns} tensor-memory columns' if ARCHS[arch].tmem_columns else ''}): "
-                      f"{len(keys) - len(derived)} of {len(keys)} launches keep the sm_90 entry "
-                      f"({len(unmeasured)} of them not measured on {arch}), {len(derived)} derived")
-        rows += [{"arch": arch, "launch": " ".join(map(str, k)), "entry": str(derived[k][0]),
-                  "sm_90": str(base_candidates(*k)[0]), "why": derived[k][1]} for k in sorted(derived)]
-    return "\n".join(counts) + "\n\n" + markdown_table(rows, [
-        ("arch", "arch", str), ("launch", "kernel group D drop_bits", str), ("sm_90", "sm_90 entry", str),
-        ("entry", "entry there", str), ("why", "why (measured by bench/derive_configs.py)", str)])
+        shipped = {(*k, e): MEASURED.get(arch, {}).get((*k, e)) for k in launch_keys()
+                   for e in candidates(*k, arch=arch)}
+        measured = {slot: usage for slot, usage in shipped.items() if usage is not None}
+        spilling = [slot for slot, usage in measured.items() if usage[3]]
+        fits = {slot: not limit_problems(arch, {"shared_bytes": u[0], "tmem_columns": u[1], "registers": u[2],
+                                                "num_warps": split_config(slot[0], slot[4])[1], "trap": False})
+                for slot, u in measured.items()}
+        groups = sorted({slot[1] for slot in measured})
+        rows.append({"arch": arch, "gpus": ARCHS[arch].gpus, "measured": f"{len(measured)} of {len(shipped)}",
+                     "derived": len(DERIVED.get(arch, {})),
+                     "shared": max((u[0] for u in measured.values()), default=0),
+                     "tmem": max((u[1] for u in measured.values()), default=0),
+                     "spilling": f"{len(spilling)} ({sum(s[2] <= MAX_SPILL_FREE_HEAD_DIM for s in spilling)} at D <= 64)",
+                     "groups": ", ".join(g for g in groups if all(ok for slot, ok in fits.items() if slot[1] == g))
+                     or "-"})
+    return rows
+
+
+def format_choices(archs: tuple[int, ...]) -> str:
+    """Which configuration each arch gets for each launch and why (kernels/arch_configs.py): per arch what was
+    measured of the configurations it ships, then every launch that gets another entry than sm_90's, with the
+    reason."""
+    rows = [{"arch": arch, "launch": " ".join(map(str, k)), "entry": str(DERIVED[arch][k][0]),
+             "sm_90": str(base_candidates(*k)[0]), "why": DERIVED[arch][k][1]}
+            for arch in (f"sm_{cc}" for cc in archs) for k in sorted(DERIVED.get(arch, {}))]
+    return markdown_table(arch_table(archs), [
+        ("arch", "arch", str), ("gpus", "GPUs", str), ("measured", "launches measured", str),
+        ("derived", "derived entries", str), ("shared", "largest shared B", str), ("tmem", "tmem columns", str),
+        ("spilling", "spilling launches", str), ("groups", "groups that fit (measured)", str)]) + "\n\n" + \
+        markdown_table(rows, [("arch", "arch", str), ("launch", "kernel group D drop_bits", str),
+                              ("sm_90", "sm_90 entry", str), ("entry", "entry there", str),
+                              ("why", "why (measured by bench/derive_configs.py)", str)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -516,14 +547,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--match", metavar="REGEX", help="only the kernel configurations whose name matches")
     parser.add_argument("--sample", action="store_true",
                         help="the hot configurations plus one rotation over the others (the CI gate's set)")
+    parser.add_argument("--choices", action="store_true",
+                        help="only print which configuration each architecture gets and why, compiling nothing")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compile processes")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.archs) - set(ARCH_CAPABILITIES))
     if unknown:
         parser.error(f"--archs {unknown}: not in kernels.configs.ARCHS {ARCH_CAPABILITIES}")
-    print("Which configuration each architecture gets:\n")
+    print("Which configuration each architecture gets (kernels/arch_configs.py):\n")
     print(format_choices(tuple(args.archs)))
     print()
+    if args.choices:
+        return 0
     start = time.perf_counter()
     records, failures = build_report(tuple(args.archs), args.jobs, args.match, args.sample)
     print(format_report(records))

@@ -7,6 +7,12 @@ and see docs/kernels.md, "Architectures"."""
 # DERIVED[arch][(kernel, group, head dim, DROP_BITS)] = (entry, why): where the sm_90 entry does not fit
 # `arch` or spills there.
 DERIVED: dict[str, dict[tuple[str, str, int, int], tuple[tuple[int, ...], str]]] = {
+    'sm_86': {
+        ('fwd', '16bit', 64, 1):
+            ((128, 64, 64, 8, 3),
+             'sm_90 entry (128, 64, 64, 4, 3): spills 188 B; num_warps 4->8 (least spilling found: 272 B'
+             ')'),
+    },
     'sm_100': {
         ('bwd_dq', '16bit', 16, 1):
             ((128, 64, 16, 16, 4, 1),
@@ -17,6 +23,14 @@ DERIVED: dict[str, dict[tuple[str, str, int, int], tuple[tuple[int, ...], str]]]
 # MEASURED[arch][(kernel, group, head dim, DROP_BITS, entry)] = (shared bytes, tensor-memory columns,
 # registers, spill bytes), the largest over the group's dtypes measured (fp16 and bf16 for "16bit").
 MEASURED: dict[str, dict[tuple[str, str, int, int, tuple[int, ...]], tuple[int, int, int, int]]] = {
+    'sm_86': {
+        ('fwd', '16bit', 64, 1, (16, 64, 64, 8, 3)): (83968, 0, 255, 336),
+        ('fwd', '16bit', 64, 1, (32, 64, 64, 8, 3)): (86016, 0, 255, 312),
+        ('fwd', '16bit', 64, 1, (64, 64, 64, 8, 3)): (90112, 0, 255, 312),
+        ('fwd', '16bit', 64, 1, (128, 64, 64, 4, 3)): (98304, 0, 255, 188),
+        ('fwd', '16bit', 64, 1, (128, 64, 64, 8, 3)): (98304, 0, 255, 272),
+        ('fwd', '16bit', 64, 16, (128, 64, 64, 8, 3)): (53248, 0, 248, 0),
+    },
     'sm_100': {
         ('bwd_dq', '16bit', 16, 1, (128, 64, 16, 16, 4, 1)): (12296, 256, 176, 0),
         ('bwd_dq', '16bit', 16, 1, (128, 64, 16, 16, 4, 2)): (44176, 640, 4, 0),
