@@ -141,7 +141,8 @@ def derive(arch: str, key: Key, cache: dict[str, dict[str, Any]], max_tries: int
     entry, usage, steps = min(tried, key=badness)
     if limit_problems(arch, usage):
         return base, f"{why}; NO VARIANT FITS in {len(tried) - 1} tries"
-    return entry, f"{why}; {', '.join(steps) or 'kept'} (least spilling of {len(tried)} tried: {usage['spill_bytes']} B)"
+    return entry, (f"{why}; {', '.join(steps) or 'kept'} (least spilling of {len(tried)} tried: "
+                   f"{usage['spill_bytes']} B)")
 
 
 def _measured(cache: dict[str, dict[str, Any]]) -> dict[str, dict[tuple, tuple[int, ...]]]:

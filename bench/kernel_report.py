@@ -8,8 +8,8 @@ bench/derive_configs.py; `--choices` stops there). Then compiles every kernel co
 architecture can get (`bench/kernel_specs.py`) for it with `triton.compile(..., target=GPUTarget("cuda", cc,
 32))` and reads each cubin with the CUDA tools bundled in the triton wheel: `ptxas -v` for registers and
 spills, Triton's metadata for shared and tensor memory, `cuobjdump -sass` for the instructions (HMMA, HGMMA,
-UTCHMMA: the tensor cores of sm_80-sm_120, sm_90, sm_100). Exits with status 1 when a configuration fails to compile or to analyse, or cannot ship
-(`limit_violations`).
+UTCHMMA: the tensor cores of sm_80-sm_120, sm_90, sm_100). Exits with status 1 when a configuration fails
+to compile or to analyse, or cannot ship (`limit_violations`).
 
 What is counted (all static, from the SASS; nothing is typed in):
   * The main loop is the longest backward branch: a branch instruction whose target lies before it
@@ -517,7 +517,8 @@ def arch_table(archs: tuple[int, ...]) -> list[dict[str, Any]]:
                      "derived": len(DERIVED.get(arch, {})),
                      "shared": max((u[0] for u in measured.values()), default=0),
                      "tmem": max((u[1] for u in measured.values()), default=0),
-                     "spilling": f"{len(spilling)} ({sum(s[2] <= MAX_SPILL_FREE_HEAD_DIM for s in spilling)} at D <= 64)",
+                     "spilling": f"{len(spilling)} ({sum(s[2] <= MAX_SPILL_FREE_HEAD_DIM for s in spilling)} "
+                                 "at D <= 64)",
                      "groups": ", ".join(g for g in groups if all(ok for slot, ok in fits.items() if slot[1] == g))
                      or "-"})
     return rows

@@ -93,16 +93,14 @@ MIN_CAPABILITY = (8, 0)  # Triton's tensor-core (mma) path; below it tl.dot fall
 
 
 def arch_for_capability(major: int, minor: int) -> str:
-    """The ARCHS class whose table a device of this compute capability gets: its own, else the newest listed
-    class of the same major version at or below it (sm_87 -> sm_86, sm_103 -> sm_100), else the newest listed
-    class below it. The device's real shared-memory limit still prunes the entries (`fitting_candidates`)."""
+    """The ARCHS class whose table a device of this compute capability gets: the newest listed class at or below
+    it (sm_87 -> sm_86, sm_103 -> sm_100). The device's real shared-memory limit still prunes the entries
+    (`fitting_candidates`)."""
     cc = 10 * major + minor
     if cc < 10 * MIN_CAPABILITY[0] + MIN_CAPABILITY[1]:
         raise ValueError(f"compute capability {major}.{minor} is below the {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
                          "the fused kernels need")
-    below = [name for name, arch in ARCHS.items() if arch.capability <= cc]
-    same_major = [name for name in below if ARCHS[name].capability // 10 == major]
-    return max(same_major or below, key=lambda name: ARCHS[name].capability)
+    return max((name for name, arch in ARCHS.items() if arch.capability <= cc), key=lambda n: ARCHS[n].capability)
 
 
 def config_group(dot_precision: str | None) -> str:

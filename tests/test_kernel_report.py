@@ -21,15 +21,17 @@ from pathlib import Path
 
 import pytest
 
-from bench.kernel_report import RECORD_KEYS, budget_violations, limit_violations, loop_costs, main_loop, \
-    parse_instructions, parse_ptxas, parse_sass
+from bench.kernel_report import BUDGET_REPORTED_ARCHS, RECORD_KEYS, budget_violations, limit_violations, loop_costs, \
+    main_loop, parse_instructions, parse_ptxas, parse_sass, summary_rows
 from kernels.arch_configs import DERIVED
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = os.environ.get("DCAMA_FULL_COMPILE_CHECK") == "1"
-# sm_90, and every arch with derived configurations in the groups the sample compiles there.
-ARCHS = {"sm_90"} | {arch for arch, derived in DERIVED.items()
-                     if any(group == "tf32x3" or (group == "16bit" and bits) for _, group, _, bits in derived)}
+# sm_90, the archs the budget is reported for, and every arch with derived configurations in the groups the
+# sample compiles there.
+ARCHS = {"sm_90", *BUDGET_REPORTED_ARCHS} | {
+    arch for arch, derived in DERIVED.items()
+    if any(group == "tf32x3" or (group == "16bit" and bits) for _, group, _, bits in derived)}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Complet
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, str(REPO / "bench" / "kernel_report.py"), "--json", str(out),
            *([] if FULL else ["--sample"])]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=None if FULL else 3600)
     records = json.loads(out.read_text()) if out.exists() else []
     return proc, records
 
@@ -84,6 +86,15 @@ def test_attention_kernels_use_tensor_cores_and_the_exp_unit(report):
     no_mma = [f"{r['kernel']} {r['arch']}" for r in records if not r["mma"]]
     assert not no_mma, f"no tensor-core instruction in: {no_mma}"
     assert all(r["mufu_ex2"] > 0 for r in records)
+
+
+def test_budget_is_reported_for_sm80_and_sm89(report):
+    """The D = 32 budget variants on sm_80 and sm_89, counted as on sm_90 (mma.sync instead of wgmma)."""
+    _, records = report
+    for arch in BUDGET_REPORTED_ARCHS:
+        rows = [r for r in summary_rows(records, arch) if r["head_dim"] == 32]
+        assert len(rows) == 4 and all(r["total"] > 0 for r in rows), arch
+        assert all(m.startswith("HMMA") for r in records if r["arch"] == arch for m in r["mma"])
 
 
 def test_budget(report):
