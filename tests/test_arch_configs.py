@@ -86,7 +86,8 @@ def test_pruning_keeps_the_entries_that_fit_the_device(monkeypatch):
     monkeypatch.setattr(configs, "MEASURED", {"sm_86": {(*key, entry): (60_000, 0, 128, 0)}})
     assert configs.fitting_candidates(*key, "sm_86", 99 * 1024) == [entry]
     assert configs.fitting_candidates(*key, "sm_86", 48 * 1024) == []
-    assert configs.fitting_candidates(*key, "sm_80", 48 * 1024) == [entry], "unmeasured entries are kept"
+    unmeasured = configs.candidates(*key, arch="sm_80")
+    assert configs.fitting_candidates(*key, "sm_80", 48 * 1024) == unmeasured, "unmeasured entries are kept"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,3 +224,11 @@ def test_capability_8_and_newer_runs_the_fused_kernels(monkeypatch, impl):
         assert attention.resolve_impl(impl, CUDA0) == "triton"
     assert attention.resolve_impl("auto", torch.device("cpu")) == "sdpa"
     assert attention.resolve_impl("naive", CUDA0) == "naive"
+
+
+@pytest.mark.cuda
+def test_this_gpu_has_an_entry_for_every_launch():
+    limits = ops.device_limits(torch.device("cuda"))
+    missing = [key for key in configs.launch_keys()
+               if not configs.fitting_candidates(*key, limits.arch, limits.shared_bytes)]
+    assert not missing, f"{limits.description}: no fitting configuration for {missing}"
