@@ -1,12 +1,13 @@
 """Derive the fused kernels' block sizes for every GPU architecture class by compiling them, no GPU needed.
 
-    python bench/derive_configs.py [--archs 80 86 89 90 100 120] [--match REGEX] [--cache FILE] [--max-tries 4]
+    python bench/derive_configs.py [--archs 80 86 89 90 100 120] [--match REGEX] [--cache FILE] [--max-tries 6]
 
 For each architecture class (`kernels.configs.ARCHS`) and each launch (kernel, group, head dim, dropout mode)
 whose name matches REGEX (e.g. `bwd_dq 16bit d64 drop1`), it compiles the sm_90 entry (`GPU_CONFIGS`) for that
 target with every dtype of the group and reads what it needs (bench/kernel_report.py: shared memory,
 tensor-memory columns, registers, spills, a trap body). Where that does not fit the architecture or spills,
-it shrinks the entry one step at a time (`shrink_steps`: fewer pipeline stages, smaller head-dim chunks,
+it first tries the entry derived for a class with the same limits (sm_86 for sm_89 and sm_120), then
+shrinks the entry one step at a time (`shrink_steps`: fewer pipeline stages, smaller head-dim chunks,
 fewer key sub-tiles, more warps per tile, smaller BLOCK_M, in an order chosen by what failed) and keeps the
 first variant that fits without spilling, else the least-spilling one that fits (reported as such).
 
@@ -108,8 +109,10 @@ def usage_problems(arch: str, usage: dict[str, Any]) -> list[str]:
     return limit_problems(arch, usage) + ([f"spills {usage['spill_bytes']} B"] if usage["spill_bytes"] else [])
 
 
-def derive(arch: str, key: Key, cache: dict[str, dict[str, Any]], max_tries: int) -> tuple[Config, str] | None:
-    """(entry, why) replacing the sm_90 entry of `key` on `arch`, or None when that entry fits there."""
+def derive(arch: str, key: Key, cache: dict[str, dict[str, Any]], max_tries: int,
+           seeds: tuple[tuple[str, Config], ...] = ()) -> tuple[Config, str] | None:
+    """(entry, why) replacing the sm_90 entry of `key` on `arch`, or None when that entry fits there. `seeds`:
+    (arch, entry) derived for classes with the same limits, tried first (a compile or two instead of a search)."""
     kernel, _, head_dim, _ = key
     base = base_candidates(*key)[0]
     usage = measure(arch, key, base, cache)
@@ -125,10 +128,15 @@ def derive(arch: str, key: Key, cache: dict[str, dict[str, Any]], max_tries: int
     def badness(t: tuple[Config, dict[str, Any], list[str]]) -> tuple[bool, int]:  # fits first, then fewer spills
         return bool(limit_problems(arch, t[1])), t[1]["spill_bytes"]
 
-    while len(tried) <= max_tries:
+    for seed_arch, seed in seeds:
+        seed_usage = measure(arch, key, seed, cache)
+        tried.append((seed, seed_usage, [f"the entry derived for {seed_arch}"]))
+        if not usage_problems(arch, seed_usage):
+            return seed, f"{why}; {tried[-1][2][0]}"
+    while len(tried) <= max_tries + len(seeds):
         level = []
         for variant, step in shrink_steps(kernel, head_dim, entry, "registers" if problems == [
-                f"spills {usage['spill_bytes']} B"] else "resources")[:max_tries + 1 - len(tried)]:
+                f"spills {usage['spill_bytes']} B"] else "resources")[:max_tries + 1 + len(seeds) - len(tried)]:
             variant_usage = measure(arch, key, variant, cache)
             tried.append((variant, variant_usage, [*steps, step]))
             if not usage_problems(arch, variant_usage):
@@ -211,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     for n, key in enumerate(keys, 1):
         for cc in args.archs:
             arch = names[cc]
-            result = derive(arch, key, cache, args.max_tries)
+            same_limits = [other for other in derived if other != arch and key in derived[other]
+                           and (ARCHS[other].shared_bytes, ARCHS[other].tmem_columns) ==
+                           (ARCHS[arch].shared_bytes, ARCHS[arch].tmem_columns)]
+            result = derive(arch, key, cache, args.max_tries, tuple((o, derived[o][key][0]) for o in same_limits))
             derived.setdefault(arch, {}).pop(key, None)
             if result:
                 derived[arch][key] = result

@@ -8,6 +8,14 @@ and see docs/kernels.md, "Architectures"."""
 # `arch` or spills there.
 DERIVED: dict[str, dict[tuple[str, str, int, int], tuple[tuple[int, ...], str]]] = {
     'sm_86': {
+        ('bwd_dq', '16bit', 64, 1):
+            ((128, 64, 64, 64, 8, 1),
+             'sm_90 entry (128, 64, 64, 64, 8, 3): 102400 B shared memory > 101376, spills 8 B; num_stag'
+             'es 3->1'),
+        ('bwd_dq', '16bit', 128, 1):
+            ((128, 64, 128, 64, 8, 1),
+             'sm_90 entry (128, 64, 128, 128, 8, 2): 110592 B shared memory > 101376, spills 60 B; num_s'
+             'tages 2->1, D_SPLIT 128->64'),
         ('fwd', '16bit', 64, 1):
             ((128, 64, 64, 8, 1),
              'sm_90 entry (128, 64, 64, 4, 3): spills 188 B; num_stages 3->1, num_warps 4->8'),
@@ -15,6 +23,10 @@ DERIVED: dict[str, dict[tuple[str, str, int, int], tuple[tuple[int, ...], str]]]
             ((64, 64, 64, 8, 2),
              'sm_90 entry (128, 64, 128, 8, 2): 106496 B shared memory > 101376, spills 16 B; BLOCK_M 12'
              '8->64, D_CHUNK 128->64'),
+        ('fwd', 'tf32x3', 128, 1):
+            ((16, 64, 16, 8, 1),
+             'sm_90 entry (128, 64, 16, 8, 1): 135168 B shared memory > 101376, spills 380 B; BLOCK_M 12'
+             '8->64, BLOCK_M 64->32, BLOCK_M 32->16'),
     },
     'sm_100': {
         ('bwd_dq', '16bit', 16, 1):
@@ -27,6 +39,15 @@ DERIVED: dict[str, dict[tuple[str, str, int, int], tuple[tuple[int, ...], str]]]
 # registers, spill bytes), the largest over the group's dtypes measured (fp16 and bf16 for "16bit").
 MEASURED: dict[str, dict[tuple[str, str, int, int, tuple[int, ...]], tuple[int, int, int, int]]] = {
     'sm_86': {
+        ('bwd_dkdv', 'tf32x3', 128, 1, (32, 64, 1, 32, 64, 4, 1)): (91136, 0, 255, 0),
+        ('bwd_dq', '16bit', 64, 1, (128, 64, 64, 64, 8, 1)): (32768, 0, 255, 0),
+        ('bwd_dq', '16bit', 64, 1, (128, 64, 64, 64, 8, 3)): (102400, 0, 255, 8),
+        ('bwd_dq', '16bit', 128, 1, (64, 64, 128, 128, 8, 2)): (100352, 0, 255, 1336),
+        ('bwd_dq', '16bit', 128, 1, (128, 64, 64, 128, 8, 2)): (176128, 0, 255, 112),
+        ('bwd_dq', '16bit', 128, 1, (128, 64, 128, 64, 8, 1)): (47104, 0, 255, 0),
+        ('bwd_dq', '16bit', 128, 1, (128, 64, 128, 64, 8, 2)): (143360, 0, 255, 0),
+        ('bwd_dq', '16bit', 128, 1, (128, 64, 128, 128, 8, 1)): (57344, 0, 255, 236),
+        ('bwd_dq', '16bit', 128, 1, (128, 64, 128, 128, 8, 2)): (110592, 0, 255, 60),
         ('fwd', '16bit', 64, 1, (16, 64, 64, 8, 3)): (83968, 0, 255, 336),
         ('fwd', '16bit', 64, 1, (32, 64, 64, 8, 3)): (86016, 0, 255, 312),
         ('fwd', '16bit', 64, 1, (64, 64, 64, 4, 3)): (90112, 0, 255, 336),
@@ -43,6 +64,10 @@ MEASURED: dict[str, dict[tuple[str, str, int, int, tuple[int, ...]], tuple[int, 
         ('fwd', '16bit', 128, 1, (128, 64, 64, 8, 2)): (106496, 0, 184, 0),
         ('fwd', '16bit', 128, 1, (128, 64, 128, 8, 1)): (36864, 0, 255, 80),
         ('fwd', '16bit', 128, 1, (128, 64, 128, 8, 2)): (106496, 0, 255, 16),
+        ('fwd', 'tf32x3', 128, 1, (16, 64, 16, 8, 1)): (20480, 0, 242, 0),
+        ('fwd', 'tf32x3', 128, 1, (32, 64, 16, 8, 1)): (36864, 0, 255, 1604),
+        ('fwd', 'tf32x3', 128, 1, (64, 64, 16, 8, 1)): (69632, 0, 255, 356),
+        ('fwd', 'tf32x3', 128, 1, (128, 64, 16, 8, 1)): (135168, 0, 255, 380),
     },
     'sm_100': {
         ('bwd_dq', '16bit', 16, 1, (128, 64, 16, 16, 4, 1)): (12296, 256, 176, 0),

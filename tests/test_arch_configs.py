@@ -123,6 +123,13 @@ def test_derive_keeps_the_first_variant_that_fits_without_spilling(monkeypatch):
     assert entry == (128, 64, 64, 8, 2) and "least spilling of 4 tried: 8 B" in why
 
 
+def test_derive_tries_the_entry_of_a_class_with_the_same_limits_first(monkeypatch):
+    usage = {(128, 64, 128, 8, 2): fake_usage(shared=110_000), (64, 64, 64, 8, 2): fake_usage(shared=60_000)}
+    monkeypatch.setattr(derive_configs, "measure", lambda arch, k, entry, cache: usage[entry])
+    entry, why = derive_configs.derive("sm_120", ("fwd", "16bit", 128, 1), {}, 4, (("sm_86", (64, 64, 64, 8, 2)),))
+    assert entry == (64, 64, 64, 8, 2) and why.endswith("; the entry derived for sm_86")
+
+
 def test_derive_reports_when_no_variant_fits(monkeypatch):
     monkeypatch.setattr(derive_configs, "measure", lambda arch, k, entry, cache: fake_usage(tmem=640, trap=True))
     entry, why = derive_configs.derive("sm_100", ("bwd_dq", "16bit", 16, 1), {}, max_tries=2)
