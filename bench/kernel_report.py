@@ -207,13 +207,14 @@ def _ptxas_log(kernel: Any, cc: int, captured: str) -> str:
     (triton/backends/nvidia/compiler.py make_cubin), which rebuilds the same cubin."""
     if "Used" in captured and "registers" in captured:
         return captured
-    from triton.backends.nvidia.compiler import sm_arch_from_capability
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "k.ptx"
         ptx.write_text(kernel.asm["ptx"])
         fmad = [] if kernel.metadata.enable_fp_fusion else ["--fmad=false"]
-        return subprocess.run([_tool("ptxas"), "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2",
+        # The ptxas Triton uses for this arch (sm_100 and newer: the bundled ptxas-blackwell).
+        return subprocess.run([get_ptxas(cc).path, "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2",
                                f"--gpu-name={sm_arch_from_capability(cc)}", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
                               capture_output=True, text=True, check=True).stderr
 
