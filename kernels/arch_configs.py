@@ -7,6 +7,17 @@ and see docs/kernels.md, "Architectures"."""
 # DERIVED[arch][(kernel, group, head dim, DROP_BITS)] = (entry, why): where the sm_90 entry does not fit
 # `arch` or spills there.
 DERIVED: dict[str, dict[tuple[str, str, int, int], tuple[tuple[int, ...], str]]] = {
+    'sm_80': {
+        ('bwd_dkdv', '16bit', 32, 0):
+            ((64, 64, 2, 32, 32, 4, 1),
+             'sm_90 entry (64, 64, 4, 32, 32, 4, 1): spills 340 B; KEY_TILES 4->2'),
+        ('bwd_dkdv', '16bit', 32, 1):
+            ((64, 64, 2, 32, 32, 4, 1),
+             'sm_90 entry (64, 64, 4, 32, 32, 4, 1): spills 828 B; KEY_TILES 4->2'),
+        ('fwd', '16bit', 32, 1):
+            ((128, 64, 32, 4, 1),
+             'sm_90 entry (128, 64, 32, 4, 3): spills 32 B; num_stages 3->1'),
+    },
     'sm_86': {
         ('bwd_dq', '16bit', 64, 1):
             ((128, 64, 64, 64, 8, 1),
@@ -33,6 +44,12 @@ DERIVED: dict[str, dict[tuple[str, str, int, int], tuple[tuple[int, ...], str]]]
              '8->64, BLOCK_M 64->32, BLOCK_M 32->16'),
     },
     'sm_89': {
+        ('bwd_dkdv', '16bit', 32, 0):
+            ((64, 64, 2, 32, 32, 4, 1),
+             'sm_90 entry (64, 64, 4, 32, 32, 4, 1): spills 364 B; KEY_TILES 4->2'),
+        ('bwd_dkdv', '16bit', 32, 1):
+            ((64, 64, 2, 32, 32, 4, 1),
+             'sm_90 entry (64, 64, 4, 32, 32, 4, 1): spills 1060 B; KEY_TILES 4->2'),
         ('bwd_dq', '16bit', 64, 1):
             ((128, 64, 64, 64, 8, 1),
              'sm_90 entry (128, 64, 64, 64, 8, 3): 102400 B shared memory > 101376, spills 8 B; the entr'
@@ -41,6 +58,9 @@ DERIVED: dict[str, dict[tuple[str, str, int, int], tuple[tuple[int, ...], str]]]
             ((128, 64, 128, 64, 8, 1),
              'sm_90 entry (128, 64, 128, 128, 8, 2): 110592 B shared memory > 101376, spills 60 B; the e'
              'ntry derived for sm_86'),
+        ('fwd', '16bit', 32, 1):
+            ((128, 64, 32, 4, 1),
+             'sm_90 entry (128, 64, 32, 4, 3): spills 28 B; num_stages 3->1'),
         ('fwd', '16bit', 64, 1):
             ((128, 64, 64, 8, 1),
              'sm_90 entry (128, 64, 64, 4, 3): spills 188 B; the entry derived for sm_86'),
@@ -88,6 +108,14 @@ DERIVED: dict[str, dict[tuple[str, str, int, int], tuple[tuple[int, ...], str]]]
 # MEASURED[arch][(kernel, group, head dim, DROP_BITS, entry)] = (shared bytes, tensor-memory columns,
 # registers, spill bytes), the largest over the group's dtypes measured (fp16 and bf16 for "16bit").
 MEASURED: dict[str, dict[tuple[str, str, int, int, tuple[int, ...]], tuple[int, int, int, int]]] = {
+    'sm_80': {
+        ('bwd_dkdv', '16bit', 32, 0, (64, 64, 2, 32, 32, 4, 1)): (25600, 0, 235, 0),
+        ('bwd_dkdv', '16bit', 32, 0, (64, 64, 4, 32, 32, 4, 1)): (37888, 0, 255, 340),
+        ('bwd_dkdv', '16bit', 32, 1, (64, 64, 2, 32, 32, 4, 1)): (25600, 0, 254, 0),
+        ('bwd_dkdv', '16bit', 32, 1, (64, 64, 4, 32, 32, 4, 1)): (37888, 0, 255, 828),
+        ('fwd', '16bit', 32, 1, (128, 64, 32, 4, 1)): (10240, 0, 255, 0),
+        ('fwd', '16bit', 32, 1, (128, 64, 32, 4, 3)): (57344, 0, 255, 32),
+    },
     'sm_86': {
         ('bwd_dkdv', 'tf32x3', 128, 1, (32, 64, 1, 32, 64, 4, 1)): (91136, 0, 255, 0),
         ('bwd_dq', '16bit', 64, 1, (128, 64, 64, 64, 8, 1)): (32768, 0, 255, 0),
@@ -127,11 +155,17 @@ MEASURED: dict[str, dict[tuple[str, str, int, int, tuple[int, ...]], tuple[int, 
         ('fwd', 'tf32x3', 128, 1, (128, 64, 16, 8, 1)): (135168, 0, 255, 380),
     },
     'sm_89': {
+        ('bwd_dkdv', '16bit', 32, 0, (64, 64, 2, 32, 32, 4, 1)): (25600, 0, 189, 0),
+        ('bwd_dkdv', '16bit', 32, 0, (64, 64, 4, 32, 32, 4, 1)): (37888, 0, 255, 364),
+        ('bwd_dkdv', '16bit', 32, 1, (64, 64, 2, 32, 32, 4, 1)): (25600, 0, 254, 0),
+        ('bwd_dkdv', '16bit', 32, 1, (64, 64, 4, 32, 32, 4, 1)): (37888, 0, 255, 1060),
         ('bwd_dkdv', 'tf32x3', 128, 1, (32, 64, 1, 32, 64, 4, 1)): (91136, 0, 255, 0),
         ('bwd_dq', '16bit', 64, 1, (128, 64, 64, 64, 8, 1)): (32768, 0, 255, 0),
         ('bwd_dq', '16bit', 64, 1, (128, 64, 64, 64, 8, 3)): (102400, 0, 255, 8),
         ('bwd_dq', '16bit', 128, 1, (128, 64, 128, 64, 8, 1)): (47104, 0, 255, 0),
         ('bwd_dq', '16bit', 128, 1, (128, 64, 128, 128, 8, 2)): (110592, 0, 255, 60),
+        ('fwd', '16bit', 32, 1, (128, 64, 32, 4, 1)): (10240, 0, 255, 0),
+        ('fwd', '16bit', 32, 1, (128, 64, 32, 4, 3)): (57344, 0, 255, 28),
         ('fwd', '16bit', 64, 1, (128, 64, 64, 4, 3)): (98304, 0, 255, 188),
         ('fwd', '16bit', 64, 1, (128, 64, 64, 8, 1)): (20480, 0, 255, 0),
         ('fwd', '16bit', 128, 1, (64, 64, 64, 8, 2)): (90112, 0, 192, 0),
