@@ -110,15 +110,19 @@ def usage_problems(arch: str, usage: dict[str, Any]) -> list[str]:
 
 
 def derive(arch: str, key: Key, cache: dict[str, dict[str, Any]], max_tries: int,
-           seeds: tuple[tuple[str, Config], ...] = ()) -> tuple[Config, str] | None:
+           seeds: tuple[tuple[str, Config], ...] = (),
+           previous: tuple[Config, str] | None = None) -> tuple[Config, str] | None:
     """(entry, why) replacing the sm_90 entry of `key` on `arch`, or None when that entry fits there. `seeds`:
-    (arch, entry) derived for classes with the same limits, tried first (a compile or two instead of a search)."""
+    (arch, entry) derived for classes with the same limits, tried first (a compile or two instead of a search);
+    `previous`: the entry derived before for `arch`, kept while it still fits without spilling."""
     kernel, _, head_dim, _ = key
     base = base_candidates(*key)[0]
     usage = measure(arch, key, base, cache)
     problems = usage_problems(arch, usage)
     if not problems:
         return None
+    if previous and not usage_problems(arch, measure(arch, key, previous[0], cache)):
+        return previous
     why = f"sm_90 entry {base}: {', '.join(problems)}"
     # Best first: try every one-step shrink of the current entry (the first clean one wins), then go on from the
     # least-spilling one of those that fit (spills do not always fall as tiles shrink).
@@ -222,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             same_limits = [other for other in derived if other != arch and key in derived[other]
                            and (ARCHS[other].shared_bytes, ARCHS[other].tmem_columns) ==
                            (ARCHS[arch].shared_bytes, ARCHS[arch].tmem_columns)]
-            result = derive(arch, key, cache, args.max_tries, tuple((o, derived[o][key][0]) for o in same_limits))
+            result = derive(arch, key, cache, args.max_tries, tuple((o, derived[o][key][0]) for o in same_limits),
+                            derived.get(arch, {}).get(key))
             derived.setdefault(arch, {}).pop(key, None)
             if result:
                 derived[arch][key] = result

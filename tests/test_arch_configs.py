@@ -130,6 +130,13 @@ def test_derive_tries_the_entry_of_a_class_with_the_same_limits_first(monkeypatc
     assert entry == (64, 64, 64, 8, 2) and why.endswith("; the entry derived for sm_86")
 
 
+def test_derive_keeps_the_entry_derived_before_while_it_fits(monkeypatch):
+    usage = {(128, 64, 128, 8, 2): fake_usage(shared=110_000), (64, 64, 64, 8, 2): fake_usage(shared=60_000)}
+    monkeypatch.setattr(derive_configs, "measure", lambda arch, k, entry, cache: usage[entry])
+    previous = ((64, 64, 64, 8, 2), "sm_90 entry ...; BLOCK_M 128->64, D_CHUNK 128->64")
+    assert derive_configs.derive("sm_86", ("fwd", "16bit", 128, 1), {}, 4, (), previous) == previous
+
+
 def test_derive_reports_when_no_variant_fits(monkeypatch):
     monkeypatch.setattr(derive_configs, "measure", lambda arch, k, entry, cache: fake_usage(tmem=640, trap=True))
     entry, why = derive_configs.derive("sm_100", ("bwd_dq", "16bit", 16, 1), {}, max_tries=2)
