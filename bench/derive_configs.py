@@ -56,15 +56,16 @@ def launch_name(key: Key) -> str:
 
 def shrink_steps(kernel: str, head_dim: int, entry: Config, cause: str) -> list[tuple[Config, str]]:
     """The valid one-step shrinks of `entry`, most promising first for `cause`, each with its description:
-    num_stages / D_CHUNK / D_SPLIT / KEY_TILES / BLOCK_M halved, or 4 -> 8 warps (the tile spread over twice the
-    threads, so half the registers each)."""
+    one pipeline stage fewer, D_CHUNK / D_SPLIT / KEY_TILES / BLOCK_M halved, or 4 -> 8 warps (the tile spread
+    over twice the threads, so half the registers each)."""
     fields = CONFIG_FIELDS[kernel]
     out = []
     for name in SHRINK_ORDER[cause]:
         if name not in fields:
             continue
         value = entry[fields.index(name)]
-        new = 8 if name == "num_warps" and value == 4 else value if name == "num_warps" else value // 2
+        # Pipeline stages step down one at a time (each holds a whole tile set); the block sizes halve.
+        new = {"num_warps": 8 if value == 4 else value, "num_stages": value - 1}.get(name, value // 2)
         if new == value or new < 1:
             continue
         variant = tuple(new if f == name else v for f, v in zip(fields, entry))

@@ -95,7 +95,7 @@ def test_pruning_keeps_the_entries_that_fit_the_device(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 def test_shrink_steps_follow_the_cause_and_stay_valid():
     steps = derive_configs.shrink_steps("bwd_dq", 64, (128, 64, 64, 64, 4, 3), "resources")
-    assert [s for _, s in steps][:3] == ["num_stages 3->1", "D_CHUNK 64->32", "BLOCK_M 128->64"]
+    assert [s for _, s in steps][:3] == ["num_stages 3->2", "D_CHUNK 64->32", "BLOCK_M 128->64"]
     steps = derive_configs.shrink_steps("bwd_dkdv", 32, (64, 64, 4, 32, 32, 4, 1), "registers")
     assert [s for _, s in steps][:2] == ["KEY_TILES 4->2", "num_warps 4->8"]
     assert all(configs.config_problem("bwd_dkdv", 32, v) is None for v, _ in steps)
