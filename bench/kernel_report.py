@@ -1,11 +1,15 @@
 """Compile report of the fused DCAMA attention kernels, read from the SASS, no GPU needed.
 
-    python bench/kernel_report.py [--sample] [--json FILE] [--archs 80 90] [--match REGEX] [--jobs 2]
+    python bench/kernel_report.py [--sample] [--json FILE] [--archs 80 86 89 90 100 120] [--match REGEX]
+                                  [--jobs 2] [--choices]
 
-Compiles every kernel configuration the op can launch (`bench/kernel_specs.py`) for sm_80 (Ampere) and
-sm_90 (Hopper) with `triton.compile(..., target=GPUTarget("cuda", cc, 32))` and reads each cubin with the
-CUDA tools bundled in the triton wheel: `ptxas -v` for registers and spills, `cuobjdump -sass` for the
-instructions. Exits with status 1 when a configuration fails to compile or to analyse.
+First prints which configuration each architecture gets and why (`kernels/arch_configs.py`, derived by
+bench/derive_configs.py; `--choices` stops there). Then compiles every kernel configuration each listed
+architecture can get (`bench/kernel_specs.py`) for it with `triton.compile(..., target=GPUTarget("cuda", cc,
+32))` and reads each cubin with the CUDA tools bundled in the triton wheel: `ptxas -v` for registers and
+spills, Triton's metadata for shared and tensor memory, `cuobjdump -sass` for the instructions (HMMA, HGMMA,
+UTCHMMA: the tensor cores of sm_80-sm_120, sm_90, sm_100). Exits with status 1 when a configuration fails
+to compile or to analyse, or cannot ship (`limit_violations`).
 
 What is counted (all static, from the SASS; nothing is typed in):
   * The main loop is the longest backward branch: a branch instruction whose target lies before it
@@ -26,8 +30,11 @@ What is counted (all static, from the SASS; nothing is typed in):
     timing: latency, memory stalls and occupancy are not in it.
 
 `--sample` compiles what the budget and the regression ceilings cover (`BUDGET_TOTAL`, `CEILING_TOTAL`: every
-configuration the autotuner can pick for them, sm_90) plus a rotation over the other head dims on both
-archs: the CI gate (`tests/test_kernel_report.py`) runs it. The summary line "budget:" lists every breach.
+configuration the autotuner can pick for them, sm_90) plus a rotation over the other head dims, the budget's
+D = 32 configurations on sm_80 and sm_89 (reported, not gated), and on each other arch the configurations
+derived because the sm_90 entry failed there (`sample_tasks`): the CI gate (`tests/test_kernel_report.py`) runs
+it. The summary line "budget:" lists every breach; "CANNOT SHIP" every configuration over its arch's limits or
+spilling at D <= 64 (`limit_violations`).
 """
 
 from __future__ import annotations
@@ -50,16 +57,21 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # compiling needs real JITFunctions: the kernels must not be decorated for the interpreter
+    os.environ.pop("TRITON_INTERPRET", None)
 
 from bench.common import H100_SXM, markdown_table
 from dcama.files import write_json
+from kernels.configs import ARCHS, BASE_ARCH, REGISTERS_PER_BLOCK, REGISTERS_PER_THREAD, base_candidates, \
+    candidates, launch_keys, split_config
+from kernels.arch_configs import DERIVED
 
-ARCHS = (80, 90)
-# Largest shared memory one block may use (CUDA C Programming Guide, compute capabilities table).
-MAX_SHARED_BYTES = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
-RECORD_KEYS = ("kernel", "arch", "config", "registers", "spill_bytes", "shared_bytes", "mma", "mufu_ex2",
+ARCH_CAPABILITIES = tuple(arch.capability for arch in ARCHS.values())
+RECORD_KEYS = ("kernel", "arch", "config", "registers", "spill_bytes", "shared_bytes", "tmem_columns", "trap",
+               "mma", "mufu_ex2",
                "loop_instructions", "tiles_per_iteration", "lane_instr_per_score", "mufu_per_score", "mix")
-MMA_RE = re.compile(r"\b((?:HGMMA|HMMA|UTCHMMA|UTCQMMA)\.[\w.]+)")
+# Tensor-core instructions: mma.sync (HMMA, sm_80 - sm_120), wgmma (HGMMA, sm_90), tcgen05.mma (UTC*MMA, sm_100).
+MMA_RE = re.compile(r"\b((?:HGMMA|HMMA|UTCHMMA|UTCQMMA|UTCOMMA)(?:\.[\w.]+)?)")
 SASS_RE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;")
 BRANCH_RE = re.compile(r"\b(?:BRA|JMP)(?:\.[\w.]+)?\s+(?:\S+,\s*)?(0x[0-9a-f]+)")
 GUARD_RE = re.compile(r"^@!?U?P[T\d]+\s+")
@@ -86,19 +98,24 @@ BUDGET_SHARE = {1: {"fwd": 8.5, "bwd_dkdv": 10.0, "bwd_dq": 7.0},  # dropout 0.5
                 0: {"fwd": 6.0, "bwd_dkdv": 6.5, "bwd_dq": 5.5}}  # no dropout
 BUDGET_SHARE_TF32 = {"fwd": 11.5, "bwd_dkdv": 15.0, "bwd_dq": 11.0}
 MAX_MUFU_PER_SCORE = 1.07
+# On every listed arch, configurations at D <= this (Swin-B's 32 and ResNet's 64 at 1/4 scale, the hot ones) must
+# not spill.
+MAX_SPILL_FREE_HEAD_DIM = 64
+# The archs the budget table is reported for besides sm_90 (counted the same way: HMMA, mma.sync, for HGMMA).
+BUDGET_REPORTED_ARCHS = ("sm_80", "sm_89")
 # Regression ceilings: the fwd+bwd totals the kernels before v2 (commit 84d5c0e) had on sm_90 for two variants
 # the budget does not cover; (head dim, dtype, dot precision, drop bits) -> lane-instructions per score. The
 # full report's summary table shows every other variant (fp16 equals bf16 there).
 CEILING_TOTAL = {(32, "fp32", "tf32x3", 1): 172.97, (64, "fp16", None, 1): 93.69}
 
 
-@lru_cache(maxsize=1)
-def _specs() -> list[dict[str, Any]]:
+@lru_cache(maxsize=None)
+def _specs(arch: str) -> list[dict[str, Any]]:
     # Imported here, not at the top: importing the kernels decorates them, which must happen after main()
     # (or _init_worker) removed TRITON_INTERPRET from the environment.
     from bench.kernel_specs import kernel_compile_specs
 
-    return kernel_compile_specs()
+    return kernel_compile_specs(arch)
 
 
 def _tool(name: str) -> str:
@@ -154,8 +171,14 @@ def parse_sass(sass: str) -> dict[str, Any]:
     instructions = parse_instructions(sass)
     loop = main_loop(instructions)
     body = [] if loop is None else [opcode(t) for _, t in instructions[loop[0]:loop[1] + 1]]
+    # A kernel Triton refuses at compile time (tensor memory over the limit) compiles to a trap without EXIT.
+    trap = not any(opcode(t) == "EXIT" for _, t in instructions)
     return {"mma": sorted(set(MMA_RE.findall(sass))), "mufu_ex2": len(re.findall(r"\bMUFU\.EX2\b", sass)),
-            "loop_opcodes": Counter(body)}
+            "loop_opcodes": Counter(body), "trap": trap}
+
+
+TRAP_COSTS = {"loop_instructions": 0, "tiles_per_iteration": 0, "lane_instr_per_score": 0.0, "mufu_per_score": 0.0,
+              "mix": {}}
 
 
 def loop_costs(loop_opcodes: Counter, constexprs: dict[str, Any], num_warps: int, tiles: int) -> dict[str, Any]:
@@ -184,13 +207,14 @@ def _ptxas_log(kernel: Any, cc: int, captured: str) -> str:
     (triton/backends/nvidia/compiler.py make_cubin), which rebuilds the same cubin."""
     if "Used" in captured and "registers" in captured:
         return captured
-    from triton.backends.nvidia.compiler import sm_arch_from_capability
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "k.ptx"
         ptx.write_text(kernel.asm["ptx"])
         fmad = [] if kernel.metadata.enable_fp_fusion else ["--fmad=false"]
-        return subprocess.run([_tool("ptxas"), "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2",
+        # The ptxas Triton uses for this arch (sm_100 and newer: the bundled ptxas-blackwell).
+        return subprocess.run([get_ptxas(cc).path, "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2",
                                f"--gpu-name={sm_arch_from_capability(cc)}", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
                               capture_output=True, text=True, check=True).stderr
 
@@ -214,9 +238,8 @@ def sass_of(kernel: Any) -> str:
                               check=True).stdout
 
 
-def compile_one(index: int, cc: int) -> dict[str, Any]:
-    """Compile spec `index` for compute capability `cc`; return its report record."""
-    spec = _specs()[index]
+def compile_record(spec: dict[str, Any], cc: int) -> dict[str, Any]:
+    """Compile `spec` for compute capability `cc`; return its report record."""
     captured = io.StringIO()
     with redirect_stdout(captured):
         kernel = compile_spec(spec, cc)
@@ -224,14 +247,36 @@ def compile_one(index: int, cc: int) -> dict[str, Any]:
     sass = parse_sass(sass_of(kernel))
     return {"kernel": spec["name"], "arch": f"sm_{cc}", "config": spec["config"],
             "registers": usage["registers"], "spill_bytes": usage["spill_bytes"],
-            "shared_bytes": int(kernel.metadata.shared) + usage["static_smem"], "mma": sass["mma"],
-            "mufu_ex2": sass["mufu_ex2"],
-            **loop_costs(sass["loop_opcodes"], spec["constexprs"], spec["num_warps"], spec["tiles_per_iteration"])}
+            "shared_bytes": int(kernel.metadata.shared) + usage["static_smem"],
+            "tmem_columns": int(getattr(kernel.metadata, "tmem_size", None) or 0), "trap": sass["trap"],
+            "mma": sass["mma"], "mufu_ex2": sass["mufu_ex2"],
+            **(TRAP_COSTS if sass["trap"] else loop_costs(sass["loop_opcodes"], spec["constexprs"], spec["num_warps"],
+                                                          spec["tiles_per_iteration"]))}
+
+
+def compile_one(index: int, cc: int) -> dict[str, Any]:
+    """Compile spec `index` of the configurations sm_`cc` can get; return its report record."""
+    return compile_record(_specs(f"sm_{cc}")[index], cc)
 
 
 def _init_worker() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+
+
+def limit_problems(arch: str, usage: dict[str, Any]) -> list[str]:
+    """What `usage` (shared_bytes, tmem_columns, registers, num_warps, trap) needs beyond what one block may use
+    on `arch` (a kernels.configs.ARCHS key): each such configuration fails to launch there. Empty when it fits."""
+    limits, out = ARCHS[arch], []
+    if usage["shared_bytes"] > limits.shared_bytes:
+        out.append(f"{usage['shared_bytes']} B shared memory > {limits.shared_bytes}")
+    if usage["tmem_columns"] > limits.tmem_columns:
+        out.append(f"{usage['tmem_columns']} tensor-memory columns > {limits.tmem_columns}")
+    if usage["registers"] > REGISTERS_PER_THREAD or usage["registers"] * usage["num_warps"] * 32 > REGISTERS_PER_BLOCK:
+        out.append(f"{usage['registers']} registers x {usage['num_warps']} warps > {REGISTERS_PER_BLOCK} per block")
+    if usage["trap"]:
+        out.append("compiles to a trap")
+    return out
 
 
 def variant_key(config: dict[str, Any]) -> tuple[str, str | None, int]:
@@ -244,21 +289,43 @@ def is_gated(config: dict[str, Any]) -> bool:
         (config["head_dim"], *variant_key(config)) in CEILING_TOTAL
 
 
-def sample_tasks(specs: list[dict[str, Any]], archs: tuple[int, ...]) -> list[tuple[int, int]]:
-    """(spec index, cc) pairs of `--sample`, the CI gate's set: every gated spec on sm_90; for each kernel one
-    spec at one other head dim on sm_90 (the head dims and the variants rotate over the kernels); and on sm_80
-    the fp16 p = 0.5 kernels at D = 32."""
-    tasks = [(i, 90) for i, s in enumerate(specs) if is_gated(s["config"])] if 90 in archs else []
-    others = sorted({s["config"]["head_dim"] for s in specs} - {32, 64})
-    for n, kernel in enumerate(KERNELS):
-        head_dim = others[n % len(others)]
-        members = [i for i, s in enumerate(specs) if s["config"]["kernel"] == kernel and
-                   s["config"]["head_dim"] == head_dim]
-        tasks += [(members[n % len(members)], 90)] if 90 in archs else []
-    if 80 in archs:
-        tasks += [(i, 80) for i, s in enumerate(specs) if s["config"]["head_dim"] == 32 and
-                  variant_key(s["config"]) == ("fp16", None, 1)]
+def sample_tasks(archs: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(cc, spec index) pairs of `--sample`, the CI gate's set. On sm_90 every gated spec and, for each kernel,
+    one spec at one other head dim (the head dims and the variants rotate over the kernels); on the archs of
+    BUDGET_REPORTED_ARCHS the budget's D = 32 specs (reported there). On every arch but sm_90 the configurations
+    derived there because the sm_90 entry failed (kernels/arch_configs.py) in the groups a training run uses:
+    fp32 3xTF32 (the default precision) at any dropout mode and 16-bit with dropout, bf16 standing for fp16
+    (the same entry)."""
+    tasks = []
+    for cc in archs:
+        arch, specs = f"sm_{cc}", _specs(f"sm_{cc}")
+        if arch == BASE_ARCH:
+            tasks += [(cc, i) for i, s in enumerate(specs) if is_gated(s["config"])]
+            others = sorted({s["config"]["head_dim"] for s in specs} - {32, 64})
+            for n, kernel in enumerate(KERNELS):
+                members = [i for i, s in enumerate(specs) if s["config"]["kernel"] == kernel and
+                           s["config"]["head_dim"] == others[n % len(others)]]
+                tasks.append((cc, members[n % len(members)]))
+            continue
+        if arch in BUDGET_REPORTED_ARCHS:
+            tasks += [(cc, i) for i, s in enumerate(specs) if s["config"]["head_dim"] == 32 and
+                      variant_key(s["config"]) in BUDGET_TOTAL]
+        derived = DERIVED.get(arch, {})
+        tasks += [(cc, i) for i, s in enumerate(specs) if s["config"]["dtype"] != "fp16"
+                  and (s["group"] == "tf32x3" or (s["group"] == "16bit" and s["config"]["drop_bits"]))
+                  and (s["config"]["kernel"], s["group"], s["config"]["head_dim"], s["config"]["drop_bits"]) in derived]
     return sorted(set(tasks))
+
+
+def limit_violations(records: list[dict[str, Any]]) -> list[str]:
+    """Every record that cannot launch on its arch (`limit_problems`) or spills at D <= 64."""
+    out = []
+    for r in records:
+        problems = limit_problems(r["arch"], {**r, "num_warps": r["config"]["num_warps"]})
+        if r["spill_bytes"] and r["config"]["head_dim"] <= MAX_SPILL_FREE_HEAD_DIM:
+            problems.append(f"spills {r['spill_bytes']} B at D = {r['config']['head_dim']}")
+        out += [f"{r['kernel']} on {r['arch']}: {'; '.join(problems)}"] if problems else []
+    return out
 
 
 def budget_violations(records: list[dict[str, Any]]) -> list[str]:
@@ -293,24 +360,23 @@ def budget_violations(records: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def build_report(archs: tuple[int, ...] = ARCHS, jobs: int = 2, match: str | None = None,
+def build_report(archs: tuple[int, ...] = ARCH_CAPABILITIES, jobs: int = 2, match: str | None = None,
                  sample: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
-    """Records of every (spec, arch) whose kernel name matches the regex `match` (of the `sample_tasks`
-    subset when `sample`), and the failures as messages."""
-    specs = _specs()
-    tasks = sample_tasks(specs, archs) if sample else [(i, cc) for i in range(len(specs)) for cc in archs]
-    tasks = [(i, cc) for i, cc in tasks if match is None or re.search(match, specs[i]["name"])]
+    """Records of every (spec, arch) of the configurations each arch can get whose kernel name matches the regex
+    `match` (of the `sample_tasks` subset when `sample`), and the failures as messages."""
+    tasks = sample_tasks(archs) if sample else [(cc, i) for cc in archs for i in range(len(_specs(f"sm_{cc}")))]
+    tasks = [(cc, i) for cc, i in tasks if match is None or re.search(match, _specs(f"sm_{cc}")[i]["name"])]
     records, failures = [], []
     # Spawned workers: each imports the kernels afresh; compiles of distinct configs are independent.
     with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=get_context("spawn"),
                              initializer=_init_worker) as pool:
-        futures = [(i, cc, pool.submit(compile_one, i, cc)) for i, cc in tasks]
+        futures = [(i, cc, pool.submit(compile_one, i, cc)) for cc, i in tasks]
         for i, cc, fut in futures:
             try:
                 records.append(fut.result())
             except Exception as exc:  # report every failing config, not only the first
                 detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else exc
-                failures.append(f"{specs[i]['name']} sm_{cc}: {type(exc).__name__}: {detail}")
+                failures.append(f"{_specs(f'sm_{cc}')[i]['name']} sm_{cc}: {type(exc).__name__}: {detail}")
     return records, failures
 
 
@@ -360,9 +426,9 @@ def summary_rows(records: list[dict[str, Any]], arch: str = "sm_90") -> list[dic
     return rows
 
 
-def format_summary(rows: list[dict[str, Any]]) -> str:
+def format_summary(rows: list[dict[str, Any]], arch: str = BASE_ARCH) -> str:
     return markdown_table(rows, [
-        ("head_dim", "D", str), ("variant", "sm_90, lane-instr per score", str), ("fwd", "fwd", str),
+        ("head_dim", "D", str), ("variant", f"{arch}, lane-instr per score", str), ("fwd", "fwd", str),
         ("bwd_dkdv", "bwd dk/dv", str), ("bwd_dq", "bwd dq", str), ("total", "total", str),
         ("total_worst", "total, worst configs", str), ("mufu_max", "max MUFU/score", str),
         ("spill_max", "max spill B", str)])
@@ -416,38 +482,95 @@ def format_model(model: list[dict[str, Any]], shape: dict[str, int] = SWIN_B_18)
 def summary(records: list[dict[str, Any]]) -> str:
     lines = [f"budget: {'; '.join(budget_violations(records)) or 'met'}"] if any(
         is_gated(r["config"]) for r in records) else []
-    for arch in sorted({r["arch"] for r in records}):
+    for arch in sorted({r["arch"] for r in records}, key=lambda a: ARCHS[a].capability):
         rs = [r for r in records if r["arch"] == arch]
         lines.append(f"{arch}: {len(rs)} configs, registers {min(r['registers'] for r in rs)}-"
-                     f"{max(r['registers'] for r in rs)}, {sum(r['spill_bytes'] > 0 for r in rs)} spilling, "
-                     f"shared {min(r['shared_bytes'] for r in rs)}-{max(r['shared_bytes'] for r in rs)} B, "
-                     f"{sum(not r['mma'] for r in rs)} without tensor-core instructions")
-        limit = MAX_SHARED_BYTES.get(arch)
-        for r in rs:
-            if limit is not None and r["shared_bytes"] > limit:
-                lines.append(f"  WARNING {r['kernel']} needs {r['shared_bytes']} B of shared memory, more than the "
-                             f"{limit} B a block may use on {arch}: it cannot launch there")
-            if r["spill_bytes"]:
-                lines.append(f"  SPILL {r['kernel']} on {arch}: {r['spill_bytes']} bytes of spill stores+loads")
+                     f"{max(r['registers'] for r in rs)}, {sum(r['spill_bytes'] > 0 for r in rs)} spilling "
+                     f"({sum(r['spill_bytes'] > 0 for r in rs if r['config']['head_dim'] <= MAX_SPILL_FREE_HEAD_DIM)}"
+                     f" at D <= {MAX_SPILL_FREE_HEAD_DIM}), shared {min(r['shared_bytes'] for r in rs)}-"
+                     f"{max(r['shared_bytes'] for r in rs)} B (limit {ARCHS[arch].shared_bytes}), tensor memory "
+                     f"<= {max(r['tmem_columns'] for r in rs)} columns, {sum(not r['mma'] for r in rs)} without "
+                     f"tensor-core instructions")
+        lines += [f"  SPILL {r['kernel']} on {arch}: {r['spill_bytes']} bytes of spill stores+loads"
+                  for r in rs if r["spill_bytes"]]
+    lines += [f"  CANNOT SHIP {v}" for v in limit_violations(records)]
     return "\n".join(lines)
+
+
+def arch_table(archs: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Per arch, from what bench/derive_configs.py measured of the configurations it ships (kernels/arch_configs.py):
+    launches measured, derived, the largest shared memory, the launches that spill, the groups whose every measured
+    launch fits."""
+    from kernels.arch_configs import MEASURED
+
+    rows = []
+    for cc in archs:
+        arch = f"sm_{cc}"
+        shipped = {(*k, e): MEASURED.get(arch, {}).get((*k, e)) for k in launch_keys()
+                   for e in candidates(*k, arch=arch)}
+        measured = {slot: usage for slot, usage in shipped.items() if usage is not None}
+        spilling = [slot for slot, usage in measured.items() if usage[3]]
+        fits = {slot: not limit_problems(arch, {"shared_bytes": u[0], "tmem_columns": u[1], "registers": u[2],
+                                                "num_warps": split_config(slot[0], slot[4])[1], "trap": False})
+                for slot, u in measured.items()}
+        groups = sorted({slot[1] for slot in measured})
+        rows.append({"arch": arch, "gpus": ARCHS[arch].gpus, "measured": f"{len(measured)} of {len(shipped)}",
+                     "derived": len(DERIVED.get(arch, {})),
+                     "shared": max((u[0] for u in measured.values()), default=0),
+                     "tmem": max((u[1] for u in measured.values()), default=0),
+                     "spilling": f"{len(spilling)} ({sum(s[2] <= MAX_SPILL_FREE_HEAD_DIM for s in spilling)} "
+                                 "at D <= 64)",
+                     "groups": ", ".join(g for g in groups if all(ok for slot, ok in fits.items() if slot[1] == g))
+                     or "-"})
+    return rows
+
+
+def format_choices(archs: tuple[int, ...]) -> str:
+    """Which configuration each arch gets for each launch and why (kernels/arch_configs.py): per arch what was
+    measured of the configurations it ships, then every launch that gets another entry than sm_90's, with the
+    reason."""
+    rows = [{"arch": arch, "launch": " ".join(map(str, k)), "entry": str(DERIVED[arch][k][0]),
+             "sm_90": str(base_candidates(*k)[0]), "why": DERIVED[arch][k][1]}
+            for arch in (f"sm_{cc}" for cc in archs) for k in sorted(DERIVED.get(arch, {}))]
+    return markdown_table(arch_table(archs), [
+        ("arch", "arch", str), ("gpus", "GPUs", str), ("measured", "launches measured", str),
+        ("derived", "derived entries", str), ("shared", "largest shared B", str), ("tmem", "tmem columns", str),
+        ("spilling", "spilling launches", str), ("groups", "groups that fit (measured)", str)]) + "\n\n" + \
+        markdown_table(rows, [("arch", "arch", str), ("launch", "kernel group D drop_bits", str),
+                              ("sm_90", "sm_90 entry", str), ("entry", "entry there", str),
+                              ("why", "why (measured by bench/derive_configs.py)", str)])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", metavar="FILE", help="write the records as a JSON list")
-    parser.add_argument("--archs", type=int, nargs="+", default=list(ARCHS), help="compute capabilities")
+    parser.add_argument("--archs", type=int, nargs="+", default=list(ARCH_CAPABILITIES),
+                        help="compute capabilities (kernels.configs.ARCHS)")
     parser.add_argument("--match", metavar="REGEX", help="only the kernel configurations whose name matches")
     parser.add_argument("--sample", action="store_true",
                         help="the hot configurations plus one rotation over the others (the CI gate's set)")
+    parser.add_argument("--choices", action="store_true",
+                        help="only print which configuration each architecture gets and why, compiling nothing")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compile processes")
     args = parser.parse_args(argv)
-    # Compiling needs real JITFunctions; kernels decorated under the interpreter cannot be compiled.
-    os.environ.pop("TRITON_INTERPRET", None)
+    unknown = sorted(set(args.archs) - set(ARCH_CAPABILITIES))
+    if unknown:
+        parser.error(f"--archs {unknown}: not in kernels.configs.ARCHS {ARCH_CAPABILITIES}")
+    print("Which configuration each architecture gets (kernels/arch_configs.py):\n")
+    print(format_choices(tuple(args.archs)))
+    print()
+    if args.choices:
+        return 0
     start = time.perf_counter()
     records, failures = build_report(tuple(args.archs), args.jobs, args.match, args.sample)
     print(format_report(records))
     print()
     print(summary(records))
+    for arch in BUDGET_REPORTED_ARCHS:
+        other = summary_rows(records, arch)
+        if other:
+            print(f"\nBudget table on {arch} (reported, not gated; counted as on sm_90, HMMA for HGMMA):\n")
+            print(format_summary(other, arch))
     rows = summary_rows(records)
     if rows:
         print("\nBudget table (main loop, static count from the sm_90 SASS; best shipped config per kernel):\n")
@@ -460,9 +583,9 @@ def main(argv: list[str] | None = None) -> int:
           f"with {args.jobs} processes")
     if args.json:
         write_json(args.json, records)
-    for msg in failures:
+    for msg in failures + limit_violations(records):
         print(f"FAILED: {msg}", file=sys.stderr)
-    return 1 if failures else 0
+    return 1 if failures or limit_violations(records) else 0
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from kernels.configs import GPU_CONFIGS, candidates, split_config
+from kernels.configs import BASE_ARCH, Config, candidates, launch_keys, split_config
 from kernels.fused import main_loop_tiles
 from kernels.ops import KERNELS, Launch, dkdv_launch, dq_launch, fwd_launch, is_interpreted, value_operand
 
@@ -26,8 +26,10 @@ from kernels.ops import KERNELS, Launch, dkdv_launch, dq_launch, fwd_launch, is_
 # axis, 48 x 48 tokens, K = 1), any head dim. Nq, Nk and the strides are multiples of 16 at every DCAMA
 # shape, so the divisibility hints are the ones a real launch gets.
 SPEC_SHAPE = {"batch": 12, "heads": 16, "n_query": 2304, "n_key": 2304, "channels": 1}
-VARIANTS = ((torch.float32, "highest"), (torch.float32, "high"), (torch.float16, None), (torch.bfloat16, None))
-DROPOUT_VARIANTS = (0.0, 0.5, 0.1)  # no dropout, 1-bit decisions, 16-bit slices
+# The dtypes (and fp32 matmul precision) of each configuration group, and a dropout_p of each DROP_BITS mode.
+GROUP_VARIANTS = {"tf32x3": ((torch.float32, "highest"),), "tf32": ((torch.float32, "high"),),
+                  "16bit": ((torch.float16, None), (torch.bfloat16, None))}
+DROPOUT_OF_BITS = {0: 0.0, 1: 0.5, 16: 0.1}  # no dropout, 1-bit decisions, 16-bit slices
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 SHORT_NAMES = {"BLOCK_M": "m", "BLOCK_N": "n", "D_CHUNK": "c", "KEY_TILES": "t", "D_SPLIT": "x"}
 
@@ -61,8 +63,8 @@ def bind(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict, 
     return signature, constexprs, attrs
 
 
-def kernel_compile_specs() -> list[dict[str, Any]]:
-    """One record per GPU kernel configuration the op can launch.
+def kernel_compile_specs(arch: str = BASE_ARCH) -> list[dict[str, Any]]:
+    """One record per GPU kernel configuration the op can launch on `arch` (a kernels.configs.ARCHS key).
 
     Each record: name, fn (JITFunction), signature, constexprs (by argument name), attrs, num_warps,
     num_stages, config (a JSON-able description) and tiles_per_iteration (score tiles per main-loop
@@ -72,43 +74,44 @@ def kernel_compile_specs() -> list[dict[str, Any]]:
     config x dropout variant (off, 1-bit, 16-bit), with C = 1 (DCAMA's single-channel value). The keep-mask
     kernel behind dropout_keep_mask (tests and impl="naive") is not part of the fused op and is not listed.
     """
+    return [spec_of(kernel, group, dtype, head_dim, bits, entry) for kernel, group, head_dim, bits in launch_keys()
+            for dtype, _ in GROUP_VARIANTS[group] for entry in candidates(kernel, group, head_dim, bits, arch)]
+
+
+def spec_of(kernel: str, group: str, dtype: torch.dtype, head_dim: int, drop_bits: int,
+            entry: Config) -> dict[str, Any]:
+    """The compile record of `kernel` in configuration group `group` run on `dtype` inputs (one of the group's
+    GROUP_VARIANTS) at `head_dim` in dropout mode `drop_bits`, with block sizes `entry`."""
     if is_interpreted():
         raise RuntimeError("kernel_compile_specs() needs the kernels imported without TRITON_INTERPRET=1: "
                            "run the compile report in a process where that variable is unset")
+    precision = dict(GROUP_VARIANTS[group])[dtype]
     saved = torch.get_float32_matmul_precision()
-    specs = []
     try:
-        for dtype, precision in VARIANTS:
-            if precision is not None:
-                torch.set_float32_matmul_precision(precision)
-            for head_dim in GPU_CONFIGS["fwd"]["16bit"]:
-                for dropout_p in DROPOUT_VARIANTS:
-                    for kernel, launch in _launches(dtype, head_dim, dropout_p).items():
-                        specs += _specs_of(kernel, launch, dtype)
+        if precision is not None:
+            torch.set_float32_matmul_precision(precision)
+        launch = _launches(dtype, head_dim, DROPOUT_OF_BITS[drop_bits])[kernel]
     finally:
         torch.set_float32_matmul_precision(saved)
-    return specs
+    return _spec(kernel, launch, dtype, entry)
 
 
-def _specs_of(kernel: str, launch: Launch, dtype: torch.dtype) -> list[dict[str, Any]]:
+def _spec(kernel: str, launch: Launch, dtype: torch.dtype, entry: Config) -> dict[str, Any]:
     fn = KERNELS[kernel]
     names = [p.name for p in fn.params]
     tt = TRITON_DTYPES[dtype]
     precision = launch.constexprs["DOT_PRECISION"] if dtype == torch.float32 else None
-    out = []
-    for entry in candidates(kernel, launch.group, launch.head_dim, launch.constexprs["DROP_BITS"]):
-        meta, warps, stages = split_config(kernel, entry)
-        signature, constexprs, attrs = bind(fn, launch.args, {**launch.constexprs, **meta, "num_warps": warps,
-                                                               "num_stages": stages})
-        by_name = {names[path[0]]: value for path, value in constexprs.items()}
-        config = {"kernel": kernel, "dtype": tt, "dot_precision": precision, "head_dim": launch.head_dim,
-                  "channels": by_name["C"], "drop_bits": by_name["DROP_BITS"],
-                  **{k.lower(): v for k, v in meta.items()}, "num_warps": warps, "num_stages": stages}
-        blocks = "".join(f"{SHORT_NAMES[k]}{v}" for k, v in meta.items())
-        out.append({"name": f"{kernel}_{tt}{'_' + precision if precision else ''}_d{launch.head_dim}_{blocks}"
-                            f"w{warps}s{stages}_drop{by_name['DROP_BITS']}",
-                    "fn": fn, "signature": signature, "constexprs": by_name, "attrs": attrs,
-                    "num_warps": warps, "num_stages": stages, "config": config,
-                    "tiles_per_iteration": main_loop_tiles(kernel, by_name["DROP_BITS"], meta["BLOCK_N"],
-                                                          meta.get("KEY_TILES", 1))})
-    return out
+    meta, warps, stages = split_config(kernel, entry)
+    signature, constexprs, attrs = bind(fn, launch.args, {**launch.constexprs, **meta, "num_warps": warps,
+                                                           "num_stages": stages})
+    by_name = {names[path[0]]: value for path, value in constexprs.items()}
+    config = {"kernel": kernel, "dtype": tt, "dot_precision": precision, "head_dim": launch.head_dim,
+              "channels": by_name["C"], "drop_bits": by_name["DROP_BITS"],
+              **{k.lower(): v for k, v in meta.items()}, "num_warps": warps, "num_stages": stages}
+    blocks = "".join(f"{SHORT_NAMES[k]}{v}" for k, v in meta.items())
+    return {"name": f"{kernel}_{tt}{'_' + precision if precision else ''}_d{launch.head_dim}_{blocks}"
+                    f"w{warps}s{stages}_drop{by_name['DROP_BITS']}",
+            "fn": fn, "signature": signature, "constexprs": by_name, "attrs": attrs,
+            "num_warps": warps, "num_stages": stages, "config": config, "group": launch.group, "entry": entry,
+            "tiles_per_iteration": main_loop_tiles(kernel, by_name["DROP_BITS"], meta["BLOCK_N"],
+                                                  meta.get("KEY_TILES", 1))}

@@ -5,16 +5,19 @@ Reference: docs/kernels.md."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
+from kernels.configs import MIN_CAPABILITY
 from kernels.naive import naive_attention, sdpa_attention
-from kernels.ops import attention_fwd, keep_mask, seed_tensor
+from kernels.ops import attention_fwd, check_capability, keep_mask, seed_tensor
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 IMPLS = ("auto", "triton", "naive", "sdpa")
 HEAD_REDUCTIONS = ("mean", "none")
+_WARNED_DEVICES: set[str] = set()  # the GPUs below MIN_CAPABILITY that impl="auto" already warned about
 
 
 def _validate(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float, scale: float | None,
@@ -61,6 +64,26 @@ def _validate(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropo
         raise ValueError(f"scale must be a positive finite number, got {scale}")
 
 
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation `impl` runs as on `device`. "auto": the fused kernels on a CUDA device of compute
+    capability >= MIN_CAPABILITY, else SDPA, with one warning per such GPU (SDPA's memory-efficient kernel
+    never materialises P on those GPUs; its fallback materialises what impl="naive" does). "triton" on such a
+    GPU raises ValueError naming the capability it needs."""
+    if impl not in ("auto", "triton") or device.type != "cuda":
+        return "sdpa" if impl == "auto" else impl
+    major, minor = torch.cuda.get_device_capability(device)
+    if impl == "triton" or (major, minor) >= MIN_CAPABILITY:
+        check_capability(device)
+        return "triton"
+    name = torch.cuda.get_device_name(device)
+    if name not in _WARNED_DEVICES:
+        _WARNED_DEVICES.add(name)
+        warnings.warn(f"dcama_attention: {name} has compute capability {major}.{minor}, below the "
+                      f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} the fused Triton kernels need (tensor-core MMA); "
+                      "impl='auto' runs PyTorch SDPA there (same math; dropout from torch's RNG)", stacklevel=3)
+    return "sdpa"
+
+
 def dcama_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, dropout_p: float = 0.0,
                     scale: float | None = None, seed: int | None = None, head_reduction: str = "mean",
                     impl: str = "auto") -> torch.Tensor:
@@ -70,15 +93,15 @@ def dcama_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     allowed). Returns (B, Nq[, C]) for head_reduction="mean", (B, H, Nq[, C]) for "none", in the inputs'
     dtype. out = mean_h dropout(softmax(scale * q k^T)) @ v, scale (positive) defaulting to 1/sqrt(D).
     impl: "triton" (fused kernels), "naive" (materialises P, same dropout mask as the kernels),
-    "sdpa" (PyTorch SDPA, value padded; own dropout), "auto" (triton on CUDA, sdpa otherwise).
+    "sdpa" (PyTorch SDPA, value padded; own dropout), "auto" (triton on CUDA of compute capability >= 8.0,
+    sdpa otherwise; `resolve_impl`).
     seed: int, or None to draw one from torch's generator of the inputs' device.
     Raises ValueError naming the argument for bad input (docs/kernels.md, "The op").
     """
     _validate(query, key, value, dropout_p, scale, head_reduction, impl)
     dropout_p = float(dropout_p)
     scale = 1.0 / math.sqrt(query.shape[3]) if scale is None else float(scale)
-    if impl == "auto":
-        impl = "triton" if query.device.type == "cuda" else "sdpa"
+    impl = resolve_impl(impl, query.device)
     value3 = value.unsqueeze(-1) if value.dim() == 2 else value
     if impl == "triton":
         if dropout_p > 0.0:

@@ -13,9 +13,11 @@ from typing import Any, Callable
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from kernels import fused
-from kernels.configs import FINE_DROP_BITS, KEEP_MASK_CONFIG, candidates, config_group, interpreter_meta, split_config
+from kernels.configs import CONFIG_FIELDS, FINE_DROP_BITS, KEEP_MASK_CONFIG, MIN_CAPABILITY, arch_for_capability, \
+    candidates, config_group, fitting_candidates, interpreter_meta, split_config
 
 LOG2E = 1.4426950408889634
 KERNELS = {"fwd": fused._fwd_kernel, "bwd_dkdv": fused._bwd_dkdv_kernel, "bwd_dq": fused._bwd_dq_kernel}
@@ -67,6 +69,15 @@ def check_triton_device(device: torch.device) -> None:
             raise ValueError(f"TRITON_INTERPRET=1 runs the kernels on CPU tensors only, got device {device}")
     elif device.type != "cuda":
         raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 with CPU tensors), got {device}")
+
+
+def check_capability(device: torch.device) -> None:
+    """ValueError unless the CUDA `device` has the compute capability the fused kernels need (MIN_CAPABILITY)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < MIN_CAPABILITY:
+        raise ValueError(f"impl='triton' needs a GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
+                         f"or newer (A100, RTX 30xx and later); {torch.cuda.get_device_name(device)} has "
+                         f"{major}.{minor}: use impl='auto' or impl='sdpa' there")
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -187,15 +198,53 @@ def dq_launch(query: torch.Tensor, key: torch.Tensor, vx: torch.Tensor, dod: tor
                        DOT_PRECISION=dot_precision(query.dtype)))
 
 
-_AUTOTUNED: dict[tuple[str, str, int, bool], Any] = {}
+class KernelResourceError(RuntimeError):
+    """A fused-kernel launch the GPU cannot run (shared memory, tensor memory, registers, threads); the message
+    names the kernel, the configuration and the device."""
 
 
-def _autotuned(launch: Launch) -> Any:
-    """triton.autotune over the launch's candidate configs (kernels/configs.py), built once per list."""
-    slices = launch.constexprs["DROP_BITS"] > 1
-    key = (launch.kernel, launch.group, launch.head_dim, slices)
+@dataclass(frozen=True)
+class DeviceLimits:
+    arch: str  # the kernels.configs.ARCHS class whose table the device gets
+    shared_bytes: int  # shared memory one block may use (the opt-in limit)
+    description: str  # for messages: name, compute capability, shared memory
+
+
+def device_limits(device: torch.device) -> DeviceLimits:
+    """What the configuration choice reads of a CUDA device: its capability and its real shared-memory limit."""
+    props = torch.cuda.get_device_properties(device)
+    shared = props.shared_memory_per_block_optin
+    return DeviceLimits(arch_for_capability(props.major, props.minor), shared,
+                        f"{props.name} (compute capability {props.major}.{props.minor}, {shared} B shared memory per "
+                        "block)")
+
+
+def describe_config(kernel: str, meta: dict[str, Any]) -> str:
+    """The block sizes and launch options of a configuration, as `BLOCK_M=128 ... num_stages=3`."""
+    return " ".join(f"{field}={meta[field]}" for field in CONFIG_FIELDS[kernel] if field in meta)
+
+
+def _launch_name(launch: Launch) -> str:
+    return (f"kernel {launch.kernel} ({launch.group}, HEAD_DIM={launch.head_dim}, "
+            f"DROP_BITS={launch.constexprs['DROP_BITS']})")
+
+
+_AUTOTUNED: dict[tuple[str, str, int, int, str, int], Any] = {}
+
+
+def _autotuned(launch: Launch, limits: DeviceLimits) -> Any:
+    """triton.autotune over the launch's candidate configs for the device's architecture class that fit its
+    shared memory (kernels/configs.py), built once per list."""
+    bits = launch.constexprs["DROP_BITS"]
+    key = (launch.kernel, launch.group, launch.head_dim, bits, limits.arch, limits.shared_bytes)
     if key not in _AUTOTUNED:
-        entries = candidates(launch.kernel, launch.group, launch.head_dim, launch.constexprs["DROP_BITS"])
+        entries = fitting_candidates(launch.kernel, launch.group, launch.head_dim, bits, limits.arch,
+                                     limits.shared_bytes)
+        if not entries:
+            tried = "; ".join(describe_config(launch.kernel, dict(zip(CONFIG_FIELDS[launch.kernel], e)))
+                              for e in candidates(launch.kernel, launch.group, launch.head_dim, bits, limits.arch))
+            raise KernelResourceError(f"{_launch_name(launch)}: no configuration of the {limits.arch} table ({tried}) "
+                                      f"fits {limits.description}; use impl='sdpa' on this GPU")
         configs = [triton.Config(meta, num_warps=warps, num_stages=stages)
                    for meta, warps, stages in (split_config(launch.kernel, e) for e in entries)]
         _AUTOTUNED[key] = triton.autotune(configs=configs, key=AUTOTUNE_KEY)(KERNELS[launch.kernel])
@@ -210,12 +259,25 @@ def run_interpreted(launch: Launch, meta: dict[str, int] | None = None) -> None:
 
 
 def run(launch: Launch) -> None:
-    """Launch on the GPU through the autotuner, or under the interpreter with its fixed block sizes."""
+    """Launch on the GPU through the autotuner, or under the interpreter with its fixed block sizes. A launch the
+    GPU refuses for resources raises KernelResourceError naming the kernel, the configuration and the device."""
     if is_interpreted():
         run_interpreted(launch)
     else:
-        with torch.cuda.device(launch.args[0].device):
-            _autotuned(launch)[launch.grid](*launch.args, **launch.constexprs)
+        device = launch.args[0].device
+        with torch.cuda.device(device):
+            limits = device_limits(device)
+            tuned = _autotuned(launch, limits)
+            try:
+                tuned[launch.grid](*launch.args, **launch.constexprs)
+            except OutOfResources as exc:
+                config = tuned.best_config
+                meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+                raise KernelResourceError(
+                    f"{_launch_name(launch)} with {describe_config(launch.kernel, meta)} cannot run on "
+                    f"{limits.description}: it needs {exc.required} of {exc.name}, the limit is {exc.limit}. The "
+                    f"{limits.arch} table did not foresee this GPU; use impl='sdpa' on it, and see docs/kernels.md, "
+                    "\"Architectures\"") from None
 
 
 def fused_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seed: torch.Tensor, dropout_p: float,

@@ -1,12 +1,15 @@
 """The compile gate of the fused kernels, no GPU needed: `bench/kernel_report.py --sample` compiles the kernel
-configurations the budget covers for sm_90 (and a rotation over the rest for sm_80 and sm_90) and reads
-registers, spills and the SASS main loops.
+configurations the budget covers for sm_90 (and a rotation over the other head dims), and on every other listed
+architecture the configurations derived there because the sm_90 entry failed (3xTF32 and 16-bit with
+dropout), and reads registers, spills, shared and tensor memory and the SASS main loops.
 
-It fails when a configuration does not compile, spills on sm_90, has no tensor-core instruction, or breaks
-the budget (docs/kernels.md, "Budget": fwd+bwd lane-instructions per score and each kernel's share at D = 32,
-at most 1.07 MUFU per score per kernel) or a regression ceiling (the pre-v2 totals at D = 64 and for 3xTF32).
-Set DCAMA_FULL_COMPILE_CHECK=1 to compile every shipped configuration for both archs. The report runs as a
-subprocess without TRITON_INTERPRET: kernels decorated under the interpreter cannot be compiled.
+It fails when a configuration does not compile, needs more shared memory, tensor memory or registers than its
+architecture has, compiles to a trap, spills at D <= 64 on any architecture or at all on sm_90, has no
+tensor-core instruction, or breaks the budget (docs/kernels.md, "Budget": fwd+bwd lane-instructions per score
+and each kernel's share at D = 32, at most 1.07 MUFU per score per kernel) or a regression ceiling (the pre-v2
+totals at D = 64 and for 3xTF32). Set DCAMA_FULL_COMPILE_CHECK=1 to compile every shipped configuration for
+every architecture (hours on 2 cores). The report runs as a subprocess without TRITON_INTERPRET: kernels
+decorated under the interpreter cannot be compiled.
 """
 
 import json
@@ -18,12 +21,17 @@ from pathlib import Path
 
 import pytest
 
-from bench.kernel_report import RECORD_KEYS, budget_violations, loop_costs, main_loop, parse_instructions, \
-    parse_ptxas, parse_sass
+from bench.kernel_report import BUDGET_REPORTED_ARCHS, RECORD_KEYS, budget_violations, limit_violations, loop_costs, \
+    main_loop, parse_instructions, parse_ptxas, parse_sass, summary_rows
+from kernels.arch_configs import DERIVED
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = os.environ.get("DCAMA_FULL_COMPILE_CHECK") == "1"
-ARCHS = {"sm_80", "sm_90"}
+# sm_90, the archs the budget is reported for, and every arch with derived configurations in the groups the
+# sample compiles there.
+ARCHS = {"sm_90", *BUDGET_REPORTED_ARCHS} | {
+    arch for arch, derived in DERIVED.items()
+    if any(group == "tf32x3" or (group == "16bit" and bits) for _, group, _, bits in derived)}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +40,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Complet
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, str(REPO / "bench" / "kernel_report.py"), "--json", str(out),
            *([] if FULL else ["--sample"])]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=None if FULL else 3600)
     records = json.loads(out.read_text()) if out.exists() else []
     return proc, records
 
@@ -49,16 +57,22 @@ def test_records_have_the_documented_keys(report):
         assert set(r) == set(RECORD_KEYS)
         assert isinstance(r["registers"], int) and 0 < r["registers"] <= 255
         assert isinstance(r["spill_bytes"], int) and r["spill_bytes"] >= 0
+        assert isinstance(r["tmem_columns"], int) and r["tmem_columns"] >= 0 and r["trap"] is False
         assert r["loop_instructions"] > 0 and r["lane_instr_per_score"] > 0 and r["tiles_per_iteration"] >= 1
         assert isinstance(r["mix"], dict) and isinstance(r["mma"], list)
 
 
-def test_both_archs_every_kernel_bf16_included(report):
+def test_every_arch_included_every_kernel_on_sm90_bf16_included(report):
     _, records = report
-    assert {r["arch"] for r in records} == ARCHS
-    for arch in ARCHS:
-        assert {r["config"]["kernel"] for r in records if r["arch"] == arch} == {"fwd", "bwd_dkdv", "bwd_dq"}
+    assert {r["arch"] for r in records} >= ARCHS
+    assert {r["config"]["kernel"] for r in records if r["arch"] == "sm_90"} == {"fwd", "bwd_dkdv", "bwd_dq"}
     assert any(r["config"]["dtype"] == "bf16" for r in records if r["arch"] == "sm_90")
+
+
+def test_every_configuration_fits_its_architecture(report):
+    """Shared memory, tensor memory and registers within the arch's limits, no trap, no spill at D <= 64."""
+    _, records = report
+    assert not limit_violations(records), "\n".join(limit_violations(records))
 
 
 def test_no_spills_on_sm90(report):
@@ -74,6 +88,15 @@ def test_attention_kernels_use_tensor_cores_and_the_exp_unit(report):
     assert all(r["mufu_ex2"] > 0 for r in records)
 
 
+def test_budget_is_reported_for_sm80_and_sm89(report):
+    """The D = 32 budget variants on sm_80 and sm_89, counted as on sm_90 (mma.sync instead of wgmma)."""
+    _, records = report
+    for arch in BUDGET_REPORTED_ARCHS:
+        rows = [r for r in summary_rows(records, arch) if r["head_dim"] == 32]
+        assert len(rows) == 4 and all(r["total"] > 0 for r in rows), arch
+        assert all(m.startswith("HMMA") for r in records if r["arch"] == arch for m in r["mma"])
+
+
 def test_budget(report):
     """fwd+bwd totals and per-kernel shares at D = 32, MUFU per score, the D = 64 / 3xTF32 ceilings."""
     _, records = report
@@ -83,6 +106,22 @@ def test_budget(report):
 # ---------------------------------------------------------------------------------------------
 # The parsers and the normalisation, on hand-written input
 # ---------------------------------------------------------------------------------------------
+def _record(arch="sm_86", head_dim=64, num_warps=4, **usage):
+    return {"kernel": "k", "arch": arch, "config": {"head_dim": head_dim, "num_warps": num_warps},
+            **{"shared_bytes": 1000, "tmem_columns": 0, "registers": 128, "spill_bytes": 0, "trap": False, **usage}}
+
+
+def test_limit_violations_name_what_does_not_fit():
+    assert limit_violations([_record(), _record(head_dim=128, spill_bytes=64), _record("sm_90", shared_bytes=200_000),
+                             _record("sm_100", tmem_columns=512)]) == []
+    found = limit_violations([_record(shared_bytes=102_000), _record("sm_100", tmem_columns=640),
+                              _record("sm_80", registers=255, num_warps=16), _record(trap=True),
+                              _record(head_dim=32, spill_bytes=8)])
+    assert len(found) == 5
+    assert "102000 B shared memory > 101376" in found[0] and "640 tensor-memory columns > 512" in found[1]
+    assert "compiles to a trap" in found[3] and "spills 8 B at D = 32" in found[4]
+
+
 def test_parsers_read_ptxas_and_sass_output():
     log = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
            "    8 bytes stack frame, 12 bytes spill stores, 20 bytes spill loads\n"
@@ -91,8 +130,11 @@ def test_parsers_read_ptxas_and_sass_output():
     sass = ("  /*1620*/  HGMMA.64x64x16.F32.BF16 R24, gdesc[UR20], RZ, !UPT ;\n"
             "  /*1650*/  HMMA.16816.F32.BF16 R12, R32, R38, RZ ;\n"
             "  /*1670*/  MUFU.EX2 R24, R24 ;\n  /*1680*/  MUFU.EX2 R25, R25 ;\n  /*1690*/  MUFU.RCP R2, R2 ;\n")
-    parsed = parse_sass(sass)
-    assert parsed["mma"] == ["HGMMA.64x64x16.F32.BF16", "HMMA.16816.F32.BF16"] and parsed["mufu_ex2"] == 2
+    parsed = parse_sass(sass + "  /*16a0*/  UTCHMMA gdesc[UR4], gdesc[UR6], tmem[UR8], idesc[UR9], UPT ;\n")
+    assert parsed["mma"] == ["HGMMA.64x64x16.F32.BF16", "HMMA.16816.F32.BF16", "UTCHMMA"]
+    assert parsed["mufu_ex2"] == 2 and parsed["trap"]  # no EXIT
+    trap_body = "  /*0000*/  LDC R1, c[0x0][0x37c] ;\n  /*0010*/  BPT.TRAP 0x1 ;\n  /*0020*/  BRA 0x20 ;\n"
+    assert parse_sass(trap_body)["trap"] and not parse_sass(SASS_TWO_LOOPS)["trap"]
     with pytest.raises(ValueError):
         parse_ptxas("garbage")
 

@@ -1,0 +1,248 @@
+"""Kernel configurations per GPU architecture (kernels/configs.py, the generated kernels/arch_configs.py,
+bench/derive_configs.py) and the device handling of the op (kernels/ops.py, kernels/attention.py): the table
+each capability gets, pruning by the device's shared memory, the error for a launch the GPU refuses, and the
+non-Triton path below compute capability 8.0. The GPU is faked: capability and properties queries are patched."""
+
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+from triton.runtime.errors import OutOfResources
+
+import kernels.attention as attention
+import kernels.configs as configs
+import kernels.ops as ops
+from bench import derive_configs
+from bench.kernel_report import MAX_SPILL_FREE_HEAD_DIM, limit_problems
+from kernels.arch_configs import DERIVED, MEASURED
+
+CUDA0 = torch.device("cuda", 0)
+
+
+def fake_gpu(monkeypatch: pytest.MonkeyPatch, major: int, minor: int, shared: int = 99 * 1024,
+             name: str = "Fake GPU") -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(
+        name=name, major=major, minor=minor, shared_memory_per_block_optin=shared))
+
+
+# ---------------------------------------------------------------------------------------------
+# The tables
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("capability, arch", [((8, 0), "sm_80"), ((8, 6), "sm_86"), ((8, 7), "sm_86"),
+                                              ((8, 9), "sm_89"), ((9, 0), "sm_90"), ((10, 0), "sm_100"),
+                                              ((10, 3), "sm_100"), ((11, 0), "sm_100"), ((12, 0), "sm_120"),
+                                              ((12, 1), "sm_120")])
+def test_each_capability_gets_its_class_table(capability, arch):
+    assert configs.arch_for_capability(*capability) == arch
+
+
+def test_below_capability_8_has_no_table():
+    with pytest.raises(ValueError, match="7.5 is below the 8.0"):
+        configs.arch_for_capability(7, 5)
+
+
+def test_derived_entries_replace_the_sm90_entry_on_their_arch_only():
+    assert any(DERIVED.values()), "the generated table derives nothing"
+    for arch, by_key in DERIVED.items():
+        for key, (entry, why) in by_key.items():
+            assert configs.candidates(*key, arch=arch) == [entry] and why.startswith("sm_90 entry")
+            assert configs.candidates(*key) == configs.base_candidates(*key)
+            assert configs.config_problem(key[0], key[2], entry) is None
+
+
+def test_shipped_entries_are_the_union_over_architectures():
+    shipped = configs.shipped_entries()
+    assert len(shipped) == len(set(shipped)) and all(len(e) == 5 for e in shipped)
+    expected = {(*key, entry) for arch in configs.ARCHS for key in configs.launch_keys()
+                for entry in configs.candidates(*key, arch=arch)}
+    assert set(shipped) == expected
+    assert {(*key, entry) for arch, d in DERIVED.items() for key, (entry, _) in d.items()} <= set(shipped)
+
+
+def test_every_measured_shipped_entry_fits_its_architecture():
+    """What bench/derive_configs.py measured for each shipped entry: within the arch's limits, no spill at
+    D <= 64 (the compile gate checks the same on fresh compiles)."""
+    problems = []
+    for arch in configs.ARCHS:
+        for key in configs.launch_keys():
+            for entry in configs.candidates(*key, arch=arch):
+                usage = MEASURED.get(arch, {}).get((*key, entry))
+                if usage is None:
+                    continue
+                shared, tmem, registers, spill = usage
+                found = limit_problems(arch, {"shared_bytes": shared, "tmem_columns": tmem, "registers": registers,
+                                              "num_warps": configs.split_config(key[0], entry)[1], "trap": False})
+                found += [f"spills {spill} B"] if spill and key[2] <= MAX_SPILL_FREE_HEAD_DIM else []
+                problems += [f"{arch} {key} {entry}: {found}"] if found else []
+    assert not problems, "\n".join(problems)
+
+
+def test_pruning_keeps_the_entries_that_fit_the_device(monkeypatch):
+    key = ("fwd", "16bit", 64, 1)
+    entry = configs.candidates(*key, arch="sm_86")[0]
+    monkeypatch.setattr(configs, "MEASURED", {"sm_86": {(*key, entry): (60_000, 0, 128, 0)}})
+    assert configs.fitting_candidates(*key, "sm_86", 99 * 1024) == [entry]
+    assert configs.fitting_candidates(*key, "sm_86", 48 * 1024) == []
+    unmeasured = configs.candidates(*key, arch="sm_80")
+    assert configs.fitting_candidates(*key, "sm_80", 48 * 1024) == unmeasured, "unmeasured entries are kept"
+
+
+# ---------------------------------------------------------------------------------------------
+# The derivation (compiles faked)
+# ---------------------------------------------------------------------------------------------
+def test_shrink_steps_follow_the_cause_and_stay_valid():
+    steps = derive_configs.shrink_steps("bwd_dq", 64, (128, 64, 64, 64, 4, 3), "resources")
+    assert [s for _, s in steps][:3] == ["num_stages 3->2", "D_CHUNK 64->32", "BLOCK_M 128->64"]
+    steps = derive_configs.shrink_steps("bwd_dkdv", 32, (64, 64, 4, 32, 32, 4, 1), "registers")
+    assert [s for _, s in steps][:2] == ["KEY_TILES 4->2", "num_warps 4->8"]
+    assert all(configs.config_problem("bwd_dkdv", 32, v) is None for v, _ in steps)
+    assert "D_CHUNK 16->8" not in [s for _, s in derive_configs.shrink_steps("fwd", 16, (64, 64, 16, 4, 1),
+                                                                           "resources")]
+
+
+def fake_usage(shared=0, tmem=0, registers=128, spill=0, trap=False, num_warps=4):
+    return {"shared_bytes": shared, "tmem_columns": tmem, "registers": registers, "spill_bytes": spill, "trap": trap,
+            "num_warps": num_warps}
+
+
+def test_derive_keeps_the_first_variant_that_fits_without_spilling(monkeypatch):
+    """Best first: every one-step shrink of the sm_90 entry, then on from the least-spilling one that fits."""
+    key = ("fwd", "16bit", 128, 1)  # sm_90 entry (128, 64, 128, 8, 2)
+    usage = {(128, 64, 128, 8, 2): fake_usage(shared=110_000), (128, 64, 128, 8, 1): fake_usage(shared=104_000),
+             (128, 64, 64, 8, 2): fake_usage(shared=80_000, spill=8), (64, 64, 128, 8, 2): fake_usage(shared=105_000),
+             (128, 64, 64, 8, 1): fake_usage(shared=70_000)}
+    monkeypatch.setattr(derive_configs, "measure", lambda arch, k, entry, cache: usage[entry])
+    entry, why = derive_configs.derive("sm_86", key, {}, max_tries=4)
+    assert entry == (128, 64, 64, 8, 1)
+    assert "110000 B shared memory > 101376" in why and why.endswith("D_CHUNK 128->64, num_stages 2->1")
+    assert derive_configs.derive("sm_90", key, {}, max_tries=4) is None  # fits the H100's 227 KB
+    entry, why = derive_configs.derive("sm_86", key, {}, max_tries=3)
+    assert entry == (128, 64, 64, 8, 2) and "least spilling of 4 tried: 8 B" in why
+
+
+def test_derive_tries_the_entry_of_a_class_with_the_same_limits_first(monkeypatch):
+    usage = {(128, 64, 128, 8, 2): fake_usage(shared=110_000), (64, 64, 64, 8, 2): fake_usage(shared=60_000)}
+    monkeypatch.setattr(derive_configs, "measure", lambda arch, k, entry, cache: usage[entry])
+    entry, why = derive_configs.derive("sm_120", ("fwd", "16bit", 128, 1), {}, 4, (("sm_86", (64, 64, 64, 8, 2)),))
+    assert entry == (64, 64, 64, 8, 2) and why.endswith("; the entry derived for sm_86")
+
+
+def test_derive_keeps_the_entry_derived_before_while_it_fits(monkeypatch):
+    usage = {(128, 64, 128, 8, 2): fake_usage(shared=110_000), (64, 64, 64, 8, 2): fake_usage(shared=60_000)}
+    monkeypatch.setattr(derive_configs, "measure", lambda arch, k, entry, cache: usage[entry])
+    previous = ((64, 64, 64, 8, 2), "sm_90 entry ...; BLOCK_M 128->64, D_CHUNK 128->64")
+    assert derive_configs.derive("sm_86", ("fwd", "16bit", 128, 1), {}, 4, (), previous) == previous
+
+
+def test_derive_reports_when_no_variant_fits(monkeypatch):
+    monkeypatch.setattr(derive_configs, "measure", lambda arch, k, entry, cache: fake_usage(tmem=640, trap=True))
+    entry, why = derive_configs.derive("sm_100", ("bwd_dq", "16bit", 16, 1), {}, max_tries=2)
+    assert entry == configs.base_candidates("bwd_dq", "16bit", 16, 1)[0]
+    assert "640 tensor-memory columns > 512" in why and "compiles to a trap" in why and "NO VARIANT FITS" in why
+
+
+def test_generated_module_round_trips():
+    derived = {"sm_86": {("fwd", "16bit", 128, 1): ((64, 64, 64, 8, 1), "sm_90 entry (...): " + "x" * 200)}}
+    cache = {"a": {"arch": "sm_86", "key": ["fwd", "16bit", 128, 1], "entry": [64, 64, 64, 8, 1],
+                   "shared_bytes": 5, "tmem_columns": 0, "registers": 100, "spill_bytes": 0},
+             "b": {"arch": "sm_86", "key": ["fwd", "16bit", 128, 1], "entry": [64, 64, 64, 8, 1],
+                   "shared_bytes": 7, "tmem_columns": 0, "registers": 90, "spill_bytes": 4}}
+    text = derive_configs.module_text(derived, cache, "python bench/derive_configs.py")
+    assert max(len(line) for line in text.splitlines()) <= 120
+    namespace: dict = {}
+    exec(text, namespace)
+    assert namespace["DERIVED"] == derived
+    assert namespace["MEASURED"] == {"sm_86": {("fwd", "16bit", 128, 1, (64, 64, 64, 8, 1)): (7, 0, 100, 4)}}
+
+
+# ---------------------------------------------------------------------------------------------
+# The device: capability, pruning, resource errors (GPU faked)
+# ---------------------------------------------------------------------------------------------
+def test_device_limits_read_capability_and_shared_memory(monkeypatch):
+    fake_gpu(monkeypatch, 8, 7, shared=163 * 1024, name="Jetson")
+    limits = ops.device_limits(CUDA0)
+    assert (limits.arch, limits.shared_bytes) == ("sm_86", 163 * 1024)
+    assert "Jetson" in limits.description and "8.7" in limits.description
+
+
+def _launch(kernel="fwd", head_dim=64, dropout_p=0.5):
+    q = torch.zeros(1, 64, 1, head_dim)
+    vx = ops.value_operand(torch.zeros(1, 64, 1))
+    o, lse2 = torch.zeros(1, 1, 64, 1), torch.zeros(1, 1, 64)
+    return ops.fwd_launch(q, q, vx, o, lse2, torch.zeros(1, dtype=torch.int64), dropout_p, 0.1)
+
+
+def test_a_device_no_entry_fits_gets_one_error_naming_kernel_configuration_and_device(monkeypatch):
+    launch = _launch()
+    entry = configs.candidates("fwd", launch.group, 64, 1, arch="sm_86")[0]
+    monkeypatch.setattr(configs, "MEASURED", {"sm_86": {("fwd", launch.group, 64, 1, entry): (60_000, 0, 128, 0)}})
+    limits = ops.DeviceLimits("sm_86", 48 * 1024, "Small GPU (compute capability 8.6, 49152 B shared memory)")
+    with pytest.raises(ops.KernelResourceError) as err:
+        ops._autotuned(launch, limits)
+    message = str(err.value)
+    assert "kernel fwd" in message and "Small GPU" in message
+    assert ops.describe_config("fwd", dict(zip(configs.CONFIG_FIELDS["fwd"], entry))) in message
+
+
+class RefusingKernel:
+    """What triton.autotune returns, for a GPU whose shared memory is smaller than the kernel needs."""
+    best_config = SimpleNamespace(kwargs={"BLOCK_M": 128, "BLOCK_N": 64, "D_CHUNK": 64}, num_warps=4, num_stages=3)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise OutOfResources(120_000, 101_376, "shared memory")
+        return launch
+
+
+def test_a_launch_the_gpu_refuses_raises_one_error_naming_kernel_configuration_and_device(monkeypatch):
+    fake_gpu(monkeypatch, 8, 6, name="Unforeseen GPU")
+    monkeypatch.setattr(ops, "is_interpreted", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: torch.device("cpu"))
+    monkeypatch.setattr(ops, "_autotuned", lambda launch, limits: RefusingKernel())
+    with pytest.raises(ops.KernelResourceError) as err:
+        ops.run(_launch())
+    message = str(err.value)
+    for part in ("kernel fwd", "BLOCK_M=128 BLOCK_N=64 D_CHUNK=64 num_warps=4 num_stages=3", "Unforeseen GPU",
+                 "compute capability 8.6", "120000 of shared memory", "101376"):
+        assert part in message
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+# ---------------------------------------------------------------------------------------------
+# Below compute capability 8.0
+# ---------------------------------------------------------------------------------------------
+def test_auto_runs_sdpa_below_capability_8_with_one_warning(monkeypatch):
+    fake_gpu(monkeypatch, 7, 5, name="Tesla T4")
+    monkeypatch.setattr(attention, "_WARNED_DEVICES", set())
+    with pytest.warns(UserWarning, match="Tesla T4 has compute capability 7.5, below the 8.0"):
+        assert attention.resolve_impl("auto", CUDA0) == "sdpa"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert attention.resolve_impl("auto", CUDA0) == "sdpa"  # once per device
+
+
+def test_triton_below_capability_8_raises_naming_the_capability(monkeypatch):
+    fake_gpu(monkeypatch, 7, 0, name="Tesla V100")
+    with pytest.raises(ValueError, match="compute capability 8.0 or newer.*Tesla V100 has 7.0"):
+        attention.resolve_impl("triton", CUDA0)
+
+
+@pytest.mark.parametrize("impl", ["auto", "triton"])
+def test_capability_8_and_newer_runs_the_fused_kernels(monkeypatch, impl):
+    fake_gpu(monkeypatch, 8, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert attention.resolve_impl(impl, CUDA0) == "triton"
+    assert attention.resolve_impl("auto", torch.device("cpu")) == "sdpa"
+    assert attention.resolve_impl("naive", CUDA0) == "naive"
+
+
+@pytest.mark.cuda
+def test_this_gpu_has_an_entry_for_every_launch():
+    limits = ops.device_limits(torch.device("cuda"))
+    missing = [key for key in configs.launch_keys()
+               if not configs.fitting_candidates(*key, limits.arch, limits.shared_bytes)]
+    assert not missing, f"{limits.description}: no fitting configuration for {missing}"
