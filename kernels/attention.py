@@ -71,6 +71,8 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     GPU raises ValueError naming the capability it needs."""
     if impl not in ("auto", "triton") or device.type != "cuda":
         return "sdpa" if impl == "auto" else impl
+    if not torch.cuda.is_available():  # fake CUDA tensors traced without a GPU: no capability to read, no launch
+        return "triton"
     major, minor = torch.cuda.get_device_capability(device)
     if impl == "triton" or (major, minor) >= MIN_CAPABILITY:
         check_capability(device)

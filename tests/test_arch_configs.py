@@ -22,6 +22,7 @@ CUDA0 = torch.device("cuda", 0)
 
 def fake_gpu(monkeypatch: pytest.MonkeyPatch, major: int, minor: int, shared: int = 99 * 1024,
              name: str = "Fake GPU") -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(
