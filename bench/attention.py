@@ -279,18 +279,28 @@ def model_table(records: list[dict[str, Any]]) -> str:
         ("floor_mem_ms", "HBM floor ms", pct), ("floor_ms", "floor ms", pct)])
 
 
+def with_naive_ratio(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records with "naive_ratio": what the naive path saves besides q, k, v over what this row saves, at the
+    same shape, dtype and pass (None without a naive row or saved count)."""
+    shape = lambda r: (r["backbone"], r["stage"], r["shots"], r["dtype"], r["pass"])  # noqa: E731
+    naive = {shape(r): r["saved_extra_bytes"] for r in records if r["impl"] == "naive"}
+    return [{**r, "naive_ratio": naive[shape(r)] / r["saved_extra_bytes"]
+             if naive.get(shape(r)) and r["saved_extra_bytes"] else None} for r in records]
+
+
 def rows_table(records: list[dict[str, Any]], timed: bool) -> str:
     pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
     columns = [("backbone", "backbone", str), ("stage", "stage", str), ("shots", "K", str), ("dtype", "dtype", str),
                ("pass", "pass", str), ("impl", "impl", str), ("saved_bytes", "saved for bwd", human_bytes),
-               ("saved_extra_bytes", "besides q, k, v", human_bytes)]
+               ("saved_extra_bytes", "besides q, k, v", human_bytes),
+               ("naive_ratio", "naive / this, besides q, k, v", lambda x: "-" if x is None else f"{x:.1f}x")]
     if timed:
         columns += [("time_ms", "time ms", lambda x: fmt_num(x, ".3f")), ("tflops", "TFLOP/s", fmt_num),
                     ("peak_bytes", "peak extra mem", human_bytes), ("share_exp", "of exp floor", pct),
                     ("share_tc", "of tc floor", pct), ("share_mem", "of HBM floor", pct)]
     columns.append(("note", "note", lambda x: x or ""))
-    rows = records if timed else [r for r in records if r["pass"] == "fwd+bwd"]  # saved bytes: one pass suffices
-    return markdown_table(rows, columns)
+    rows = with_naive_ratio(records if timed else [r for r in records if r["pass"] == "fwd+bwd"])  # saved bytes:
+    return markdown_table(rows, columns)  # one pass suffices untimed
 
 
 def plot(records: list[dict[str, Any]], path: str) -> None:

@@ -63,7 +63,7 @@ if __name__ == "__main__":  # compiling needs real JITFunctions: the kernels mus
 from bench.common import H100_SXM, markdown_table
 from dcama.files import write_json
 from kernels.configs import ARCHS, BASE_ARCH, REGISTERS_PER_BLOCK, REGISTERS_PER_THREAD, base_candidates, \
-    candidates, launch_keys, split_config
+    candidates, config_group, dq_in_forward, launch_keys, split_config
 from kernels.arch_configs import DERIVED
 
 ARCH_CAPABILITIES = tuple(arch.capability for arch in ARCHS.values())
@@ -83,6 +83,14 @@ LANES_PER_EXP_SLOT = 32 / 4
 # head axis (L * 8 = 16 heads, as dcama/model.py runs them), Nq = 48 * 48 tokens, K = 1 shot, D = 256 / 8.
 SWIN_B_18 = {"batch": 12, "heads": 16, "n_query": 2304, "n_key": 2304, "head_dim": 32}
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+GROUP_OF_DTYPE = {"fp16": "16bit", "bf16": "16bit"}  # fp32: the group is its dot precision
+
+
+def step_kernels(config: dict[str, Any]) -> tuple[str, ...]:
+    """The kernels of one C = 1 training step (DCAMA's) in the variant and head dim of `config`: the forward and
+    dk/dv, and the dq kernel unless the forward computes dq's factor (kernels.configs.dq_in_forward)."""
+    group = GROUP_OF_DTYPE.get(config["dtype"]) or config_group(config.get("dot_precision"))
+    return KERNELS[:2] if dq_in_forward(group, 1, config["head_dim"]) else KERNELS
 # The variants of the summary at the DCAMA training shapes: (label, dtype, dot precision, drop bits).
 SUMMARY_VARIANTS = (("fp16, dropout 0.5", "fp16", None, 1), ("bf16, dropout 0.5", "bf16", None, 1),
                     ("fp16, no dropout", "fp16", None, 0), ("bf16, no dropout", "bf16", None, 0),
@@ -90,14 +98,17 @@ SUMMARY_VARIANTS = (("fp16, dropout 0.5", "fp16", None, 1), ("bf16, dropout 0.5"
                     ("fp32 3xTF32 dots, dropout 0.5", "fp32", "tf32x3", 1))
 SUMMARY_HEAD_DIMS = (32, 64)
 # The budget (docs/kernels.md, "Budget"): sm_90 main-loop lane-instructions per score at D = 32 for every
-# configuration the autotuner can pick, keyed (dtype, dot precision, drop bits): the fwd+bwd total, and a
-# share per kernel (the shares add up to less than the total, so that one extra operation per score in any
-# kernel fails the gate). Every kernel of these variants: at most MAX_MUFU_PER_SCORE, no spills.
-BUDGET_TOTAL = {("fp16", None, 1): 27.0, ("bf16", None, 1): 27.0, ("bf16", None, 0): 20.0, ("fp32", "tf32", 1): 45.0}
-BUDGET_SHARE = {1: {"fwd": 8.5, "bwd_dkdv": 10.0, "bwd_dq": 7.0},  # dropout 0.5
-                0: {"fwd": 6.0, "bwd_dkdv": 6.5, "bwd_dq": 5.5}}  # no dropout
+# configuration the autotuner can pick, keyed (dtype, dot precision, drop bits): the total over the kernels of
+# a training step (`step_kernels`), and a share per kernel (about half an instruction per score above what it
+# counts, so that one extra operation per score in any kernel fails the gate). Every kernel of these variants:
+# at most MAX_MUFU_PER_SCORE, no spills; a step that takes dq from the forward evaluates EXP_PER_STEP
+# exponentials per score (one per kernel).
+BUDGET_TOTAL = {("fp16", None, 1): 20.0, ("bf16", None, 1): 20.0, ("bf16", None, 0): 14.0, ("fp32", "tf32", 1): 45.0}
+BUDGET_SHARE = {1: {"fwd": 10.0, "bwd_dkdv": 10.0},  # 16 bits, dropout 0.5: dq from the forward
+                0: {"fwd": 7.5, "bwd_dkdv": 6.5}}  # 16 bits, no dropout
 BUDGET_SHARE_TF32 = {"fwd": 11.5, "bwd_dkdv": 15.0, "bwd_dq": 11.0}
 MAX_MUFU_PER_SCORE = 1.07
+EXP_PER_STEP = 2
 # On every listed arch, configurations at D <= this (Swin-B's 32 and ResNet's 64 at 1/4 scale, the hot ones) must
 # not spill.
 MAX_SPILL_FREE_HEAD_DIM = 64
@@ -284,9 +295,10 @@ def variant_key(config: dict[str, Any]) -> tuple[str, str | None, int]:
 
 
 def is_gated(config: dict[str, Any]) -> bool:
-    """A configuration the budget or a regression ceiling covers."""
-    return (config["head_dim"] == 32 and variant_key(config) in BUDGET_TOTAL) or \
-        (config["head_dim"], *variant_key(config)) in CEILING_TOTAL
+    """A configuration the budget or a regression ceiling covers (a kernel of the training step)."""
+    return config["kernel"] in step_kernels(config) and (
+        (config["head_dim"] == 32 and variant_key(config) in BUDGET_TOTAL)
+        or (config["head_dim"], *variant_key(config)) in CEILING_TOTAL)
 
 
 def sample_tasks(archs: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -336,20 +348,24 @@ def budget_violations(records: list[dict[str, Any]]) -> list[str]:
     gated = {(32, *k): v for k, v in BUDGET_TOTAL.items()} | CEILING_TOTAL
     for (head_dim, *variant), limit in gated.items():
         worst = {}
-        for kernel in KERNELS:
+        kernels = step_kernels({"dtype": variant[0], "dot_precision": variant[1], "head_dim": head_dim})
+        for kernel in kernels:
             hits = [r for r in sm90 if r["config"]["kernel"] == kernel and r["config"]["head_dim"] == head_dim
                     and list(variant_key(r["config"])) == variant]
             if not hits:
                 out.append(f"D={head_dim} {variant}: no {kernel} record")
                 continue
             worst[kernel] = max(hits, key=lambda r: r["lane_instr_per_score"])
-        if len(worst) < len(KERNELS):
+        if len(worst) < len(kernels):
             continue
         total = sum(r["lane_instr_per_score"] for r in worst.values())
         if total > limit:
             out.append(f"D={head_dim} {variant}: fwd+bwd {total:.2f} lane-instructions per score > {limit}")
         if (head_dim, *variant) in CEILING_TOTAL:
             continue
+        if len(kernels) == EXP_PER_STEP and any(round(r["mufu_per_score"]) != 1 for r in worst.values()):
+            out.append(f"D={head_dim} {variant}: not one exponential per score per kernel "
+                       f"({', '.join(str(r['mufu_per_score']) for r in worst.values())})")
         shares = BUDGET_SHARE_TF32 if variant[0] == "fp32" else BUDGET_SHARE[variant[2]]
         for kernel, r in worst.items():
             if r["lane_instr_per_score"] > shares[kernel]:
@@ -402,12 +418,15 @@ def format_report(records: list[dict[str, Any]]) -> str:
 def summary_rows(records: list[dict[str, Any]], arch: str = "sm_90") -> list[dict[str, Any]]:
     """Per (head dim, variant): for each kernel the best (fewest lane-instructions per score) and the worst
     shipped configuration compiled for `arch`, the fwd+bwd totals of both, the largest MUFU per score and the
-    largest spill of any of those configurations. Variants with a kernel missing are left out."""
+    largest spill of any of those configurations, over the kernels of a training step (`step_kernels`; "kernels"
+    lists them). Variants with a kernel missing are left out."""
     rows = []
     for head_dim in SUMMARY_HEAD_DIMS:
         for label, dtype, precision, bits in SUMMARY_VARIANTS:
-            row: dict[str, Any] = {"head_dim": head_dim, "variant": label, "mufu_max": 0.0, "spill_max": 0}
-            for kernel in KERNELS:
+            kernels = step_kernels({"dtype": dtype, "dot_precision": precision, "head_dim": head_dim})
+            row: dict[str, Any] = {"head_dim": head_dim, "variant": label, "mufu_max": 0.0, "spill_max": 0,
+                                   "kernels": kernels}
+            for kernel in kernels:
                 hits = [r for r in records if r["arch"] == arch and r["config"]["kernel"] == kernel
                         and r["config"]["head_dim"] == head_dim and r["config"]["dtype"] == dtype
                         and r["config"].get("dot_precision") == precision and r["config"]["drop_bits"] == bits]
@@ -420,16 +439,20 @@ def summary_rows(records: list[dict[str, Any]], arch: str = "sm_90") -> list[dic
                 row["mufu_max"] = max(row["mufu_max"], *(r["mufu_per_score"] for r in hits))
                 row["spill_max"] = max(row["spill_max"], *(r["spill_bytes"] for r in hits))
             else:
-                row["total"] = round(sum(row[k] for k in KERNELS), 2)
-                row["total_worst"] = round(sum(row[f"{k}_worst"] for k in KERNELS), 2)
+                row["total"] = round(sum(row[k] for k in kernels), 2)
+                row["total_worst"] = round(sum(row[f"{k}_worst"] for k in kernels), 2)
                 rows.append(row)
     return rows
+
+
+def _no_dq_kernel(value: float | None) -> str:
+    return "from fwd" if value is None else str(value)
 
 
 def format_summary(rows: list[dict[str, Any]], arch: str = BASE_ARCH) -> str:
     return markdown_table(rows, [
         ("head_dim", "D", str), ("variant", f"{arch}, lane-instr per score", str), ("fwd", "fwd", str),
-        ("bwd_dkdv", "bwd dk/dv", str), ("bwd_dq", "bwd dq", str), ("total", "total", str),
+        ("bwd_dkdv", "bwd dk/dv", str), ("bwd_dq", "bwd dq", _no_dq_kernel), ("total", "total", str),
         ("total_worst", "total, worst configs", str), ("mufu_max", "max MUFU/score", str),
         ("spill_max", "max spill B", str)])
 
@@ -440,7 +463,7 @@ def format_mix(rows: list[dict[str, Any]], head_dim: int = 32) -> str:
     for row in rows:
         if row["head_dim"] != head_dim:
             continue
-        for kernel in KERNELS:
+        for kernel in row["kernels"]:
             r = row[f"{kernel}_best_record"]
             out.append({"variant": row["variant"], "kernel": kernel, "name": r["kernel"],
                         "total": r["lane_instr_per_score"], "mix": _mix(r["mix"], MIX_TOP)})
@@ -457,18 +480,19 @@ def static_model(rows: list[dict[str, Any]], shape: dict[str, int] = SWIN_B_18) 
     for row in rows:
         if row["head_dim"] != shape["head_dim"]:
             continue
-        issue = {k: row[k] * scores / issue_rate * 1e3 for k in KERNELS}
-        exp = {k: row[f"{k}_best_record"]["mufu_per_score"] * scores / exp_rate * 1e3 for k in KERNELS}
-        bound = {k: max(issue[k], exp[k]) for k in KERNELS}
-        out.append({"variant": row["variant"], **{f"{k}_ms": bound[k] for k in KERNELS},
+        kernels = row["kernels"]
+        issue = {k: row[k] * scores / issue_rate * 1e3 for k in kernels}
+        exp = {k: row[f"{k}_best_record"]["mufu_per_score"] * scores / exp_rate * 1e3 for k in kernels}
+        bound = {k: max(issue[k], exp[k]) for k in kernels}
+        out.append({"variant": row["variant"], **{f"{k}_ms": bound.get(k) for k in KERNELS},
                     "issue_ms": sum(issue.values()), "exp_ms": sum(exp.values()), "model_ms": sum(bound.values()),
-                    "floor_ms": 2 * scores / exp_rate * 1e3,
-                    "bound": ", ".join("issue" if issue[k] >= exp[k] else "exp" for k in KERNELS)})
+                    "floor_ms": EXP_PER_STEP * scores / exp_rate * 1e3,
+                    "bound": ", ".join("issue" if issue[k] >= exp[k] else "exp" for k in kernels)})
     return out
 
 
 def format_model(model: list[dict[str, Any]], shape: dict[str, int] = SWIN_B_18) -> str:
-    ms = lambda x: f"{x:.3f}"  # noqa: E731
+    ms = lambda x: "from fwd" if x is None else f"{x:.3f}"  # noqa: E731
     head = (f"STATIC MODEL (not a timing), H100 SXM ({H100_SXM.exp_per_s:.2g} exp/s assumed, "
             f"{LANES_PER_EXP_SLOT:g} lane-instructions per exp slot): B={shape['batch']}, H={shape['heads']}, "
             f"Nq={shape['n_query']}, Nk={shape['n_key']}, D={shape['head_dim']}; each kernel costs "

@@ -18,9 +18,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from kernels.configs import BASE_ARCH, Config, candidates, launch_keys, split_config
+from kernels.configs import BASE_ARCH, Config, candidates, dq_in_forward, launch_keys, split_config
 from kernels.fused import main_loop_tiles
-from kernels.ops import KERNELS, Launch, dkdv_launch, dq_launch, fwd_launch, is_interpreted, value_operand
+from kernels.ops import KERNELS, Launch, dkdv_launch, dq_launch, fwd_launch, input_group, is_interpreted, \
+    value_key, value_operand
 
 # The shape the specialisation is taken at: Swin-B's 1/8 stage (12 episodes, 2 layers stacked in the head
 # axis, 48 x 48 tokens, K = 1), any head dim. Nq, Nk and the strides are multiples of 16 at every DCAMA
@@ -48,7 +49,12 @@ def _launches(dtype: torch.dtype, head_dim: int, dropout_p: float) -> dict[str, 
     dv = torch.empty(b, h, nk, c, dtype=torch.float32, device=meta)
     neg_delta = torch.empty(b, h, nq, dtype=torch.float32, device=meta)
     scale = head_dim ** -0.5
-    return {"fwd": fwd_launch(q, k, vx, o, lse2, seed, dropout_p, scale),
+    # The training forward: with E where the backward takes dq from it (the inference forward is the same code
+    # without E's two accumulators).
+    with_e = dq_in_forward(input_group(dtype), c, head_dim)
+    vk = value_key(k, torch.empty(b, nk, c, dtype=dtype, device=meta)) if with_e else None
+    e = torch.empty(b, h, nq, head_dim, dtype=torch.float32, device=meta) if with_e else None
+    return {"fwd": fwd_launch(q, k, vx, o, lse2, vk, e, seed, dropout_p, scale),
             "bwd_dkdv": dkdv_launch(q, k, vx, dod, lse2, neg_delta, torch.empty_like(k), dv, seed, dropout_p, scale),
             "bwd_dq": dq_launch(q, k, vx, dod, lse2, neg_delta, torch.empty_like(q), seed, c, dropout_p, scale)}
 

@@ -110,7 +110,8 @@ def dcama_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             seed_t = seed_tensor(seed, query.device)
         else:  # never read by the kernels; no draw so the generator state is untouched
             seed_t = torch.zeros(1, dtype=torch.int64, device=query.device)
-        o, _ = attention_fwd(query, key, value3, seed_t, dropout_p, scale)
+        for_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        o, _, _ = attention_fwd(query, key, value3, seed_t, dropout_p, scale, for_grad)
     elif impl == "naive":
         o = naive_attention(query, key, value3, dropout_p, scale, seed)
     else:

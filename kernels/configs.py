@@ -25,7 +25,7 @@ CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
 # reads q and k in head-dim chunks (3xTF32 dots triple the operand footprint).
 GPU_CONFIGS: dict[str, dict[str, dict[int, list[Config]]]] = {
     "fwd": {
-        "16bit": {16: [(128, 64, 16, 4, 3)], 32: [(128, 64, 32, 4, 3)], 64: [(128, 64, 64, 4, 3)],
+        "16bit": {16: [(128, 128, 16, 8, 2)], 32: [(128, 128, 32, 8, 2)], 64: [(128, 64, 64, 8, 1)],
                   128: [(128, 64, 128, 8, 2)], 256: [(128, 64, 64, 8, 1)]},
         "tf32": {16: [(128, 64, 16, 8, 2)], 32: [(128, 64, 32, 8, 2)], 64: [(128, 64, 64, 8, 2)],
                  128: [(128, 64, 32, 8, 1)], 256: [(128, 64, 16, 8, 1)]},
@@ -52,10 +52,16 @@ GPU_CONFIGS: dict[str, dict[str, dict[int, list[Config]]]] = {
 # With 16-bit dropout slices (p != 1/2) a 64-column sub-tile needs four Philox calls per stream: where the
 # default entry runs out of registers with them, these entries replace it for that dropout mode.
 SLICE_CONFIGS: dict[str, dict[str, dict[int, list[Config]]]] = {
-    "fwd": {"16bit": {64: [(128, 64, 64, 8, 3)]}},
+    "fwd": {"16bit": {16: [(128, 64, 16, 8, 2)], 32: [(128, 64, 32, 8, 2)]}},
     "bwd_dkdv": {"16bit": {16: [(64, 64, 2, 16, 16, 4, 1)], 32: [(64, 64, 2, 32, 32, 4, 1)]}},
     "bwd_dq": {"16bit": {16: [(128, 64, 16, 16, 8, 3)], 32: [(128, 64, 32, 32, 8, 3)]}},
 }
+# Where the forward computes dq's factor E for a one-channel value (kernels.ops.dq_in_forward), by group: the
+# head dims at which its two extra [BLOCK_M, D] accumulators fit without spilling (at D = 128 every variant tried
+# spills on sm_90). fp32 inputs keep the dq kernel: an fp32 P as an MMA operand needs a register shuffle per
+# score, which makes the forward with E dearer than forward + dq kernel (docs/kernels.md, "dq from the forward
+# pass").
+DQ_IN_FORWARD_HEAD_DIMS = {"16bit": (16, 32, 64)}
 # The dropout modes a launch can be in, as DROP_BITS: none, 1-bit decisions (p = 1/2), 16-bit slices (any other p).
 FINE_DROP_BITS = 16
 DROP_MODES = (0, 1, FINE_DROP_BITS)
@@ -106,6 +112,13 @@ def arch_for_capability(major: int, minor: int) -> str:
 def config_group(dot_precision: str | None) -> str:
     """The GPU_CONFIGS group of a launch: "16bit" (fp16 / bf16 inputs), else the fp32 dot precision."""
     return dot_precision or "16bit"
+
+
+def dq_in_forward(group: str, channels: int, head_dim: int) -> bool:
+    """Whether the forward of a launch in `group` computes E, so that the backward's dq is scale * dO * E and the dq
+    kernel does not run (docs/kernels.md, "dq from the forward pass"): a one-channel value (DCAMA's mask) at a
+    head dim DQ_IN_FORWARD_HEAD_DIMS lists for the group."""
+    return channels == 1 and head_dim in DQ_IN_FORWARD_HEAD_DIMS.get(group, ())
 
 
 def base_candidates(kernel: str, group: str, head_dim: int, drop_bits: int) -> list[Config]:

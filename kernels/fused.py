@@ -251,10 +251,12 @@ def _key_loop(state, tile: tl.constexpr, ctx, META: tl.constexpr, seed, bh, star
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexpr):
-    """One key tile of the online softmax: acc[:, :C] += P~ v, acc[:, L_COL] += P 1 (P~: dropped P);
-    state = (acc, m_i), ctx and META as _fwd_kernel packs them."""
-    acc, m_i = state
-    q, q_rows, K_bh, VX_b, offs_m, ones, Nq, Nk, stride_qd, stride_kn, stride_kd, stride_vn, qk_scale, zero = ctx
+    """One key tile of the online softmax: acc[:, :C] += P~ v, acc[:, L_COL] += P 1 (P~: dropped P), and with
+    DQ_IN_FWD the two sums of E (docs/kernels.md, "dq from the forward pass"): ea += P~ (v * k), eb += P k;
+    state = (acc, m_i, ea, eb), ctx and META as _fwd_kernel packs them."""
+    acc, m_i, ea, eb = state
+    q, q_rows, K_bh, VX_b, VK_bh, offs_m, ones, Nq, Nk, stride_qd, stride_kn, stride_kd, stride_vn, stride_vkn, \
+        qk_scale, zero = ctx
     HEAD_DIM: tl.constexpr = META[0]
     C: tl.constexpr = META[1]
     DV: tl.constexpr = META[2]
@@ -265,6 +267,7 @@ def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexp
     BLOCK_M: tl.constexpr = META[7]
     BLOCK_N: tl.constexpr = META[8]
     D_CHUNK: tl.constexpr = META[9]
+    DQ_IN_FWD: tl.constexpr = META[10]
     offs_n, k_rows, k, s = _key_scores(q, q_rows, K_bh, offs_m, start_n, Nq, Nk, stride_qd, stride_kn, stride_kd,
                                        HEAD_DIM, MASKED, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK)
     vx = _load_rows(VX_b + offs_n[:, None] * stride_vn + tl.arange(0, DV)[None, :], offs_n, Nk, MASKED)
@@ -285,19 +288,30 @@ def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexp
             v_c = tl.sum(tl.where(offs_v[None, :] == c, vx, 0.0), 1)
             acc += tl.where(offs_v[None, :] == c, tl.sum(p_drop * v_c[None, :], 1)[:, None], 0.0)
         acc += tl.where(offs_v[None, :] == L_COL, tl.sum(p, 1)[:, None], 0.0)
-    return acc, m_new
+    if DQ_IN_FWD:  # 16-bit inputs; the B operands: the key tile and v * k as hi and lo (VK_bh's two halves)
+        if D_CHUNK != HEAD_DIM:
+            k = _load_rows(k_rows + tl.arange(0, HEAD_DIM)[None, :] * stride_kd, offs_n, Nk, MASKED)
+        vk_rows = VK_bh + offs_n[:, None] * stride_vkn + tl.arange(0, HEAD_DIM)[None, :]
+        p_drop = p_drop.to(k.dtype)
+        ea = tl.dot(p_drop, _load_rows(vk_rows, offs_n, Nk, MASKED), ea * alpha[:, None])
+        ea = tl.dot(p_drop, _load_rows(vk_rows + HEAD_DIM, offs_n, Nk, MASKED), ea)
+        eb = tl.dot(p.to(k.dtype), k, eb * alpha[:, None])
+    return acc, m_new, ea, eb
 
 
 @triton.jit
-def _fwd_kernel(Q, K, VX, O, LSE, SEED,
+def _fwd_kernel(Q, K, VX, VK, O, LSE, E, SEED,
                 stride_qb, stride_qn, stride_qh, stride_qd,
                 stride_kb, stride_kn, stride_kh, stride_kd,
                 stride_vb, stride_vn,
+                stride_vkb, stride_vkn, stride_vkh,
                 H, Nq, Nk, qk_scale, drop_threshold, drop_scale, zero,
                 HEAD_DIM: tl.constexpr, C: tl.constexpr, DV: tl.constexpr,
-                DROP_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                DROP_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_IN_FWD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr):
-    """One program per (query tile, b*H + h): streams over the key tiles with an online softmax."""
+    """One program per (query tile, b*H + h): streams over the key tiles with an online softmax. With DQ_IN_FWD
+    (C = 1, 16-bit inputs) it also writes E (B*H*Nq, D) fp32, from which the backward's dq is one elementwise
+    product; VK is then v * k (B, Nk, H, 2D) as [hi, lo]."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -315,17 +329,30 @@ def _fwd_kernel(Q, K, VX, O, LSE, SEED,
     VALUE_MMA: tl.constexpr = Q.dtype.element_ty != tl.float32
     ones = tl.zeros([BLOCK_N, DV], dtype=VX.dtype.element_ty) + (offs_v[None, :] == L_COL).to(VX.dtype.element_ty)
     seed = tl.load(SEED) if DROP_BITS > 0 else 0
-    state = (tl.zeros([BLOCK_M, DV], dtype=tl.float32), tl.full([BLOCK_M], float("-inf"), dtype=tl.float32))
-    ctx = (q, q_rows, K_bh, VX_b, offs_m, ones, Nq, Nk, stride_qd, stride_kn, stride_kd, stride_vn, qk_scale, zero)
-    meta: tl.constexpr = (HEAD_DIM, C, DV, L_COL, DROP_BITS > 0, VALUE_MMA, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK)
-    acc, m_i = _key_loop(state, _fwd_tile, ctx, meta, seed, bh, start_m, Nk, drop_threshold, BLOCK_M, BLOCK_N,
-                         DROP_BITS)
+    if DQ_IN_FWD:
+        e_shape: tl.constexpr = [BLOCK_M, HEAD_DIM]
+    else:  # placeholders the loop carries unchanged
+        e_shape: tl.constexpr = [1, 1]
+    state = (tl.zeros([BLOCK_M, DV], dtype=tl.float32), tl.full([BLOCK_M], float("-inf"), dtype=tl.float32),
+             tl.zeros(e_shape, dtype=tl.float32), tl.zeros(e_shape, dtype=tl.float32))
+    VK_bh = VK + b * stride_vkb + h * stride_vkh
+    ctx = (q, q_rows, K_bh, VX_b, VK_bh, offs_m, ones, Nq, Nk, stride_qd, stride_kn, stride_kd, stride_vn, stride_vkn,
+           qk_scale, zero)
+    meta: tl.constexpr = (HEAD_DIM, C, DV, L_COL, DROP_BITS > 0, VALUE_MMA, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK,
+                          DQ_IN_FWD)
+    acc, m_i, ea, eb = _key_loop(state, _fwd_tile, ctx, meta, seed, bh, start_m, Nk, drop_threshold, BLOCK_M,
+                                 BLOCK_N, DROP_BITS)
 
     l_i = tl.sum(tl.where(offs_v[None, :] == L_COL, acc, 0.0), 1)
     o = acc * (drop_scale / l_i)[:, None]
     row = bh.to(tl.int64) * Nq + offs_m
     tl.store(LSE + row, m_i + tl.log2(l_i), mask=offs_m < Nq)  # lse of the log2-scaled scores
     tl.store(O + row[:, None] * C + offs_v[None, :], o, mask=(offs_m[:, None] < Nq) & (offs_v[None, :] < C))
+    if DQ_IN_FWD:  # E = (ea / (1 - p) - o eb) / l
+        o_0 = tl.sum(tl.where(offs_v[None, :] == 0, o, 0.0), 1)
+        e = (ea * drop_scale - eb * o_0[:, None]) * (1.0 / l_i)[:, None]
+        offs_d = tl.arange(0, HEAD_DIM)
+        tl.store(E + row[:, None] * HEAD_DIM + offs_d[None, :], e, mask=offs_m[:, None] < Nq)
 
 
 # ---------------------------------------------------------------------------------------------

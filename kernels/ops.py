@@ -17,11 +17,11 @@ from triton.runtime.errors import OutOfResources
 
 from kernels import fused
 from kernels.configs import CONFIG_FIELDS, FINE_DROP_BITS, KEEP_MASK_CONFIG, MIN_CAPABILITY, arch_for_capability, \
-    candidates, config_group, fitting_candidates, interpreter_meta, split_config
+    candidates, config_group, dq_in_forward, fitting_candidates, interpreter_meta, split_config
 
 LOG2E = 1.4426950408889634
 KERNELS = {"fwd": fused._fwd_kernel, "bwd_dkdv": fused._bwd_dkdv_kernel, "bwd_dq": fused._bwd_dq_kernel}
-AUTOTUNE_KEY = ["Nq", "Nk", "HEAD_DIM", "C", "DROP_BITS", "DOT_PRECISION"]
+AUTOTUNE_KEY = ["Nq", "Nk", "HEAD_DIM", "C", "DROP_BITS", "DOT_PRECISION", "DQ_IN_FWD"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,6 +80,11 @@ def check_capability(device: torch.device) -> None:
                          f"{major}.{minor}: use impl='auto' or impl='sdpa' there")
 
 
+def input_group(dtype: torch.dtype) -> str:
+    """The configuration group of inputs of `dtype` (fp32: by torch's float32 matmul precision)."""
+    return config_group(dot_precision(dtype) if dtype == torch.float32 else None)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision for fp32 inputs following torch.get_float32_matmul_precision()."""
     if dtype != torch.float32:
@@ -121,6 +126,13 @@ def _split(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
     return hi, (x - hi.float()).to(dtype)
 
 
+def value_key(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """VK (B, Nk, H, 2D) in the key's (16-bit) dtype: v_j k_j per key token and head as [hi, lo] (`_split`), so that
+    the forward's P~ @ (v k) keeps about twice the operand precision (one rounding of v k would not cancel in E);
+    built once per forward rather than per query tile in the kernel. value is (B, Nk, 1)."""
+    return torch.cat(_split(key.float() * value.float()[:, :, :, None], key.dtype), dim=3)
+
+
 def grad_operands(grad_o: torch.Tensor, o: torch.Tensor, drop_scale: float,
                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """DOD (B, H, Nq, DV) in `dtype`: [dO' hi, dO' lo, -Delta hi, -Delta lo, 0...] with dO' = dO / (1 - p)
@@ -155,18 +167,22 @@ class Launch:
     @property
     def group(self) -> str:
         """Its GPU_CONFIGS group (fp32 inputs: by dot precision)."""
-        return config_group(self.constexprs["DOT_PRECISION"] if self.args[0].dtype == torch.float32 else None)
+        return input_group(self.args[0].dtype)
 
 
 def fwd_launch(query: torch.Tensor, key: torch.Tensor, vx: torch.Tensor, o: torch.Tensor, lse2: torch.Tensor,
-               seed: torch.Tensor, dropout_p: float, scale: float) -> Launch:
+               vk: torch.Tensor | None, e: torch.Tensor | None, seed: torch.Tensor, dropout_p: float,
+               scale: float) -> Launch:
+    """The forward; with `vk` (`value_key`) and `e` (B, H, Nq, D) fp32 it also writes E, dq's factor."""
     batch, n_query, heads, head_dim = query.shape
     bits, threshold, p_eff = dropout_params(dropout_p)
+    vk_strides = vk.stride()[:3] if vk is not None else (0, 0, 0)
     return Launch("fwd", lambda meta: (triton.cdiv(n_query, meta["BLOCK_M"]), batch * heads),
-                  (query, key, vx, o, lse2, seed, *query.stride(), *key.stride(), vx.stride(0), vx.stride(1),
-                   heads, n_query, key.shape[1], scale * LOG2E, threshold, 1.0 / (1.0 - p_eff), 0.0),
+                  (query, key, vx, key if vk is None else vk, o, lse2, lse2 if e is None else e, seed,
+                   *query.stride(), *key.stride(), vx.stride(0), vx.stride(1), *vk_strides, heads, n_query,
+                   key.shape[1], scale * LOG2E, threshold, 1.0 / (1.0 - p_eff), 0.0),
                   dict(HEAD_DIM=head_dim, C=o.shape[3], DV=vx.shape[2], DROP_BITS=bits,
-                       DOT_PRECISION=dot_precision(query.dtype)))
+                       DOT_PRECISION=dot_precision(query.dtype), DQ_IN_FWD=e is not None))
 
 
 def dkdv_launch(query: torch.Tensor, key: torch.Tensor, vx: torch.Tensor, dod: torch.Tensor, lse2: torch.Tensor,
@@ -281,18 +297,28 @@ def run(launch: Launch) -> None:
 
 
 def fused_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seed: torch.Tensor, dropout_p: float,
-              scale: float, runner: Callable[[Launch], None] = run) -> tuple[torch.Tensor, torch.Tensor]:
+              scale: float, for_grad: bool,
+              runner: Callable[[Launch], None] = run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What `attention_fwd` computes, each launch made by `runner` (a test's runner forces a configuration)."""
     check_triton_device(query.device)
-    batch, n_query, heads, _ = query.shape
+    batch, n_query, heads, head_dim = query.shape
     o = torch.empty((batch, heads, n_query, value.shape[2]), dtype=torch.float32, device=query.device)
     lse2 = torch.empty((batch, heads, n_query), dtype=torch.float32, device=query.device)
-    runner(fwd_launch(query, key, value_operand(value), o, lse2, seed, dropout_p, scale))
-    return o, lse2
+    e = torch.empty(_e_shape(query, value, for_grad), dtype=torch.float32, device=query.device)
+    vk = value_key(key, value) if e.numel() else None
+    runner(fwd_launch(query, key, value_operand(value), o, lse2, vk, e if vk is not None else None, seed, dropout_p, scale))
+    return o, lse2, e
+
+
+def _e_shape(query: torch.Tensor, value: torch.Tensor, for_grad: bool) -> tuple[int, ...]:
+    """E's shape: (B, H, Nq, D) when a backward follows and dq comes from the forward, else (0,)."""
+    batch, n_query, heads, head_dim = query.shape
+    with_e = for_grad and dq_in_forward(input_group(query.dtype), value.shape[2], head_dim)
+    return (batch, heads, n_query, head_dim) if with_e else (0,)
 
 
 def fused_bwd(grad_o: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, o: torch.Tensor,
-              lse2: torch.Tensor, seed: torch.Tensor, dropout_p: float, scale: float,
+              lse2: torch.Tensor, e: torch.Tensor, seed: torch.Tensor, dropout_p: float, scale: float,
               runner: Callable[[Launch], None] = run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What `attention_bwd` computes, each launch made by `runner`."""
     check_triton_device(query.device)
@@ -300,10 +326,14 @@ def fused_bwd(grad_o: torch.Tensor, query: torch.Tensor, key: torch.Tensor, valu
     n_key, channels = key.shape[1], value.shape[2]
     vx = value_operand(value)
     dod, neg_delta = grad_operands(grad_o, o, 1.0 / (1.0 - dropout_params(dropout_p)[2]), query.dtype)
-    dq, dk = query.new_empty(query.shape), key.new_empty(key.shape)
+    dk = key.new_empty(key.shape)
     dv_heads = torch.empty((batch, heads, n_key, channels), dtype=torch.float32, device=query.device)
     runner(dkdv_launch(query, key, vx, dod, lse2, neg_delta, dk, dv_heads, seed, dropout_p, scale))
-    runner(dq_launch(query, key, vx, dod, lse2, neg_delta, dq, seed, channels, dropout_p, scale))
+    if e.numel():  # dq_i = scale * dO_i E_i (C = 1): elementwise, no pass over the keys
+        dq = (grad_o.float() * (e * scale)).transpose(1, 2).to(query.dtype)
+    else:
+        dq = query.new_empty(query.shape)
+        runner(dq_launch(query, key, vx, dod, lse2, neg_delta, dq, seed, channels, dropout_p, scale))
     return dq, dk, dv_heads.sum(1).to(value.dtype)  # deterministic head sum of dv (no atomics)
 
 
@@ -312,48 +342,51 @@ def fused_bwd(grad_o: torch.Tensor, query: torch.Tensor, key: torch.Tensor, valu
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("dcama::attention_fwd", mutates_args=())
 def attention_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seed: torch.Tensor,
-                  dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head output o (B, H, Nq, C) fp32 and the base-2 log-sum-exp of the log2-scaled scores
-    (B, H, Nq) fp32; value is (B, Nk, C)."""
-    return fused_fwd(query, key, value, seed, dropout_p, scale)
+                  dropout_p: float, scale: float, for_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-head output o (B, H, Nq, C) fp32, the base-2 log-sum-exp of the log2-scaled scores (B, H, Nq) fp32,
+    and E (B, H, Nq, D) fp32 when `for_grad` and `dq_in_forward`, else an empty tensor; value is (B, Nk, C)."""
+    return fused_fwd(query, key, value, seed, dropout_p, scale, for_grad)
 
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seed: torch.Tensor,
-                        dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                        dropout_p: float, scale: float,
+                        for_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, n_query, heads, _ = query.shape
     o = query.new_empty((batch, heads, n_query, value.shape[2]), dtype=torch.float32)
-    return o, query.new_empty((batch, heads, n_query), dtype=torch.float32)
+    return o, query.new_empty((batch, heads, n_query), dtype=torch.float32), \
+        query.new_empty(_e_shape(query, value, for_grad), dtype=torch.float32)
 
 
 @torch.library.custom_op("dcama::attention_bwd", mutates_args=())
 def attention_bwd(grad_o: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  o: torch.Tensor, lse2: torch.Tensor, seed: torch.Tensor, dropout_p: float,
+                  o: torch.Tensor, lse2: torch.Tensor, e: torch.Tensor, seed: torch.Tensor, dropout_p: float,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the per-head output gradient grad_o (B, H, Nq, C)."""
-    return fused_bwd(grad_o, query, key, value, o, lse2, seed, dropout_p, scale)
+    return fused_bwd(grad_o, query, key, value, o, lse2, e, seed, dropout_p, scale)
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(grad_o: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                        o: torch.Tensor, lse2: torch.Tensor, seed: torch.Tensor, dropout_p: float,
+                        o: torch.Tensor, lse2: torch.Tensor, e: torch.Tensor, seed: torch.Tensor, dropout_p: float,
                         scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
-def _fwd_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    query, key, value, seed, dropout_p, scale = inputs
-    o, lse2 = output
-    ctx.mark_non_differentiable(lse2)
-    # Everything the backward needs: O(B*H*Nq*C) besides the inputs; P is recomputed.
-    ctx.save_for_backward(query, key, value, o, lse2, seed)
+def _fwd_setup_context(ctx: Any, inputs: tuple[Any, ...],
+                       output: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    query, key, value, seed, dropout_p, scale, _ = inputs
+    o, lse2, e = output
+    ctx.mark_non_differentiable(lse2, e)
+    # Everything the backward needs: O(B*H*Nq*(C + D)) besides the inputs; P is recomputed.
+    ctx.save_for_backward(query, key, value, o, lse2, e, seed)
     ctx.dropout_p, ctx.scale = dropout_p, scale
 
 
-def _fwd_backward(ctx: Any, grad_o: torch.Tensor, grad_lse: torch.Tensor) -> tuple[Any, ...]:
-    query, key, value, o, lse2, seed = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(grad_o, query, key, value, o, lse2, seed, ctx.dropout_p, ctx.scale)
-    return dq, dk, dv, None, None, None
+def _fwd_backward(ctx: Any, grad_o: torch.Tensor, grad_lse: torch.Tensor, grad_e: torch.Tensor) -> tuple[Any, ...]:
+    query, key, value, o, lse2, e, seed = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(grad_o, query, key, value, o, lse2, e, seed, ctx.dropout_p, ctx.scale)
+    return dq, dk, dv, None, None, None, None
 
 
 attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)

@@ -173,7 +173,7 @@ def _launch(kernel="fwd", head_dim=64, dropout_p=0.5):
     q = torch.zeros(1, 64, 1, head_dim)
     vx = ops.value_operand(torch.zeros(1, 64, 1))
     o, lse2 = torch.zeros(1, 1, 64, 1), torch.zeros(1, 1, 64)
-    return ops.fwd_launch(q, q, vx, o, lse2, torch.zeros(1, dtype=torch.int64), dropout_p, 0.1)
+    return ops.fwd_launch(q, q, vx, o, lse2, None, None, torch.zeros(1, dtype=torch.int64), dropout_p, 0.1)
 
 
 def test_a_device_no_entry_fits_gets_one_error_naming_kernel_configuration_and_device(monkeypatch):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import TOLERANCE, rel_err
-from kernels import dcama_attention, dropout_keep_mask, effective_dropout_p
+from kernels import dcama_attention, dropout_keep_mask, effective_dropout_p, ops
 from kernels.attention import HEAD_DIMS
 from kernels.reference import dcama_attention_reference
 
@@ -118,6 +118,70 @@ def test_edge_sizes(device, n_query, n_key):
     case = Case(1, n_query, n_key, 2, 16, None, torch.float32, device)
     actual = case.run(lambda q, k, v: dcama_attention(q, k, v, scale=0.3, impl="triton"))
     _check(actual, case.reference(scale=0.3), torch.float32)
+
+
+# dq from the forward pass (docs/kernels.md): E = sum_j P_ij (z_ij v_j / (1 - p) - o_i) k_j, dq = scale dO E.
+# Cases where E is a difference of near-equal terms or its terms are weighted unevenly: (dtype, dropout_p,
+# head_reduction, gain on q and k (peaked softmax), common key offset, value: "soft" uniform [0, 1) / "binary",
+# support shots (Nk = shots x 37)).
+DQ_FORWARD_CASES = {
+    "fp16-dropout0.5-peaked": (torch.float16, 0.5, "mean", 3.0, 0.0, "soft", 1),
+    "fp16-dropout0.5-key-offset": (torch.float16, 0.5, "none", 1.0, 3.0, "soft", 1),
+    "fp16-dropout0.3-3shot": (torch.float16, 0.3, "mean", 1.0, 0.0, "soft", 3),
+    "fp16-binary-mask-peaked": (torch.float16, 0.0, "none", 3.0, 0.0, "binary", 2),
+    "fp32-dropout0.5-peaked-offset": (torch.float32, 0.5, "mean", 3.0, 3.0, "soft", 1),
+    "fp32-dropout0.1-2shot": (torch.float32, 0.1, "none", 1.0, 0.0, "binary", 2),
+}
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case_id", list(DQ_FORWARD_CASES))
+def test_dq_from_the_forward_matches_reference(case_id, monkeypatch):
+    """C = 1 training in 16 bits: the forward writes E and the backward's dq = scale * dO * E, with no dq kernel
+    launch (fp32: the dq kernel on the same cases);
+    gradients at the usual tolerances where E nearly cancels (peaked softmax, keys sharing an offset), with soft
+    and binary masks, dropout 0.5 and other p, K-shot key counts, both head reductions; Nq, Nk odd."""
+    dtype, dropout_p, head_reduction, gain, offset, mask, shots = DQ_FORWARD_CASES[case_id]
+    if dtype != torch.float32:  # fp32 keeps the dq kernel (kernels/configs.py, DQ_IN_FORWARD_HEAD_DIMS)
+        monkeypatch.setattr(ops, "dq_launch", _no_dq_kernel)
+    batch, n_query, heads, head_dim = 1, 37, 2, 32
+    case = Case(batch, n_query, shots * 37, heads, head_dim, None, dtype, "cpu", seed=len(case_id))
+    with torch.no_grad():
+        case.leaves[0].mul_(gain)
+        case.leaves[1].mul_(gain).add_(offset)
+        if mask == "binary":
+            case.leaves[2].copy_(case.leaves[2] > 0.5)
+    actual = case.run(lambda q, k, v: dcama_attention(q, k, v, dropout_p=dropout_p, seed=7,
+                                                      head_reduction=head_reduction, impl="triton"))
+    keep = dropout_keep_mask(7, batch, heads, n_query, shots * 37, dropout_p, "cpu") if dropout_p else None
+    _check(actual, case.reference(keep=keep, dropout_p=effective_dropout_p(dropout_p),
+                                  head_reduction=head_reduction), dtype)
+
+
+def _no_dq_kernel(*args, **kwargs):
+    raise AssertionError("the dq kernel was launched on the C = 1 path")
+
+
+@pytest.mark.interpreter
+def test_e_only_when_a_backward_follows(monkeypatch):
+    """The forward computes E only with grad enabled and an input requiring it, and only for a one-channel value
+    in 16 bits; C > 1 and fp32 take the dq kernel."""
+    launches, run_interpreted = [], ops.run_interpreted
+    monkeypatch.setattr(ops, "run_interpreted", lambda launch: launches.append(launch) or run_interpreted(launch))
+    case = Case(1, 5, 9, 1, 16, None, torch.float16, "cpu")
+    with torch.no_grad():
+        dcama_attention(*case.views(), impl="triton")
+    dcama_attention(*(t.detach() for t in case.views()), impl="triton")
+    assert [launch.constexprs["DQ_IN_FWD"] for launch in launches] == [False, False]
+    case.run(lambda q, k, v: dcama_attention(q, k, v, impl="triton"))
+    assert [(launch.kernel, launch.constexprs.get("DQ_IN_FWD")) for launch in launches[2:]] == \
+        [("fwd", True), ("bwd_dkdv", None)]
+    launches.clear()
+    for channels, dtype in ((2, torch.float16), (None, torch.float32)):
+        launches.clear()
+        Case(1, 5, 9, 1, 16, channels, dtype, "cpu").run(lambda q, k, v: dcama_attention(q, k, v, impl="triton"))
+        assert [(launch.kernel, launch.constexprs.get("DQ_IN_FWD")) for launch in launches] == \
+            [("fwd", False), ("bwd_dkdv", None), ("bwd_dq", None)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -337,9 +401,11 @@ def test_torch_compile_seed_none():
 
 
 @pytest.mark.parametrize("mode", ["fake", "meta"])
-def test_shape_propagation_and_saved_activations(mode):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_shape_propagation_and_saved_activations(mode, dtype):
     """At the DCAMA Swin-B 1/8-scale 5-shot training shape, FakeTensor / meta tensors propagate shapes
-    (no kernel launch) and autograd saves only q, k, v, the per-head output, lse and the seed."""
+    (no kernel launch) and autograd saves only q, k, v, the per-head output, lse, E (16 bits: dq's factor, from
+    the forward) and the seed."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     batch, n_query, n_key, heads, head_dim = 12, 2304, 5 * 2304, 8, 32
@@ -351,19 +417,20 @@ def test_shape_propagation_and_saved_activations(mode):
 
     ctx = FakeTensorMode() if mode == "fake" else torch.device("meta")
     with ctx, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        q = torch.randn(batch, n_query, heads, head_dim, requires_grad=True)
-        k = torch.randn(batch, n_key, heads, head_dim, requires_grad=True)
-        v = torch.rand(batch, n_key, requires_grad=True)
+        q = torch.randn(batch, n_query, heads, head_dim, dtype=dtype, requires_grad=True)
+        k = torch.randn(batch, n_key, heads, head_dim, dtype=dtype, requires_grad=True)
+        v = torch.rand(batch, n_key, dtype=dtype, requires_grad=True)
         out = dcama_attention(q, k, v, dropout_p=0.5, impl="triton")
         none = dcama_attention(q, k, v.unsqueeze(-1), head_reduction="none", impl="triton")
         assert out.shape == (batch, n_query) and none.shape == (batch, heads, n_query, 1)
-        saved_bytes = sum(t.numel() * t.element_size() for t in saved[:6])
+        saved_bytes = sum(t.numel() * t.element_size() for t in saved[:7])
         out.sum().backward()
         assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
-    assert len(saved) == 12  # 6 per call
+    assert len(saved) == 14  # 7 per call
     per_row = batch * heads * n_query * 4  # o (C = 1) and lse, fp32
-    expected = (q.numel() + k.numel() + v.numel()) * 4 + 2 * per_row + 8
-    assert saved_bytes == expected  # beyond the inputs: 2 * B*H*Nq*4 + 8 bytes, never B*H*Nq*Nk
+    e_bytes = per_row * head_dim if dtype == torch.float16 else 0
+    expected = (q.numel() + k.numel() + v.numel()) * q.element_size() + 2 * per_row + e_bytes + 8
+    assert saved_bytes == expected  # beyond the inputs: (2 + D) * B*H*Nq*4 + 8 bytes, never B*H*Nq*Nk
 
 
 @pytest.mark.parametrize("mode", ["fake", "meta"])

@@ -4,8 +4,8 @@ The GPU runs block sizes, head-dim chunks and splits and dk/dv key tiles (kernel
 interpreter's one small configuration never executes; here each distinct (kernel, group, head dim, dropout mode,
 constexprs) of `shipped_entries()` (all architectures' tables; num_warps and num_stages do not change what a
 kernel computes) runs once, alone, on the smallest shape that takes every path of its loops (`covering_shape`):
-the forward's output and log-sum-exp, or a backward kernel's gradients from the reference's output and
-log-sum-exp, against the float64 reference, under the specified keep mask (tests/dropout_spec.py) with dropout.
+the forward's output, log-sum-exp and E (through the dq it gives), or a backward kernel's gradients from the
+reference's output and log-sum-exp, against the float64 reference, under the specified keep mask (tests/dropout_spec.py) with dropout.
 
 Groups run in the dtype and precision they serve: "16bit" as fp16 (the interpreter computes bf16 dots wrongly:
 bf16 runs in the CUDA tests), "tf32" as fp32 at "high", "tf32x3" as fp32 at "highest" (the 3xTF32 split code;
@@ -25,7 +25,7 @@ import triton.language as tl
 from dropout_spec import specified_keep
 from helpers import TOLERANCE, covering_shape, rel_err
 from kernels import effective_dropout_p
-from kernels.configs import FINE_DROP_BITS, shipped_entries, split_config
+from kernels.configs import FINE_DROP_BITS, dq_in_forward, shipped_entries, split_config
 from kernels.fused import _tf32_hi
 from kernels.ops import _split, dropout_params, fused_bwd, fused_fwd, run_interpreted, seed_tensor
 from kernels.reference import dcama_attention_reference
@@ -98,10 +98,15 @@ def test_every_shipped_configuration_matches_reference(kernel, group, head_dim, 
     seed = seed_tensor(SEED, q.device)
     fwd_tol, grad_tol = TOLERANCE[dtype]
     if kernel == "fwd":
-        actual = fused_fwd(q, k, v, seed, dropout_p, scale, runner)
-        assert rel_err(actual[0], o) < fwd_tol and rel_err(actual[1], lse2) < fwd_tol
-    else:
-        actual = fused_bwd(grad_o, q, k, v, o.float(), lse2.float(), seed, dropout_p, scale, runner)
+        actual_o, actual_lse2, e = fused_fwd(q, k, v, seed, dropout_p, scale, True, runner)
+        assert rel_err(actual_o, o) < fwd_tol and rel_err(actual_lse2, lse2) < fwd_tol
+        if dq_in_forward(group, 1, head_dim):  # E, checked through the dq it gives
+            dq = (grad_o * e * scale).transpose(1, 2)
+            assert rel_err(dq, grads[0]) < grad_tol, "dq from E"
+        else:
+            assert e.numel() == 0
+    else:  # without E: the dq kernel (C > 1, or D outside DQ_IN_FORWARD_HEAD_DIMS)
+        actual = fused_bwd(grad_o, q, k, v, o.float(), lse2.float(), torch.empty(0), seed, dropout_p, scale, runner)
         for i in GRADIENTS[kernel]:
             assert actual[i].dtype == dtype and rel_err(actual[i], grads[i]) < grad_tol, f"d{'qkv'[i]}"
     assert ran == [kernel]
