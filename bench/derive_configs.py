@@ -7,9 +7,9 @@ whose name matches REGEX (e.g. `bwd_dq 16bit d64 drop1`), it compiles the sm_90 
 target with every dtype of the group and reads what it needs (bench/kernel_report.py: shared memory,
 tensor-memory columns, registers, spills, a trap body). Where that does not fit the architecture or spills,
 it first tries the entry derived for a class with the same limits (sm_86 for sm_89 and sm_120), then
-shrinks the entry one step at a time (`shrink_steps`: fewer pipeline stages, smaller head-dim chunks,
-fewer key sub-tiles, more warps per tile, smaller BLOCK_M, in an order chosen by what failed) and keeps the
-first variant that fits without spilling, else the least-spilling one that fits (reported as such).
+shrinks the entry one step at a time (`shrink_steps`: fewer pipeline stages, smaller head-dim chunks and
+key tiles, fewer key sub-tiles, more warps per tile, smaller BLOCK_M, in an order chosen by what failed) and
+keeps the first variant that fits without spilling, else the least-spilling one that fits (reported as such).
 
 It writes `kernels/arch_configs.py`: the derived entries with the reason, and every measurement (the runtime
 prunes by them on a device with less shared memory than its class). Measurements are cached in FILE and the
@@ -43,8 +43,8 @@ DEFAULT_CACHE = Path.home() / ".cache" / "dcama" / "derive_configs.json"
 # Which field to shrink first, by what failed: resources (shared memory, tensor memory: the pipeline's
 # buffers and the resident tiles) or registers (spills: the live tiles per thread).
 # Software pipelining holds the next tiles in registers too, hence num_stages early for both.
-SHRINK_ORDER = {"resources": ("num_stages", "D_CHUNK", "BLOCK_M", "KEY_TILES", "D_SPLIT"),
-                "registers": ("num_stages", "KEY_TILES", "num_warps", "D_SPLIT", "D_CHUNK", "BLOCK_M")}
+SHRINK_ORDER = {"resources": ("num_stages", "D_CHUNK", "BLOCK_N", "BLOCK_M", "KEY_TILES", "D_SPLIT"),
+                "registers": ("num_stages", "BLOCK_N", "KEY_TILES", "num_warps", "D_SPLIT", "D_CHUNK", "BLOCK_M")}
 Key = tuple[str, str, int, int]
 WHY_WIDTH = 90  # the reasons are written as string pieces of this length (the repository's 120-column limit)
 
@@ -56,8 +56,8 @@ def launch_name(key: Key) -> str:
 
 def shrink_steps(kernel: str, head_dim: int, entry: Config, cause: str) -> list[tuple[Config, str]]:
     """The valid one-step shrinks of `entry`, most promising first for `cause`, each with its description:
-    one pipeline stage fewer, D_CHUNK / D_SPLIT / KEY_TILES / BLOCK_M halved, or 4 -> 8 warps (the tile spread
-    over twice the threads, so half the registers each)."""
+    one pipeline stage fewer, D_CHUNK / D_SPLIT / KEY_TILES / BLOCK_N / BLOCK_M halved, or 4 -> 8 warps (the
+    tile spread over twice the threads, so half the registers each)."""
     fields = CONFIG_FIELDS[kernel]
     out = []
     for name in SHRINK_ORDER[cause]:
@@ -89,7 +89,7 @@ def measure(arch: str, key: Key, entry: Config, cache: dict[str, dict[str, Any]]
     kernel, group, head_dim, bits = key
     worst: dict[str, Any] = {}
     for dtype in _dtypes(group):
-        spec = spec_of(kernel, group, dtype, head_dim, bits, entry)
+        spec = spec_of(kernel, group, dtype, head_dim, bits, entry, arch)
         name = f"{arch} {spec['name']}"
         if name not in cache:
             record = compile_record(spec, ARCHS[arch].capability)

@@ -86,11 +86,11 @@ KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
 GROUP_OF_DTYPE = {"fp16": "16bit", "bf16": "16bit"}  # fp32: the group is its dot precision
 
 
-def step_kernels(config: dict[str, Any]) -> tuple[str, ...]:
-    """The kernels of one C = 1 training step (DCAMA's) in the variant and head dim of `config`: the forward and
-    dk/dv, and the dq kernel unless the forward computes dq's factor (kernels.configs.dq_in_forward)."""
+def step_kernels(config: dict[str, Any], arch: str = BASE_ARCH) -> tuple[str, ...]:
+    """The kernels of one C = 1 training step (DCAMA's) on `arch` in the variant and head dim of `config`: the
+    forward and dk/dv, and the dq kernel unless the forward computes dq's factor (kernels.configs.dq_in_forward)."""
     group = GROUP_OF_DTYPE.get(config["dtype"]) or config_group(config.get("dot_precision"))
-    return KERNELS[:2] if dq_in_forward(group, 1, config["head_dim"]) else KERNELS
+    return KERNELS[:2] if dq_in_forward(group, 1, config["head_dim"], arch) else KERNELS
 # The variants of the summary at the DCAMA training shapes: (label, dtype, dot precision, drop bits).
 SUMMARY_VARIANTS = (("fp16, dropout 0.5", "fp16", None, 1), ("bf16, dropout 0.5", "bf16", None, 1),
                     ("fp16, no dropout", "fp16", None, 0), ("bf16, no dropout", "bf16", None, 0),
@@ -423,7 +423,7 @@ def summary_rows(records: list[dict[str, Any]], arch: str = "sm_90") -> list[dic
     rows = []
     for head_dim in SUMMARY_HEAD_DIMS:
         for label, dtype, precision, bits in SUMMARY_VARIANTS:
-            kernels = step_kernels({"dtype": dtype, "dot_precision": precision, "head_dim": head_dim})
+            kernels = step_kernels({"dtype": dtype, "dot_precision": precision, "head_dim": head_dim}, arch)
             row: dict[str, Any] = {"head_dim": head_dim, "variant": label, "mufu_max": 0.0, "spill_max": 0,
                                    "kernels": kernels}
             for kernel in kernels:

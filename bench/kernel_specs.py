@@ -35,8 +35,8 @@ TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 SHORT_NAMES = {"BLOCK_M": "m", "BLOCK_N": "n", "D_CHUNK": "c", "KEY_TILES": "t", "D_SPLIT": "x"}
 
 
-def _launches(dtype: torch.dtype, head_dim: int, dropout_p: float) -> dict[str, Launch]:
-    """The op's three launches at SPEC_SHAPE, on meta tensors."""
+def _launches(dtype: torch.dtype, head_dim: int, dropout_p: float, arch: str) -> dict[str, Launch]:
+    """The op's three launches at SPEC_SHAPE on `arch`, on meta tensors."""
     b, h, nq, nk, c = (SPEC_SHAPE[k] for k in ("batch", "heads", "n_query", "n_key", "channels"))
     meta = torch.device("meta")
     linear = lambda n: torch.empty(b, n, h * head_dim, dtype=dtype, device=meta).view(b, n, h, head_dim)  # noqa: E731
@@ -51,7 +51,7 @@ def _launches(dtype: torch.dtype, head_dim: int, dropout_p: float) -> dict[str, 
     scale = head_dim ** -0.5
     # The training forward: with E where the backward takes dq from it (the inference forward is the same code
     # without E's two accumulators).
-    with_e = dq_in_forward(input_group(dtype), c, head_dim)
+    with_e = dq_in_forward(input_group(dtype), c, head_dim, arch)
     vk = value_key(k, torch.empty(b, nk, c, dtype=dtype, device=meta)) if with_e else None
     e = torch.empty(b, h, nq, head_dim, dtype=torch.float32, device=meta) if with_e else None
     return {"fwd": fwd_launch(q, k, vx, o, lse2, vk, e, seed, dropout_p, scale),
@@ -80,14 +80,15 @@ def kernel_compile_specs(arch: str = BASE_ARCH) -> list[dict[str, Any]]:
     config x dropout variant (off, 1-bit, 16-bit), with C = 1 (DCAMA's single-channel value). The keep-mask
     kernel behind dropout_keep_mask (tests and impl="naive") is not part of the fused op and is not listed.
     """
-    return [spec_of(kernel, group, dtype, head_dim, bits, entry) for kernel, group, head_dim, bits in launch_keys()
+    return [spec_of(kernel, group, dtype, head_dim, bits, entry, arch) for kernel, group, head_dim, bits in launch_keys()
             for dtype, _ in GROUP_VARIANTS[group] for entry in candidates(kernel, group, head_dim, bits, arch)]
 
 
-def spec_of(kernel: str, group: str, dtype: torch.dtype, head_dim: int, drop_bits: int,
-            entry: Config) -> dict[str, Any]:
+def spec_of(kernel: str, group: str, dtype: torch.dtype, head_dim: int, drop_bits: int, entry: Config,
+            arch: str = BASE_ARCH) -> dict[str, Any]:
     """The compile record of `kernel` in configuration group `group` run on `dtype` inputs (one of the group's
-    GROUP_VARIANTS) at `head_dim` in dropout mode `drop_bits`, with block sizes `entry`."""
+    GROUP_VARIANTS) at `head_dim` in dropout mode `drop_bits`, with block sizes `entry`, as a training step on
+    `arch` launches it (the forward with E where kernels.configs.dq_in_forward says so)."""
     if is_interpreted():
         raise RuntimeError("kernel_compile_specs() needs the kernels imported without TRITON_INTERPRET=1: "
                            "run the compile report in a process where that variable is unset")
@@ -96,7 +97,7 @@ def spec_of(kernel: str, group: str, dtype: torch.dtype, head_dim: int, drop_bit
     try:
         if precision is not None:
             torch.set_float32_matmul_precision(precision)
-        launch = _launches(dtype, head_dim, DROPOUT_OF_BITS[drop_bits])[kernel]
+        launch = _launches(dtype, head_dim, DROPOUT_OF_BITS[drop_bits], arch)[kernel]
     finally:
         torch.set_float32_matmul_precision(saved)
     return _spec(kernel, launch, dtype, entry)
@@ -111,12 +112,13 @@ def _spec(kernel: str, launch: Launch, dtype: torch.dtype, entry: Config) -> dic
     signature, constexprs, attrs = bind(fn, launch.args, {**launch.constexprs, **meta, "num_warps": warps,
                                                            "num_stages": stages})
     by_name = {names[path[0]]: value for path, value in constexprs.items()}
+    with_e = bool(by_name.get("DQ_IN_FWD"))  # the forward that also computes dq's factor E
     config = {"kernel": kernel, "dtype": tt, "dot_precision": precision, "head_dim": launch.head_dim,
-              "channels": by_name["C"], "drop_bits": by_name["DROP_BITS"],
+              "channels": by_name["C"], "drop_bits": by_name["DROP_BITS"], **({"dq_in_fwd": True} if with_e else {}),
               **{k.lower(): v for k, v in meta.items()}, "num_warps": warps, "num_stages": stages}
     blocks = "".join(f"{SHORT_NAMES[k]}{v}" for k, v in meta.items())
-    return {"name": f"{kernel}_{tt}{'_' + precision if precision else ''}_d{launch.head_dim}_{blocks}"
-                    f"w{warps}s{stages}_drop{by_name['DROP_BITS']}",
+    return {"name": f"{kernel}{'_e' if with_e else ''}_{tt}{'_' + precision if precision else ''}_d{launch.head_dim}_"
+                    f"{blocks}w{warps}s{stages}_drop{by_name['DROP_BITS']}",
             "fn": fn, "signature": signature, "constexprs": by_name, "attrs": attrs,
             "num_warps": warps, "num_stages": stages, "config": config, "group": launch.group, "entry": entry,
             "tiles_per_iteration": main_loop_tiles(kernel, by_name["DROP_BITS"], meta["BLOCK_N"],

@@ -62,6 +62,9 @@ SLICE_CONFIGS: dict[str, dict[str, dict[int, list[Config]]]] = {
 # score, which makes the forward with E dearer than forward + dq kernel (docs/kernels.md, "dq from the forward
 # pass").
 DQ_IN_FORWARD_HEAD_DIMS = {"16bit": (16, 32, 64)}
+# (group, head dim) -> the classes where the forward with E spilled in every variant bench/derive_configs.py tried:
+# there the dq kernel stays (sm_120's ptxas at D = 64 with dropout 0.5: 68 B at best).
+DQ_IN_FORWARD_SPILLS = {("16bit", 64): ("sm_120",)}
 # The dropout modes a launch can be in, as DROP_BITS: none, 1-bit decisions (p = 1/2), 16-bit slices (any other p).
 FINE_DROP_BITS = 16
 DROP_MODES = (0, 1, FINE_DROP_BITS)
@@ -114,11 +117,12 @@ def config_group(dot_precision: str | None) -> str:
     return dot_precision or "16bit"
 
 
-def dq_in_forward(group: str, channels: int, head_dim: int) -> bool:
-    """Whether the forward of a launch in `group` computes E, so that the backward's dq is scale * dO * E and the dq
-    kernel does not run (docs/kernels.md, "dq from the forward pass"): a one-channel value (DCAMA's mask) at a
-    head dim DQ_IN_FORWARD_HEAD_DIMS lists for the group."""
-    return channels == 1 and head_dim in DQ_IN_FORWARD_HEAD_DIMS.get(group, ())
+def dq_in_forward(group: str, channels: int, head_dim: int, arch: str = BASE_ARCH) -> bool:
+    """Whether the forward of a launch in `group` on `arch` computes E, so that the backward's dq is scale * dO * E
+    and the dq kernel does not run (docs/kernels.md, "dq from the forward pass"): a one-channel value (DCAMA's
+    mask) at a head dim DQ_IN_FORWARD_HEAD_DIMS lists for the group, unless DQ_IN_FORWARD_SPILLS lists the arch."""
+    return channels == 1 and head_dim in DQ_IN_FORWARD_HEAD_DIMS.get(group, ()) and \
+        arch not in DQ_IN_FORWARD_SPILLS.get((group, head_dim), ())
 
 
 def base_candidates(kernel: str, group: str, head_dim: int, drop_bits: int) -> list[Config]:

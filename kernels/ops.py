@@ -16,8 +16,8 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from kernels import fused
-from kernels.configs import CONFIG_FIELDS, FINE_DROP_BITS, KEEP_MASK_CONFIG, MIN_CAPABILITY, arch_for_capability, \
-    candidates, config_group, dq_in_forward, fitting_candidates, interpreter_meta, split_config
+from kernels.configs import BASE_ARCH, CONFIG_FIELDS, FINE_DROP_BITS, KEEP_MASK_CONFIG, MIN_CAPABILITY, \
+    arch_for_capability, candidates, config_group, dq_in_forward, fitting_candidates, interpreter_meta, split_config
 
 LOG2E = 1.4426950408889634
 KERNELS = {"fwd": fused._fwd_kernel, "bwd_dkdv": fused._bwd_dkdv_kernel, "bwd_dq": fused._bwd_dq_kernel}
@@ -235,6 +235,14 @@ def device_limits(device: torch.device) -> DeviceLimits:
                         "block)")
 
 
+def device_arch(device: torch.device) -> str:
+    """The ARCHS class whose choices apply on `device`: its compute capability's on a GPU; BASE_ARCH under the
+    interpreter and for fake CUDA tensors traced without a GPU."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return BASE_ARCH
+    return arch_for_capability(*torch.cuda.get_device_capability(device))
+
+
 def describe_config(kernel: str, meta: dict[str, Any]) -> str:
     """The block sizes and launch options of a configuration, as `BLOCK_M=128 ... num_stages=3`."""
     return " ".join(f"{field}={meta[field]}" for field in CONFIG_FIELDS[kernel] if field in meta)
@@ -305,15 +313,15 @@ def fused_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seed:
     o = torch.empty((batch, heads, n_query, value.shape[2]), dtype=torch.float32, device=query.device)
     lse2 = torch.empty((batch, heads, n_query), dtype=torch.float32, device=query.device)
     e = torch.empty(_e_shape(query, value, for_grad), dtype=torch.float32, device=query.device)
-    vk = value_key(key, value) if e.numel() else None
-    runner(fwd_launch(query, key, value_operand(value), o, lse2, vk, e if vk is not None else None, seed, dropout_p, scale))
+    vk, e_out = (value_key(key, value), e) if e.numel() else (None, None)
+    runner(fwd_launch(query, key, value_operand(value), o, lse2, vk, e_out, seed, dropout_p, scale))
     return o, lse2, e
 
 
 def _e_shape(query: torch.Tensor, value: torch.Tensor, for_grad: bool) -> tuple[int, ...]:
     """E's shape: (B, H, Nq, D) when a backward follows and dq comes from the forward, else (0,)."""
     batch, n_query, heads, head_dim = query.shape
-    with_e = for_grad and dq_in_forward(input_group(query.dtype), value.shape[2], head_dim)
+    with_e = for_grad and dq_in_forward(input_group(query.dtype), value.shape[2], head_dim, device_arch(query.device))
     return (batch, heads, n_query, head_dim) if with_e else (0,)
 
 
@@ -330,7 +338,7 @@ def fused_bwd(grad_o: torch.Tensor, query: torch.Tensor, key: torch.Tensor, valu
     dv_heads = torch.empty((batch, heads, n_key, channels), dtype=torch.float32, device=query.device)
     runner(dkdv_launch(query, key, vx, dod, lse2, neg_delta, dk, dv_heads, seed, dropout_p, scale))
     if e.numel():  # dq_i = scale * dO_i E_i (C = 1): elementwise, no pass over the keys
-        dq = (grad_o.float() * (e * scale)).transpose(1, 2).to(query.dtype)
+        dq = (grad_o.float() * (e * scale)).transpose(1, 2).to(query.dtype, memory_format=torch.contiguous_format)
     else:
         dq = query.new_empty(query.shape)
         runner(dq_launch(query, key, vx, dod, lse2, neg_delta, dq, seed, channels, dropout_p, scale))

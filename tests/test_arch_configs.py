@@ -40,6 +40,17 @@ def test_each_capability_gets_its_class_table(capability, arch):
     assert configs.arch_for_capability(*capability) == arch
 
 
+@pytest.mark.parametrize("capability, with_e", [((9, 0), True), ((8, 6), True), ((12, 0), False)])
+def test_dq_from_the_forward_where_it_does_not_spill(monkeypatch, capability, with_e):
+    """The op asks the device's class whether its forward computes E: not at D = 64 on sm_120, whose forward with E
+    spilled in every variant derived; D = 32 everywhere; the interpreter and CPU tensors count as sm_90."""
+    fake_gpu(monkeypatch, *capability)
+    arch = ops.device_arch(CUDA0)
+    assert configs.dq_in_forward("16bit", 1, 64, arch) is with_e
+    assert configs.dq_in_forward("16bit", 1, 32, arch) and not configs.dq_in_forward("tf32x3", 1, 32, arch)
+    assert ops.device_arch(torch.device("cpu")) == configs.BASE_ARCH
+
+
 def test_below_capability_8_has_no_table():
     with pytest.raises(ValueError, match="7.5 is below the 8.0"):
         configs.arch_for_capability(7, 5)
@@ -100,6 +111,8 @@ def test_shrink_steps_follow_the_cause_and_stay_valid():
     steps = derive_configs.shrink_steps("bwd_dkdv", 32, (64, 64, 4, 32, 32, 4, 1), "registers")
     assert [s for _, s in steps][:2] == ["KEY_TILES 4->2", "num_warps 4->8"]
     assert all(configs.config_problem("bwd_dkdv", 32, v) is None for v, _ in steps)
+    steps = derive_configs.shrink_steps("fwd", 32, (128, 128, 32, 8, 2), "registers")
+    assert [s for _, s in steps][:2] == ["num_stages 2->1", "BLOCK_N 128->64"]
     assert "D_CHUNK 16->8" not in [s for _, s in derive_configs.shrink_steps("fwd", 16, (64, 64, 16, 4, 1),
                                                                            "resources")]
 

@@ -358,14 +358,15 @@ class _TinyAttention(torch.nn.Module):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dropout_p,impl", [(0.0, "triton"), (0.5, "triton"), (0.5, "naive")])
-def test_torch_compile_fullgraph(device, dropout_p, impl):
+@pytest.mark.parametrize("dropout_p,impl,dtype", [(0.0, "triton", torch.float32), (0.5, "triton", torch.float32),
+                                                  (0.5, "triton", torch.float16), (0.5, "naive", torch.float32)],
+                         ids=["triton", "triton-dropout", "triton-dropout-fp16-E", "naive-dropout"])
+def test_torch_compile_fullgraph(device, dropout_p, impl, dtype):
     """torch.compile traces the custom ops without a graph break (fullgraph) and matches eager, gradients too
-    (impl="naive" with dropout goes through the keep-mask op)."""
+    (impl="naive" with dropout goes through the keep-mask op; fp16 takes dq from the forward's E)."""
     torch.manual_seed(0)
-    model = _TinyAttention(dropout_p=dropout_p, impl=impl).to(device)
-    x, y, mask = torch.randn(2, 20, 64, device=device), torch.randn(2, 30, 64, device=device), \
-        torch.rand(2, 30, device=device)
+    model = _TinyAttention(dropout_p=dropout_p, impl=impl).to(device, dtype)
+    x, y, mask = (t.to(device, dtype) for t in (torch.randn(2, 20, 64), torch.randn(2, 30, 64), torch.rand(2, 30)))
     # aot_eager runs AOTAutograd's tracing (fake tensors, the registered autograd) without Inductor's
     # slow C++ compile on a CPU; on a GPU the default Inductor backend is used.
     backend = "inductor" if device == "cuda" else "aot_eager"
@@ -376,8 +377,9 @@ def test_torch_compile_fullgraph(device, dropout_p, impl):
     model.zero_grad()
     eager = model(x, y, mask)
     eager.square().sum().backward()
-    assert rel_err(out, eager) < 1e-5
-    assert all(rel_err(a, p.grad) < 1e-4 for a, p in zip(grads, model.parameters()))
+    fwd_tol, grad_tol = (1e-5, 1e-4) if dtype == torch.float32 else TOLERANCE[dtype]
+    assert rel_err(out, eager) < fwd_tol
+    assert all(rel_err(a, p.grad) < grad_tol for a, p in zip(grads, model.parameters()))
 
 
 @pytest.mark.interpreter

@@ -5,7 +5,8 @@ interpreter's one small configuration never executes; here each distinct (kernel
 constexprs) of `shipped_entries()` (all architectures' tables; num_warps and num_stages do not change what a
 kernel computes) runs once, alone, on the smallest shape that takes every path of its loops (`covering_shape`):
 the forward's output, log-sum-exp and E (through the dq it gives), or a backward kernel's gradients from the
-reference's output and log-sum-exp, against the float64 reference, under the specified keep mask (tests/dropout_spec.py) with dropout.
+reference's output and log-sum-exp, against the float64 reference, under the specified keep mask
+(tests/dropout_spec.py) with dropout.
 
 Groups run in the dtype and precision they serve: "16bit" as fp16 (the interpreter computes bf16 dots wrongly:
 bf16 runs in the CUDA tests), "tf32" as fp32 at "high", "tf32x3" as fp32 at "highest" (the 3xTF32 split code;
