@@ -80,7 +80,8 @@ def kernel_compile_specs(arch: str = BASE_ARCH) -> list[dict[str, Any]]:
     config x dropout variant (off, 1-bit, 16-bit), with C = 1 (DCAMA's single-channel value). The keep-mask
     kernel behind dropout_keep_mask (tests and impl="naive") is not part of the fused op and is not listed.
     """
-    return [spec_of(kernel, group, dtype, head_dim, bits, entry, arch) for kernel, group, head_dim, bits in launch_keys()
+    return [spec_of(kernel, group, dtype, head_dim, bits, entry, arch)
+            for kernel, group, head_dim, bits in launch_keys()
             for dtype, _ in GROUP_VARIANTS[group] for entry in candidates(kernel, group, head_dim, bits, arch)]
 
 
