@@ -91,6 +91,14 @@ def step_kernels(config: dict[str, Any], arch: str = BASE_ARCH) -> tuple[str, ..
     forward and dk/dv, and the dq kernel unless the forward computes dq's factor (kernels.configs.dq_in_forward)."""
     group = GROUP_OF_DTYPE.get(config["dtype"]) or config_group(config.get("dot_precision"))
     return KERNELS[:2] if dq_in_forward(group, 1, config["head_dim"], arch) else KERNELS
+
+
+def in_step(config: dict[str, Any], arch: str = BASE_ARCH) -> bool:
+    """Whether `config` is a kernel of that training step (its forward: with E exactly where the step takes dq
+    from it; the evaluation forward twin is not)."""
+    kernels = step_kernels(config, arch)
+    return config["kernel"] in kernels and (config["kernel"] != "fwd" or
+                                           config.get("dq_in_fwd", False) == (len(kernels) == EXP_PER_STEP))
 # The variants of the summary at the DCAMA training shapes: (label, dtype, dot precision, drop bits).
 SUMMARY_VARIANTS = (("fp16, dropout 0.5", "fp16", None, 1), ("bf16, dropout 0.5", "bf16", None, 1),
                     ("fp16, no dropout", "fp16", None, 0), ("bf16, no dropout", "bf16", None, 0),
@@ -296,13 +304,14 @@ def variant_key(config: dict[str, Any]) -> tuple[str, str | None, int]:
 
 def is_gated(config: dict[str, Any]) -> bool:
     """A configuration the budget or a regression ceiling covers (a kernel of the training step)."""
-    return config["kernel"] in step_kernels(config) and (
+    return in_step(config) and (
         (config["head_dim"] == 32 and variant_key(config) in BUDGET_TOTAL)
         or (config["head_dim"], *variant_key(config)) in CEILING_TOTAL)
 
 
 def sample_tasks(archs: tuple[int, ...]) -> list[tuple[int, int]]:
-    """(cc, spec index) pairs of `--sample`, the CI gate's set. On sm_90 every gated spec and, for each kernel,
+    """(cc, spec index) pairs of `--sample`, the CI gate's set. On sm_90 every gated spec (with the evaluation twin
+    of each gated forward with E) and, for each kernel,
     one spec at one other head dim (the head dims and the variants rotate over the kernels); on the archs of
     BUDGET_REPORTED_ARCHS the budget's D = 32 specs (reported there). On every arch but sm_90 the configurations
     derived there because the sm_90 entry failed (kernels/arch_configs.py) in the groups a training run uses:
@@ -312,7 +321,9 @@ def sample_tasks(archs: tuple[int, ...]) -> list[tuple[int, int]]:
     for cc in archs:
         arch, specs = f"sm_{cc}", _specs(f"sm_{cc}")
         if arch == BASE_ARCH:
-            tasks += [(cc, i) for i, s in enumerate(specs) if is_gated(s["config"])]
+            tasks += [(cc, i) for i, s in enumerate(specs) if is_gated(s["config"]) or (  # and their eval twins
+                s["config"]["kernel"] == "fwd" and s["config"]["head_dim"] == 32 and not in_step(s["config"])
+                and variant_key(s["config"]) in BUDGET_TOTAL)]
             others = sorted({s["config"]["head_dim"] for s in specs} - {32, 64})
             for n, kernel in enumerate(KERNELS):
                 members = [i for i, s in enumerate(specs) if s["config"]["kernel"] == kernel and
@@ -321,7 +332,7 @@ def sample_tasks(archs: tuple[int, ...]) -> list[tuple[int, int]]:
             continue
         if arch in BUDGET_REPORTED_ARCHS:
             tasks += [(cc, i) for i, s in enumerate(specs) if s["config"]["head_dim"] == 32 and
-                      variant_key(s["config"]) in BUDGET_TOTAL]
+                      variant_key(s["config"]) in BUDGET_TOTAL and in_step(s["config"], arch)]
         derived = DERIVED.get(arch, {})
         tasks += [(cc, i) for i, s in enumerate(specs) if s["config"]["dtype"] != "fp16"
                   and (s["group"] == "tf32x3" or (s["group"] == "16bit" and s["config"]["drop_bits"]))
@@ -351,7 +362,7 @@ def budget_violations(records: list[dict[str, Any]]) -> list[str]:
         kernels = step_kernels({"dtype": variant[0], "dot_precision": variant[1], "head_dim": head_dim})
         for kernel in kernels:
             hits = [r for r in sm90 if r["config"]["kernel"] == kernel and r["config"]["head_dim"] == head_dim
-                    and list(variant_key(r["config"])) == variant]
+                    and list(variant_key(r["config"])) == variant and in_step(r["config"])]
             if not hits:
                 out.append(f"D={head_dim} {variant}: no {kernel} record")
                 continue
@@ -429,7 +440,8 @@ def summary_rows(records: list[dict[str, Any]], arch: str = "sm_90") -> list[dic
             for kernel in kernels:
                 hits = [r for r in records if r["arch"] == arch and r["config"]["kernel"] == kernel
                         and r["config"]["head_dim"] == head_dim and r["config"]["dtype"] == dtype
-                        and r["config"].get("dot_precision") == precision and r["config"]["drop_bits"] == bits]
+                        and r["config"].get("dot_precision") == precision and r["config"]["drop_bits"] == bits
+                        and in_step(r["config"], arch)]
                 if not hits:
                     break
                 best = min(hits, key=lambda r: r["lane_instr_per_score"])

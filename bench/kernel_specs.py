@@ -35,8 +35,9 @@ TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 SHORT_NAMES = {"BLOCK_M": "m", "BLOCK_N": "n", "D_CHUNK": "c", "KEY_TILES": "t", "D_SPLIT": "x"}
 
 
-def _launches(dtype: torch.dtype, head_dim: int, dropout_p: float, arch: str) -> dict[str, Launch]:
-    """The op's three launches at SPEC_SHAPE on `arch`, on meta tensors."""
+def _launches(dtype: torch.dtype, head_dim: int, dropout_p: float, arch: str, training: bool) -> dict[str, Launch]:
+    """The op's three launches at SPEC_SHAPE on `arch`, on meta tensors; the forward of a training step or
+    (`training` False) of an evaluation."""
     b, h, nq, nk, c = (SPEC_SHAPE[k] for k in ("batch", "heads", "n_query", "n_key", "channels"))
     meta = torch.device("meta")
     linear = lambda n: torch.empty(b, n, h * head_dim, dtype=dtype, device=meta).view(b, n, h, head_dim)  # noqa: E731
@@ -49,9 +50,7 @@ def _launches(dtype: torch.dtype, head_dim: int, dropout_p: float, arch: str) ->
     dv = torch.empty(b, h, nk, c, dtype=torch.float32, device=meta)
     neg_delta = torch.empty(b, h, nq, dtype=torch.float32, device=meta)
     scale = head_dim ** -0.5
-    # The training forward: with E where the backward takes dq from it (the inference forward is the same code
-    # without E's two accumulators).
-    with_e = dq_in_forward(input_group(dtype), c, head_dim, arch)
+    with_e = training and dq_in_forward(input_group(dtype), c, head_dim, arch)
     vk = value_key(k, torch.empty(b, nk, c, dtype=dtype, device=meta)) if with_e else None
     e = torch.empty(b, h, nq, head_dim, dtype=torch.float32, device=meta) if with_e else None
     return {"fwd": fwd_launch(q, k, vx, o, lse2, vk, e, seed, dropout_p, scale),
@@ -80,16 +79,21 @@ def kernel_compile_specs(arch: str = BASE_ARCH) -> list[dict[str, Any]]:
     config x dropout variant (off, 1-bit, 16-bit), with C = 1 (DCAMA's single-channel value). The keep-mask
     kernel behind dropout_keep_mask (tests and impl="naive") is not part of the fused op and is not listed.
     """
-    return [spec_of(kernel, group, dtype, head_dim, bits, entry, arch)
-            for kernel, group, head_dim, bits in launch_keys()
-            for dtype, _ in GROUP_VARIANTS[group] for entry in candidates(kernel, group, head_dim, bits, arch)]
+    launches = [(kernel, group, dtype, head_dim, bits, entry) for kernel, group, head_dim, bits in launch_keys()
+                for dtype, _ in GROUP_VARIANTS[group] for entry in candidates(kernel, group, head_dim, bits, arch)]
+    # Where a training step's forward computes E, the evaluation forward (no E) runs with the same entries: its
+    # twin, named without "_e".
+    twins = [(group, dtype, head_dim, bits, entry) for kernel, group, dtype, head_dim, bits, entry in launches
+             if kernel == "fwd" and dq_in_forward(group, 1, head_dim, arch)]
+    return [spec_of(*launch, arch) for launch in launches] + \
+        [spec_of("fwd", *twin, arch, training=False) for twin in twins]
 
 
 def spec_of(kernel: str, group: str, dtype: torch.dtype, head_dim: int, drop_bits: int, entry: Config,
-            arch: str = BASE_ARCH) -> dict[str, Any]:
+            arch: str = BASE_ARCH, training: bool = True) -> dict[str, Any]:
     """The compile record of `kernel` in configuration group `group` run on `dtype` inputs (one of the group's
     GROUP_VARIANTS) at `head_dim` in dropout mode `drop_bits`, with block sizes `entry`, as a training step on
-    `arch` launches it (the forward with E where kernels.configs.dq_in_forward says so)."""
+    `arch` launches it (the forward with E where kernels.configs.dq_in_forward says so), or an evaluation."""
     if is_interpreted():
         raise RuntimeError("kernel_compile_specs() needs the kernels imported without TRITON_INTERPRET=1: "
                            "run the compile report in a process where that variable is unset")
@@ -98,7 +102,7 @@ def spec_of(kernel: str, group: str, dtype: torch.dtype, head_dim: int, drop_bit
     try:
         if precision is not None:
             torch.set_float32_matmul_precision(precision)
-        launch = _launches(dtype, head_dim, DROPOUT_OF_BITS[drop_bits], arch)[kernel]
+        launch = _launches(dtype, head_dim, DROPOUT_OF_BITS[drop_bits], arch, training)[kernel]
     finally:
         torch.set_float32_matmul_precision(saved)
     return _spec(kernel, launch, dtype, entry)

@@ -129,8 +129,11 @@ def _split(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
 def value_key(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """VK (B, Nk, H, 2D) in the key's (16-bit) dtype: v_j k_j per key token and head as [hi, lo] (`_split`), so that
     the forward's P~ @ (v k) keeps about twice the operand precision (one rounding of v k would not cancel in E);
-    built once per forward rather than per query tile in the kernel. value is (B, Nk, 1)."""
-    return torch.cat(_split(key.float() * value.float()[:, :, :, None], key.dtype), dim=3)
+    built once per forward rather than per query tile in the kernel. value is (B, Nk, 1). Contiguous whatever the
+    key's strides (the kernel reads it with unit head-dim stride)."""
+    batch, n_key, heads, head_dim = key.shape
+    vk = torch.empty((batch, n_key, heads, 2 * head_dim), dtype=key.dtype, device=key.device)
+    return torch.cat(_split(key.float() * value.float()[:, :, :, None], key.dtype), dim=3, out=vk)
 
 
 def grad_operands(grad_o: torch.Tensor, o: torch.Tensor, drop_scale: float,
@@ -309,7 +312,7 @@ def fused_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seed:
               runner: Callable[[Launch], None] = run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What `attention_fwd` computes, each launch made by `runner` (a test's runner forces a configuration)."""
     check_triton_device(query.device)
-    batch, n_query, heads, head_dim = query.shape
+    batch, n_query, heads, _ = query.shape
     o = torch.empty((batch, heads, n_query, value.shape[2]), dtype=torch.float32, device=query.device)
     lse2 = torch.empty((batch, heads, n_query), dtype=torch.float32, device=query.device)
     e = torch.empty(_e_shape(query, value, for_grad), dtype=torch.float32, device=query.device)

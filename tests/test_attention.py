@@ -158,6 +158,23 @@ def test_dq_from_the_forward_matches_reference(case_id, monkeypatch):
                                   head_reduction=head_reduction), dtype)
 
 
+@pytest.mark.interpreter
+def test_dq_from_the_forward_with_a_feature_map_key():
+    """A key viewed from a conv feature map (B, H * D, Nk) -> (B, Nk, H, D), head-dim stride Nk: E's operand v k
+    is laid out for the kernel whatever the key's strides."""
+    g = torch.Generator().manual_seed(3)
+    feature = torch.randn(1, 2, 16, 9, generator=g).half().requires_grad_()  # (B, H, D, Nk)
+    query = torch.randn(1, 5, 2, 16, generator=g).half().requires_grad_()
+    value = torch.rand(1, 9, generator=g).half().requires_grad_()
+    grad = torch.randn(1, 5, generator=g, dtype=torch.float64)
+    out = dcama_attention(query, feature.permute(0, 3, 1, 2), value, impl="triton")
+    (out * grad.half()).sum().backward()
+    leaves = [t.detach().double().requires_grad_() for t in (query, feature, value)]
+    (dcama_attention_reference(leaves[0], leaves[1].permute(0, 3, 1, 2), leaves[2]) * grad).sum().backward()
+    for name, t, ref in zip(("dq", "dk", "dv"), (query, feature, value), leaves):
+        assert rel_err(t.grad, ref.grad) < TOLERANCE[torch.float16][1], name
+
+
 def _no_dq_kernel(*args, **kwargs):
     raise AssertionError("the dq kernel was launched on the C = 1 path")
 

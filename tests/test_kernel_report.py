@@ -103,6 +103,28 @@ def test_budget(report):
     assert not budget_violations(records), "\n".join(budget_violations(records))
 
 
+def _step_record(kernel, lane, mufu=1.03, dtype="fp16", dq_in_fwd=True):
+    config = {"kernel": kernel, "dtype": dtype, "dot_precision": None, "head_dim": 32, "drop_bits": 1,
+              **({"dq_in_fwd": True} if kernel == "fwd" and dq_in_fwd else {})}
+    return {"kernel": kernel, "arch": "sm_90", "config": config, "lane_instr_per_score": lane, "mufu_per_score": mufu}
+
+
+def test_budget_counts_the_kernels_of_a_training_step():
+    """A 16-bit step at D = 32 is the forward with E plus dk/dv: a dq record (C > 1) and the evaluation forward
+    do not count; a step kernel evaluating two exponentials per score, or over its share, breaks the gate."""
+    step = []
+    for dtype in ("fp16", "bf16"):
+        step += [_step_record("fwd", 9.5, dtype=dtype), _step_record("bwd_dkdv", 9.4, dtype=dtype),
+                 _step_record("bwd_dq", 30.0, mufu=2.0, dtype=dtype),
+                 _step_record("fwd", 30.0, dtype=dtype, dq_in_fwd=False)]
+    # The other gated variants have no records here: only those messages.
+    assert all(v.endswith(" record") for v in budget_violations(step)), budget_violations(step)
+    doubled = [dict(r, mufu_per_score=2.06) if r["config"]["kernel"] == "bwd_dkdv" else r for r in step]
+    assert any("not one exponential per score per kernel" in v for v in budget_violations(doubled))
+    heavy = [dict(r, lane_instr_per_score=10.6) if r["config"].get("dq_in_fwd") else r for r in step]
+    assert any("> its share 10.0" in v for v in budget_violations(heavy))
+
+
 # ---------------------------------------------------------------------------------------------
 # The parsers and the normalisation, on hand-written input
 # ---------------------------------------------------------------------------------------------
