@@ -36,7 +36,7 @@ if __name__ == "__main__":  # compiling needs real JITFunctions: the kernels mus
 
 from bench.kernel_report import limit_problems
 from dcama.files import write_json
-from kernels.configs import ARCHS, CONFIG_FIELDS, Config, base_candidates, config_problem, launch_keys
+from kernels.configs import ARCHS, CONFIG_FIELDS, Config, base_candidates, config_problem, dq_in_forward, launch_keys
 
 MODULE = Path(__file__).resolve().parents[1] / "kernels" / "arch_configs.py"
 DEFAULT_CACHE = Path.home() / ".cache" / "dcama" / "derive_configs.json"
@@ -81,15 +81,17 @@ def _dtypes(group: str) -> list[Any]:
 
 
 def measure(arch: str, key: Key, entry: Config, cache: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The worst usage of `entry` over the group's dtypes on `arch` (compiled, or from the cache); stops at the
-    first dtype that does not fit."""
+    """The worst usage of `entry` over the group's dtypes on `arch` (compiled, or from the cache), for a forward
+    with E and without; stops at the first that does not fit."""
     from bench.kernel_report import compile_record
     from bench.kernel_specs import spec_of
 
     kernel, group, head_dim, bits = key
     worst: dict[str, Any] = {}
-    for dtype in _dtypes(group):
-        spec = spec_of(kernel, group, dtype, head_dim, bits, entry, arch)
+    # A forward that computes E in training also runs without it (evaluation, C > 1): the entry must serve both.
+    modes = (True, False) if kernel == "fwd" and dq_in_forward(group, 1, head_dim, arch) else (True,)
+    for dtype, training in [(dtype, training) for dtype in _dtypes(group) for training in modes]:
+        spec = spec_of(kernel, group, dtype, head_dim, bits, entry, arch, training)
         name = f"{arch} {spec['name']}"
         if name not in cache:
             record = compile_record(spec, ARCHS[arch].capability)

@@ -62,9 +62,10 @@ SLICE_CONFIGS: dict[str, dict[str, dict[int, list[Config]]]] = {
 # score, which makes the forward with E dearer than forward + dq kernel (docs/kernels.md, "dq from the forward
 # pass").
 DQ_IN_FORWARD_HEAD_DIMS = {"16bit": (16, 32, 64)}
-# (group, head dim) -> the classes where the forward with E spilled in every variant bench/derive_configs.py tried:
-# there the dq kernel stays (sm_120's ptxas at D = 64 with dropout 0.5: 68 B at best).
-DQ_IN_FORWARD_SPILLS = {("16bit", 64): ("sm_120",)}
+# (group, head dim) -> the classes where no entry bench/derive_configs.py tried serves the forward with E and the
+# same forward without E (evaluation) without spilling at dropout 0.5: there the dq kernel stays (D = 64: sm_120's
+# forward with E spilled 68 B at best; on sm_80, sm_86 and sm_89 the best entry for both spilled 40-168 B).
+DQ_IN_FORWARD_SPILLS = {("16bit", 64): ("sm_80", "sm_86", "sm_89", "sm_120")}
 # The dropout modes a launch can be in, as DROP_BITS: none, 1-bit decisions (p = 1/2), 16-bit slices (any other p).
 FINE_DROP_BITS = 16
 DROP_MODES = (0, 1, FINE_DROP_BITS)
