@@ -19,8 +19,9 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        # matplotlib: the bench tests draw a plot; import-linter: the suite checks the layers (.importlinter)
-        "test": ["pytest", "matplotlib", "import-linter"],
+        # matplotlib: the bench tests draw a plot; import-linter: the suite checks the layers (.importlinter);
+        # pytest-xdist: the suite runs on every core (README, "Test")
+        "test": ["pytest", "pytest-xdist", "matplotlib", "import-linter"],
         "bench": ["matplotlib"],
     },
 )

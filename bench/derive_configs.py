@@ -114,8 +114,9 @@ def usage_problems(arch: str, usage: dict[str, Any]) -> list[str]:
 
 def derive(arch: str, key: Key, cache: dict[str, dict[str, Any]], max_tries: int,
            seeds: tuple[tuple[str, Config], ...] = (),
-           previous: tuple[Config, str] | None = None) -> tuple[Config, str] | None:
-    """(entry, why) replacing the sm_90 entry of `key` on `arch`, or None when that entry fits there. `seeds`:
+           previous: tuple[Config | None, str] | None = None) -> tuple[Config | None, str] | None:
+    """(entry, why) replacing the sm_90 entry of `key` on `arch`, or None when that entry fits there; entry None
+    when no variant fits `arch` (reported as NO VARIANT FITS). `seeds`:
     (arch, entry) derived for classes with the same limits, tried first (a compile or two instead of a search);
     `previous`: the entry derived before for `arch`, kept while it still fits without spilling."""
     kernel, _, head_dim, _ = key
@@ -124,9 +125,10 @@ def derive(arch: str, key: Key, cache: dict[str, dict[str, Any]], max_tries: int
     problems = usage_problems(arch, usage)
     if not problems:
         return None
-    if previous and not usage_problems(arch, measure(arch, key, previous[0], cache)):
-        return previous
     why = f"sm_90 entry {base}: {', '.join(problems)}"
+    if previous and previous[0] and not usage_problems(arch, measure(arch, key, previous[0], cache)):
+        # Its reason stays while it states what the sm_90 entry measures now (a kernel change can alter that).
+        return previous if previous[1].startswith(why) else (previous[0], f"{why}; the entry derived before")
     # Best first: try every one-step shrink of the current entry (the first clean one wins), then go on from the
     # least-spilling one of those that fit (spills do not always fall as tiles shrink).
     tried: list[tuple[Config, dict[str, Any], list[str]]] = [(base, usage, [])]
@@ -154,8 +156,8 @@ def derive(arch: str, key: Key, cache: dict[str, dict[str, Any]], max_tries: int
         entry, usage, steps = min(level, key=badness)
         problems = usage_problems(arch, usage)
     entry, usage, steps = min(tried, key=badness)
-    if limit_problems(arch, usage):
-        return base, f"{why}; NO VARIANT FITS in {len(tried) - 1} tries"
+    if limit_problems(arch, usage):  # the launch is not supported there: no candidate (kernels.configs.candidates)
+        return None, f"{why}; NO VARIANT FITS in {len(tried) - 1} tries"
     return entry, (f"{why}; {', '.join(steps) or 'kept'} (least spilling of {len(tried)} tried: "
                    f"{usage['spill_bytes']} B)")
 
@@ -177,8 +179,8 @@ def module_text(derived: dict[str, dict[Key, tuple[Config, str]]], cache: dict[s
              f"    {command}", "",
              'and see docs/kernels.md, "Architectures"."""', "",
              "# DERIVED[arch][(kernel, group, head dim, DROP_BITS)] = (entry, why): where the sm_90 entry does not fit",
-             "# `arch` or spills there.",
-             "DERIVED: dict[str, dict[tuple[str, str, int, int], tuple[tuple[int, ...], str]]] = {"]
+             "# `arch` or spills there; entry None where no variant fits (the launch is not supported there).",
+             "DERIVED: dict[str, dict[tuple[str, str, int, int], tuple[tuple[int, ...] | None, str]]] = {"]
     for arch in sorted(derived, key=lambda a: ARCHS[a].capability):
         lines.append(f"    {arch!r}: {{")
         for key in sorted(derived[arch]):
@@ -226,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     for n, key in enumerate(keys, 1):
         for cc in args.archs:
             arch = names[cc]
-            same_limits = [other for other in derived if other != arch and key in derived[other]
+            same_limits = [other for other in derived if other != arch and derived[other].get(key, (None,))[0]
                            and (ARCHS[other].shared_bytes, ARCHS[other].tmem_columns) ==
                            (ARCHS[arch].shared_bytes, ARCHS[arch].tmem_columns)]
             result = derive(arch, key, cache, args.max_tries, tuple((o, derived[o][key][0]) for o in same_limits),

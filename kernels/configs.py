@@ -135,9 +135,18 @@ def base_candidates(kernel: str, group: str, head_dim: int, drop_bits: int) -> l
 
 def candidates(kernel: str, group: str, head_dim: int, drop_bits: int, arch: str = BASE_ARCH) -> list[Config]:
     """The autotuner's entries for a launch on `arch` (an ARCHS key): the derived entry where the sm_90 one does
-    not fit that architecture or spills there, else the sm_90 entries."""
+    not fit that architecture or spills there, else the sm_90 entries; none where no variant fits
+    (`unsupported_reason`)."""
     derived = DERIVED.get(arch, {}).get((kernel, group, head_dim, drop_bits))
-    return [derived[0]] if derived else base_candidates(kernel, group, head_dim, drop_bits)
+    if derived:
+        return [] if derived[0] is None else [derived[0]]
+    return base_candidates(kernel, group, head_dim, drop_bits)
+
+
+def unsupported_reason(kernel: str, group: str, head_dim: int, drop_bits: int, arch: str) -> str | None:
+    """Why no configuration of the launch fits `arch` (what bench/derive_configs.py measured), or None."""
+    derived = DERIVED.get(arch, {}).get((kernel, group, head_dim, drop_bits))
+    return derived[1] if derived and derived[0] is None else None
 
 
 def launch_keys() -> list[tuple[str, str, int, int]]:

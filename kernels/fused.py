@@ -18,13 +18,23 @@ SUB_TILE = tl.constexpr(64)
 CALL_COLUMNS = tl.constexpr(256)
 
 
-def main_loop_tiles(kernel: str, drop_bits: int, block_n: int, key_tiles: int = 1) -> int:
+def shares_calls(kernel: str, dot_precision: str | None) -> bool:
+    """Whether a forward or dq main-loop step with 1-bit dropout takes the CALL_COLUMNS keys of one Philox call
+    (the call computed once, its sub-tiles unrolled). The 3xTF32 dq kernel steps one tile at a time, computing
+    its call per tile: with the sub-tiles unrolled, ptxas holds several sub-tiles' operands at once and at D = 64
+    it spilled on sm_86, sm_89 and sm_120 in every configuration tried (16-3140 B); one tile per step, 0 B
+    (docs/kernels.md, "Architectures")."""
+    return not (kernel == "bwd_dq" and dot_precision == "tf32x3")
+
+
+def main_loop_tiles(kernel: str, drop_bits: int, block_n: int, key_tiles: int = 1,
+                    dot_precision: str | None = None) -> int:
     """Score tiles [BLOCK_M, BLOCK_N] one iteration of a kernel's main loop processes: a dk/dv program's
     KEY_TILES key sub-tiles; in the forward and dq loops CALL_COLUMNS // BLOCK_N with 1-bit dropout (the
-    keys one Philox call per stream serves), else one tile."""
+    keys one Philox call per stream serves) where `shares_calls`, else one tile."""
     if kernel == "bwd_dkdv":
         return key_tiles
-    return CALL_COLUMNS.value // block_n if drop_bits == 1 else 1
+    return CALL_COLUMNS.value // block_n if drop_bits == 1 and shares_calls(kernel, dot_precision) else 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,12 +230,12 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, SPLIT_A: tl.constexpr = True, S
 
 @triton.jit
 def _key_loop(state, tile: tl.constexpr, ctx, META: tl.constexpr, seed, bh, start_m, Nk, drop_threshold,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr, SHARE_CALLS: tl.constexpr):
     """state = tile(state, ctx, start_n, keep, META, MASKED) over the key tiles of [0, Nk), for the forward and
     dq kernels: a main loop whose step is the CALL_COLUMNS keys of one Philox call per stream with 1-bit
-    dropout (SUB sub-tiles, the call computed once), else one tile; then the full tiles left over; then the
-    last, partial tile, the only one with MASKED set."""
-    SUB: tl.constexpr = CALL_COLUMNS // BLOCK_N if DROP_BITS == 1 else 1
+    dropout and SHARE_CALLS (SUB sub-tiles, the call computed once; `shares_calls`), else one tile; then the
+    full tiles left over; then the last, partial tile, the only one with MASKED set."""
+    SUB: tl.constexpr = CALL_COLUMNS // BLOCK_N if DROP_BITS == 1 and SHARE_CALLS else 1
     n_full = Nk // BLOCK_N * BLOCK_N
     n_main = Nk // (SUB * BLOCK_N) * (SUB * BLOCK_N)
     for start_n in range(0, n_main, SUB * BLOCK_N):
@@ -341,7 +351,7 @@ def _fwd_kernel(Q, K, VX, VK, O, LSE, E, SEED,
     meta: tl.constexpr = (HEAD_DIM, C, DV, L_COL, DROP_BITS > 0, VALUE_MMA, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK,
                           DQ_IN_FWD)
     acc, m_i, ea, eb = _key_loop(state, _fwd_tile, ctx, meta, seed, bh, start_m, Nk, drop_threshold, BLOCK_M,
-                                 BLOCK_N, DROP_BITS)
+                                 BLOCK_N, DROP_BITS, True)
 
     l_i = tl.sum(tl.where(offs_v[None, :] == L_COL, acc, 0.0), 1)
     o = acc * (drop_scale / l_i)[:, None]
@@ -578,10 +588,10 @@ def _bwd_dq_kernel(Q, K, VX, DOD, LSE, NEGD, DQ, SEED,
                    stride_dqb, stride_dqn, stride_dqh, stride_dqd,
                    H, Nq, Nk, qk_scale, scale, drop_threshold, zero,
                    HEAD_DIM: tl.constexpr, C: tl.constexpr, DV: tl.constexpr,
-                   DROP_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   DROP_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr, SHARE_CALLS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr, D_SPLIT: tl.constexpr):
     """One program per (query tile, b*H + h, D_SPLIT columns of dq): loops over the key tiles, accumulates
-    its dq columns (D_SPLIT < D bounds the accumulator; each split recomputes P)."""
+    its dq columns (D_SPLIT < D bounds the accumulator; each split recomputes P). SHARE_CALLS: `shares_calls`."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     d0 = tl.program_id(2) * D_SPLIT
@@ -606,7 +616,7 @@ def _bwd_dq_kernel(Q, K, VX, DOD, LSE, NEGD, DQ, SEED,
            stride_vn, qk_scale, zero)
     meta: tl.constexpr = (HEAD_DIM, DV, DROP_BITS > 0, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK, D_SPLIT)
     dq = _key_loop(tl.zeros([BLOCK_M, D_SPLIT], dtype=tl.float32), _dq_tile, ctx, meta, seed, bh, start_m, Nk,
-                   drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS)
+                   drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS, SHARE_CALLS)
     dq = dq * scale
     offs_split = d0 + tl.arange(0, D_SPLIT)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_split[None, :] * stride_dqd,

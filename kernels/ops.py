@@ -17,7 +17,8 @@ from triton.runtime.errors import OutOfResources
 
 from kernels import fused
 from kernels.configs import BASE_ARCH, CONFIG_FIELDS, FINE_DROP_BITS, KEEP_MASK_CONFIG, MIN_CAPABILITY, \
-    arch_for_capability, candidates, config_group, dq_in_forward, fitting_candidates, interpreter_meta, split_config
+    arch_for_capability, candidates, config_group, dq_in_forward, fitting_candidates, interpreter_meta, split_config, \
+    unsupported_reason
 
 LOG2E = 1.4426950408889634
 KERNELS = {"fwd": fused._fwd_kernel, "bwd_dkdv": fused._bwd_dkdv_kernel, "bwd_dq": fused._bwd_dq_kernel}
@@ -214,7 +215,8 @@ def dq_launch(query: torch.Tensor, key: torch.Tensor, vx: torch.Tensor, dod: tor
                   (query, key, vx, dod, lse2, neg_delta, dq, seed, *query.stride(), *key.stride(), vx.stride(0),
                    vx.stride(1), *dq.stride(), heads, n_query, key.shape[1], scale * LOG2E, scale, threshold, 0.0),
                   dict(HEAD_DIM=head_dim, C=channels, DV=vx.shape[2], DROP_BITS=bits,
-                       DOT_PRECISION=dot_precision(query.dtype)))
+                       DOT_PRECISION=dot_precision(query.dtype),
+                       SHARE_CALLS=fused.shares_calls("bwd_dq", dot_precision(query.dtype))))
 
 
 class KernelResourceError(RuntimeError):
@@ -270,8 +272,10 @@ def _autotuned(launch: Launch, limits: DeviceLimits) -> Any:
         if not entries:
             tried = "; ".join(describe_config(launch.kernel, dict(zip(CONFIG_FIELDS[launch.kernel], e)))
                               for e in candidates(launch.kernel, launch.group, launch.head_dim, bits, limits.arch))
-            raise KernelResourceError(f"{_launch_name(launch)}: no configuration of the {limits.arch} table ({tried}) "
-                                      f"fits {limits.description}; use impl='sdpa' on this GPU")
+            why = unsupported_reason(launch.kernel, launch.group, launch.head_dim, bits, limits.arch)
+            raise KernelResourceError(f"{_launch_name(launch)}: no configuration of the {limits.arch} table "
+                                      f"({tried or 'measured: ' + str(why)}) fits {limits.description}; "
+                                      f"use impl='sdpa' on this GPU")
         configs = [triton.Config(meta, num_warps=warps, num_stages=stages)
                    for meta, warps, stages in (split_config(launch.kernel, e) for e in entries)]
         _AUTOTUNED[key] = triton.autotune(configs=configs, key=AUTOTUNE_KEY)(KERNELS[launch.kernel])

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dcama.model import StageAttention
-from kernels.fused import main_loop_tiles
+from kernels.fused import CALL_COLUMNS, main_loop_tiles
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Gain on the attention projections: the scores grow with its square. With random weights the softmax is
@@ -145,15 +145,17 @@ def rel_err(actual, expected):
     return err / scale if scale > 0 else err
 
 
-def covering_shape(metas, drop_bits):
+def covering_shape(metas, drop_bits, dot_precision=None):
     """The smallest (Nq, Nk) on which each kernel, given its constexprs metas[kernel], runs every path of its key
-    loop: the forward and dq main loop once (one step: `main_loop_tiles` key tiles), the leftover full tile where
-    that step is several tiles (1-bit dropout), and the masked last key tile; a dk/dv program owns its
+    loop: the forward and dq main loop once (one step: `main_loop_tiles` key tiles; with 1-bit dropout over the
+    keys of a whole Philox call, so that a loop stepping one tile meets every tile position in a call), the
+    leftover full tile where that step is several tiles, and the masked last key tile; a dk/dv program owns its
     KEY_TILES key tiles: one full program, then a partial one. Every kernel also runs a full query tile and
-    the masked query-row tail."""
+    the masked query-row tail. dot_precision: that of fp32 inputs (`main_loop_tiles`)."""
     n_key = 0
     for kernel, meta in metas.items():
-        tiles = main_loop_tiles(kernel, drop_bits, meta["BLOCK_N"], meta.get("KEY_TILES", 1))
+        tiles = main_loop_tiles(kernel, drop_bits, meta["BLOCK_N"], meta.get("KEY_TILES", 1), dot_precision)
         leftover = meta["BLOCK_N"] if kernel != "bwd_dkdv" and tiles > 1 else 0
-        n_key = max(n_key, tiles * meta["BLOCK_N"] + leftover)
+        main = CALL_COLUMNS.value if kernel != "bwd_dkdv" and drop_bits == 1 else tiles * meta["BLOCK_N"]
+        n_key = max(n_key, main + leftover)
     return max(meta["BLOCK_M"] for meta in metas.values()) + ROW_TAIL, n_key + KEY_TAIL
