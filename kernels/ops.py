@@ -170,8 +170,8 @@ class Launch:
 
     @property
     def group(self) -> str:
-        """Its GPU_CONFIGS group (fp32 inputs: by dot precision)."""
-        return input_group(self.args[0].dtype)
+        """Its GPU_CONFIGS group (fp32 inputs: by the dot precision it was built with, not today's setting)."""
+        return config_group(self.constexprs["DOT_PRECISION"] if self.args[0].dtype == torch.float32 else None)
 
 
 def fwd_launch(query: torch.Tensor, key: torch.Tensor, vx: torch.Tensor, o: torch.Tensor, lse2: torch.Tensor,
