@@ -196,6 +196,19 @@ def _launch(kernel="fwd", head_dim=64, dropout_p=0.5):
     return ops.fwd_launch(q, q, vx, o, lse2, None, None, torch.zeros(1, dtype=torch.int64), dropout_p, 0.1)
 
 
+def test_a_launch_keeps_the_group_of_the_precision_it_was_built_with():
+    """The compile report builds each launch under its group's fp32 precision, then restores the setting."""
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        launch = _launch()
+        torch.set_float32_matmul_precision("highest")
+        assert (launch.constexprs["DOT_PRECISION"], launch.group) == ("tf32", "tf32")
+        assert _launch().group == "tf32x3"
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
 def test_a_device_no_entry_fits_gets_one_error_naming_kernel_configuration_and_device(monkeypatch):
     launch = _launch()
     entry = configs.candidates("fwd", launch.group, 64, 1, arch="sm_86")[0]
