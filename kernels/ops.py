@@ -210,13 +210,13 @@ def dq_launch(query: torch.Tensor, key: torch.Tensor, vx: torch.Tensor, dod: tor
               scale: float) -> Launch:
     batch, n_query, heads, head_dim = query.shape
     bits, threshold, _ = dropout_params(dropout_p)
+    precision = dot_precision(query.dtype)
     return Launch("bwd_dq", lambda meta: (triton.cdiv(n_query, meta["BLOCK_M"]), batch * heads,
                                           head_dim // meta["D_SPLIT"]),
                   (query, key, vx, dod, lse2, neg_delta, dq, seed, *query.stride(), *key.stride(), vx.stride(0),
                    vx.stride(1), *dq.stride(), heads, n_query, key.shape[1], scale * LOG2E, scale, threshold, 0.0),
                   dict(HEAD_DIM=head_dim, C=channels, DV=vx.shape[2], DROP_BITS=bits,
-                       DOT_PRECISION=dot_precision(query.dtype),
-                       SHARE_CALLS=fused.shares_calls("bwd_dq", dot_precision(query.dtype))))
+                       DOT_PRECISION=precision, SHARE_CALLS=fused.shares_calls("bwd_dq", precision)))
 
 
 class KernelResourceError(RuntimeError):
