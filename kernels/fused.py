@@ -20,11 +20,11 @@ CALL_COLUMNS = tl.constexpr(256)
 
 def shares_calls(kernel: str, dot_precision: str | None) -> bool:
     """Whether a forward or dq main-loop step with 1-bit dropout takes the CALL_COLUMNS keys of one Philox call
-    (the call computed once, its sub-tiles unrolled). The 3xTF32 dq kernel steps one tile at a time, computing
-    its call per tile: with the sub-tiles unrolled, ptxas holds several sub-tiles' operands at once and at D = 64
-    it spilled on sm_86, sm_89 and sm_120 in every configuration tried (16-3140 B); one tile per step, 0 B
-    (docs/kernels.md, "Architectures")."""
-    return not (kernel == "bwd_dq" and dot_precision == "tf32x3")
+    (the call computed once, its sub-tiles unrolled). The fp32 dq kernels step one tile at a time, computing
+    the call per tile: with the sub-tiles unrolled, ptxas holds several sub-tiles' operands at once, and at D = 64
+    the 3xTF32 one spilled on sm_86, sm_89 and sm_120 in every configuration tried (16-3140 B), the TF32 one on
+    sm_120 (12-504 B, BLOCK_M 16-128); one tile per step, 0 B (docs/kernels.md, "Architectures")."""
+    return not (kernel == "bwd_dq" and dot_precision in ("tf32", "tf32x3"))
 
 
 def main_loop_tiles(kernel: str, drop_bits: int, block_n: int, key_tiles: int = 1,

@@ -13,7 +13,7 @@ from triton.runtime.errors import OutOfResources
 import kernels.attention as attention
 import kernels.configs as configs
 import kernels.ops as ops
-from bench import derive_configs
+from bench import derive_configs, kernel_report
 from bench.kernel_report import MAX_SPILL_FREE_HEAD_DIM, limit_problems
 from kernels.arch_configs import DERIVED, MEASURED
 
@@ -91,6 +91,15 @@ def test_every_measured_shipped_entry_fits_its_architecture():
                 found += [f"spills {spill} B"] if spill and key[2] <= MAX_SPILL_FREE_HEAD_DIM else []
                 problems += [f"{arch} {key} {entry}: {found}"] if found else []
     assert not problems, "\n".join(problems)
+
+
+def test_every_shipped_entry_was_measured_on_every_architecture():
+    """bench/derive_configs.py compiled every candidate of every launch for every class (the test above then
+    holds for all of them): a launch added or an entry changed without rerunning the derivation fails here."""
+    missing = [f"{arch} {derive_configs.launch_name(key)} {entry}" for arch in configs.ARCHS
+               for key in configs.launch_keys() for entry in configs.candidates(*key, arch=arch)
+               if (*key, entry) not in MEASURED.get(arch, {})]
+    assert not missing, f"{len(missing)} not measured, e.g. {missing[:5]}; run bench/derive_configs.py"
 
 
 def test_pruning_keeps_the_entries_that_fit_the_device(monkeypatch):
@@ -232,6 +241,9 @@ def test_a_launch_no_variant_fits_has_no_candidate_and_its_error_says_why(monkey
     with pytest.raises(ops.KernelResourceError) as err:
         ops._autotuned(launch, limits)
     assert "kernel fwd" in str(err.value) and why in str(err.value) and "impl='sdpa'" in str(err.value)
+    monkeypatch.setattr(kernel_report, "DERIVED", configs.DERIVED)
+    row = next(line for line in kernel_report.format_choices((86,)).splitlines() if f"fwd {launch.group} 64 1" in line)
+    assert "| none: not supported |" in row and why in row
 
 
 class RefusingKernel:
