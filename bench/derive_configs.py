@@ -14,8 +14,10 @@ keeps the first variant that fits without spilling, else the least-spilling one 
 It writes `kernels/arch_configs.py`: the derived entries with the reason, and every measurement (the runtime
 prunes by them on a device with less shared memory than its class). Measurements are cached in FILE and the
 module is rewritten after each launch, so an interrupted run loses one compile and a rerun, or a run over
-other archs or launches, compiles only what is missing. About 1-50 s per compile (spilling kernels are the
-slow ones); the launches the sm_90 entry already serves cost one compile per dtype.
+other archs or launches, compiles only what is missing. Each measurement records the kernel's source hash
+(`JITFunction.cache_key`): after a kernel change the cached ones are stale and are measured again. About
+1-50 s per compile (spilling kernels are the slow ones); the launches the sm_90 entry already serves cost one
+compile per dtype.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ if __name__ == "__main__":  # compiling needs real JITFunctions: the kernels mus
 from bench.kernel_report import limit_problems
 from dcama.files import write_json
 from kernels.configs import ARCHS, CONFIG_FIELDS, Config, base_candidates, config_problem, dq_in_forward, launch_keys
+from kernels.ops import KERNELS
 
 MODULE = Path(__file__).resolve().parents[1] / "kernels" / "arch_configs.py"
 DEFAULT_CACHE = Path.home() / ".cache" / "dcama" / "derive_configs.json"
@@ -96,7 +99,7 @@ def measure(arch: str, key: Key, entry: Config, cache: dict[str, dict[str, Any]]
         if name not in cache:
             record = compile_record(spec, ARCHS[arch].capability)
             cache[name] = {"arch": arch, "key": list(key), "entry": list(entry), "num_warps": spec["num_warps"],
-                           **{k: record[k] for k in USAGE_KEYS if k != "num_warps"}}
+                           "source": spec["fn"].cache_key, **{k: record[k] for k in USAGE_KEYS if k != "num_warps"}}
         usage = cache[name]
         worst = {k: max(worst.get(k, 0), usage[k]) for k in USAGE_KEYS}
         if usage_problems(arch, worst):
@@ -105,6 +108,13 @@ def measure(arch: str, key: Key, entry: Config, cache: dict[str, dict[str, Any]]
 
 
 USAGE_KEYS = ("shared_bytes", "tmem_columns", "registers", "spill_bytes", "trap", "num_warps")
+
+
+def current_measurements(cache: dict[str, dict[str, Any]], sources: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The cached measurements taken from the kernels' current source (`sources`: kernel -> its JITFunction's
+    cache_key, which hashes the source of the kernel and every function it calls): one of an earlier source is
+    stale, since a kernel change can move registers, spills and shared memory."""
+    return {name: usage for name, usage in cache.items() if usage.get("source") == sources[usage["key"][0]]}
 
 
 def usage_problems(arch: str, usage: dict[str, Any]) -> list[str]:
@@ -220,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [cc for cc in args.archs if cc not in names]
     if unknown:
         parser.error(f"--archs {unknown}: not in kernels.configs.ARCHS ({sorted(names)})")
-    cache = _load(args.cache)
+    loaded = _load(args.cache)
+    cache = current_measurements(loaded, {kernel: fn.cache_key for kernel, fn in KERNELS.items()})
+    if len(cache) < len(loaded):
+        print(f"{len(loaded) - len(cache)} cached measurements are of an earlier kernel source: measuring again")
     derived = {arch: dict(by_key) for arch, by_key in DERIVED.items()}
     command = "python bench/derive_configs.py --cache FILE  # reusing the measurements of earlier runs"
     keys = [k for k in launch_keys() if args.match is None or re.search(args.match, launch_name(k))]

@@ -13,7 +13,7 @@ from triton.runtime.errors import OutOfResources
 import kernels.attention as attention
 import kernels.configs as configs
 import kernels.ops as ops
-from bench import derive_configs, kernel_report
+from bench import derive_configs, kernel_report, kernel_specs
 from bench.kernel_report import MAX_SPILL_FREE_HEAD_DIM, limit_problems
 from kernels.arch_configs import DERIVED, MEASURED
 
@@ -172,6 +172,19 @@ def test_derive_reports_when_no_variant_fits(monkeypatch):
     entry, why = derive_configs.derive("sm_100", ("bwd_dq", "16bit", 16, 1), {}, max_tries=2)
     assert entry is None, "a launch no variant fits is not supported there: no candidate"
     assert "640 tensor-memory columns > 512" in why and "compiles to a trap" in why and "NO VARIANT FITS" in why
+
+
+def test_measurements_of_an_earlier_kernel_source_are_dropped(monkeypatch):
+    """measure() records the kernel's source hash; the cache keeps only what the current source measured."""
+    monkeypatch.setattr(kernel_report, "compile_record", lambda spec, cc: fake_usage(shared=5))
+    monkeypatch.setattr(kernel_specs, "spec_of", lambda kernel, group, dtype, *args: {
+        "name": f"fwd_{dtype}", "num_warps": 4, "fn": SimpleNamespace(cache_key="new")})
+    cache = {"sm_86 fwd_torch.float16": {"arch": "sm_86", "key": ["fwd", "16bit", 16, 0], "source": "old",
+                                         **fake_usage(shared=9)}}
+    cache = derive_configs.current_measurements(cache, {"fwd": "new"})
+    assert derive_configs.measure("sm_86", ("fwd", "16bit", 16, 0), (64, 64, 16, 4, 1), cache)["shared_bytes"] == 5
+    assert {usage["source"] for usage in cache.values()} == {"new"} and len(cache) == 2  # fp16 and bf16
+    assert derive_configs.current_measurements(cache, {"fwd": "newer"}) == {}
 
 
 def test_generated_module_round_trips():
