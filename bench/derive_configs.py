@@ -99,7 +99,8 @@ def measure(arch: str, key: Key, entry: Config, cache: dict[str, dict[str, Any]]
         if name not in cache:
             record = compile_record(spec, ARCHS[arch].capability)
             cache[name] = {"arch": arch, "key": list(key), "entry": list(entry), "num_warps": spec["num_warps"],
-                           "source": spec["fn"].cache_key, **{k: record[k] for k in USAGE_KEYS if k != "num_warps"}}
+                           "source": spec["fn"].cache_key, "with_e": spec["config"].get("dq_in_fwd", False),
+                           **{k: record[k] for k in USAGE_KEYS if k != "num_warps"}}
         usage = cache[name]
         worst = {k: max(worst.get(k, 0), usage[k]) for k in USAGE_KEYS}
         if usage_problems(arch, worst):
@@ -173,9 +174,14 @@ def derive(arch: str, key: Key, cache: dict[str, dict[str, Any]], max_tries: int
 
 
 def _measured(cache: dict[str, dict[str, Any]]) -> dict[str, dict[tuple, tuple[int, ...]]]:
-    """arch -> (key..., entry) -> worst (shared, tmem, registers, spill) over the dtypes measured."""
+    """arch -> (key..., entry) -> worst (shared, tmem, registers, spill) over the dtypes measured, of the kernels
+    the op launches there: a forward with E only where kernels.configs.dq_in_forward says so (a cached one of a
+    class where it no longer does is left out)."""
     out: dict[str, dict[tuple, tuple[int, ...]]] = {}
     for usage in cache.values():
+        _, group, head_dim, _ = usage["key"]
+        if usage.get("with_e") and not dq_in_forward(group, 1, head_dim, usage["arch"]):
+            continue
         slot = (*usage["key"], tuple(usage["entry"]))
         old = out.setdefault(usage["arch"], {}).get(slot, (0, 0, 0, 0))
         new = (usage["shared_bytes"], usage["tmem_columns"], usage["registers"], usage["spill_bytes"])

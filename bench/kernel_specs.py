@@ -20,8 +20,8 @@ from triton.runtime.jit import create_function_from_signature
 
 from kernels.configs import BASE_ARCH, Config, candidates, dq_in_forward, launch_keys, split_config
 from kernels.fused import main_loop_tiles
-from kernels.ops import KERNELS, Launch, dkdv_launch, dq_launch, fwd_launch, input_group, is_interpreted, \
-    value_key, value_operand
+from kernels.ops import KERNELS, Launch, dkdv_launch, dq_launch, forward_operands, fwd_launch, input_group, \
+    is_interpreted, value_operand
 
 # The shape the specialisation is taken at: Swin-B's 1/8 stage (12 episodes, 2 layers stacked in the head
 # axis, 48 x 48 tokens, K = 1), any head dim. Nq, Nk and the strides are multiples of 16 at every DCAMA
@@ -51,9 +51,9 @@ def _launches(dtype: torch.dtype, head_dim: int, dropout_p: float, arch: str, tr
     neg_delta = torch.empty(b, h, nq, dtype=torch.float32, device=meta)
     scale = head_dim ** -0.5
     with_e = training and dq_in_forward(input_group(dtype), c, head_dim, arch)
-    vk = value_key(k, torch.empty(b, nk, c, dtype=dtype, device=meta)) if with_e else None
+    operands = forward_operands(k, torch.empty(b, nk, c, dtype=dtype, device=meta), with_e)
     e = torch.empty(b, h, nq, head_dim, dtype=torch.float32, device=meta) if with_e else None
-    return {"fwd": fwd_launch(q, k, vx, o, lse2, vk, e, seed, dropout_p, scale),
+    return {"fwd": fwd_launch(q, k, operands, o, lse2, e, seed, dropout_p, scale),
             "bwd_dkdv": dkdv_launch(q, k, vx, dod, lse2, neg_delta, torch.empty_like(k), dv, seed, dropout_p, scale),
             "bwd_dq": dq_launch(q, k, vx, dod, lse2, neg_delta, torch.empty_like(q), seed, c, dropout_p, scale)}
 

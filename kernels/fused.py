@@ -263,7 +263,8 @@ def _key_loop(state, tile: tl.constexpr, ctx, META: tl.constexpr, seed, bh, star
 def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the online softmax: acc[:, :C] += P~ v, acc[:, L_COL] += P 1 (P~: dropped P), and with
     DQ_IN_FWD the two sums of E (docs/kernels.md, "dq from the forward pass"): ea += P~ (v * k), eb += P k;
-    state = (acc, m_i, ea, eb), ctx and META as _fwd_kernel packs them."""
+    state = (acc, m_i, ea, eb), ctx and META as _fwd_kernel packs them. SCALED (fp32 inputs at TF32): the
+    products take P rounded to fp16 and the scaled fp16 copies of their B operands that VX and VK carry."""
     acc, m_i, ea, eb = state
     q, q_rows, K_bh, VX_b, VK_bh, offs_m, ones, Nq, Nk, stride_qd, stride_kn, stride_kd, stride_vn, stride_vkn, \
         qk_scale, zero = ctx
@@ -278,6 +279,7 @@ def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexp
     BLOCK_N: tl.constexpr = META[8]
     D_CHUNK: tl.constexpr = META[9]
     DQ_IN_FWD: tl.constexpr = META[10]
+    SCALED: tl.constexpr = META[11]
     offs_n, k_rows, k, s = _key_scores(q, q_rows, K_bh, offs_m, start_n, Nq, Nk, stride_qd, stride_kn, stride_kd,
                                        HEAD_DIM, MASKED, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK)
     vx = _load_rows(VX_b + offs_n[:, None] * stride_vn + tl.arange(0, DV)[None, :], offs_n, Nk, MASKED)
@@ -290,27 +292,33 @@ def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexp
     if VALUE_MMA:
         # `zero` is a runtime 0.0: the select stays in fp32 instead of being pushed past the fp16 rounding.
         acc = tl.dot(p_drop.to(vx.dtype), vx, acc)
-        if DROP:
+        if DROP and not (SCALED and DQ_IN_FWD):
             acc = tl.dot(p.to(vx.dtype), ones, acc)
-    else:  # fp32 inputs: exact fp32 row reductions (an fp32 P operand would need a register shuffle)
+    else:  # fp32 inputs at 3xTF32: exact fp32 row reductions (an fp32 P operand would need a register shuffle)
         offs_v = tl.arange(0, DV)
         for c in tl.static_range(C):
             v_c = tl.sum(tl.where(offs_v[None, :] == c, vx, 0.0), 1)
             acc += tl.where(offs_v[None, :] == c, tl.sum(p_drop * v_c[None, :], 1)[:, None], 0.0)
         acc += tl.where(offs_v[None, :] == L_COL, tl.sum(p, 1)[:, None], 0.0)
-    if DQ_IN_FWD:  # 16-bit inputs; the B operands: the key tile and v * k as hi and lo (VK_bh's two halves)
-        if D_CHUNK != HEAD_DIM:
-            k = _load_rows(k_rows + tl.arange(0, HEAD_DIM)[None, :] * stride_kd, offs_n, Nk, MASKED)
+    if DQ_IN_FWD:  # the B operands: v * k as hi and lo (VK_bh's first two D columns) and the key tile
         vk_rows = VK_bh + offs_n[:, None] * stride_vkn + tl.arange(0, HEAD_DIM)[None, :]
-        p_drop = p_drop.to(k.dtype)
+        p_drop = p_drop.to(vx.dtype)
         ea = tl.dot(p_drop, _load_rows(vk_rows, offs_n, Nk, MASKED), ea * alpha[:, None])
         ea = tl.dot(p_drop, _load_rows(vk_rows + HEAD_DIM, offs_n, Nk, MASKED), ea)
-        eb = tl.dot(p.to(k.dtype), k, eb * alpha[:, None])
+        if SCALED:  # fp32 keys: their fp16 hi and lo, VK_bh's last two D columns
+            if DROP:
+                acc = tl.dot(p.to(vx.dtype), ones, acc)
+            eb = tl.dot(p.to(vx.dtype), _load_rows(vk_rows + 2 * HEAD_DIM, offs_n, Nk, MASKED), eb * alpha[:, None])
+            eb = tl.dot(p.to(vx.dtype), _load_rows(vk_rows + 3 * HEAD_DIM, offs_n, Nk, MASKED), eb)
+        else:
+            if D_CHUNK != HEAD_DIM:
+                k = _load_rows(k_rows + tl.arange(0, HEAD_DIM)[None, :] * stride_kd, offs_n, Nk, MASKED)
+            eb = tl.dot(p.to(vx.dtype), k, eb * alpha[:, None])
     return acc, m_new, ea, eb
 
 
 @triton.jit
-def _fwd_kernel(Q, K, VX, VK, O, LSE, E, SEED,
+def _fwd_kernel(Q, K, VX, VK, O, LSE, E, SCALES, SEED,
                 stride_qb, stride_qn, stride_qh, stride_qd,
                 stride_kb, stride_kn, stride_kh, stride_kd,
                 stride_vb, stride_vn,
@@ -320,8 +328,10 @@ def _fwd_kernel(Q, K, VX, VK, O, LSE, E, SEED,
                 DROP_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_IN_FWD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr):
     """One program per (query tile, b*H + h): streams over the key tiles with an online softmax. With DQ_IN_FWD
-    (C = 1, 16-bit inputs) it also writes E (B*H*Nq, D) fp32, from which the backward's dq is one elementwise
-    product; VK is then v * k (B, Nk, H, 2D) as [hi, lo]."""
+    (C = 1) it also writes E (B*H*Nq, D) fp32, from which the backward's dq is one elementwise product; VK is
+    then v * k (B, Nk, H, 2D) as [hi, lo]. A 16-bit VX with fp32 inputs (TF32) holds the value's fp16 hi / lo
+    scaled by 1 / SCALES[0], and VK v * k and k as fp16 [hi, lo] pairs (4D) scaled by 1 / SCALES[1]
+    (kernels.ops.forward_operands)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -336,7 +346,8 @@ def _fwd_kernel(Q, K, VX, VK, O, LSE, E, SEED,
     # The denominator column: VX's first "1" column 2C without dropout; with dropout, a zero column of VX
     # (2C + 2) fed by the undropped P.
     L_COL: tl.constexpr = 2 * C + 2 if DROP_BITS > 0 else 2 * C
-    VALUE_MMA: tl.constexpr = Q.dtype.element_ty != tl.float32
+    VALUE_MMA: tl.constexpr = VX.dtype.element_ty != tl.float32
+    SCALED: tl.constexpr = VALUE_MMA and Q.dtype.element_ty == tl.float32
     ones = tl.zeros([BLOCK_N, DV], dtype=VX.dtype.element_ty) + (offs_v[None, :] == L_COL).to(VX.dtype.element_ty)
     seed = tl.load(SEED) if DROP_BITS > 0 else 0
     if DQ_IN_FWD:
@@ -349,11 +360,17 @@ def _fwd_kernel(Q, K, VX, VK, O, LSE, E, SEED,
     ctx = (q, q_rows, K_bh, VX_b, VK_bh, offs_m, ones, Nq, Nk, stride_qd, stride_kn, stride_kd, stride_vn, stride_vkn,
            qk_scale, zero)
     meta: tl.constexpr = (HEAD_DIM, C, DV, L_COL, DROP_BITS > 0, VALUE_MMA, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK,
-                          DQ_IN_FWD)
+                          DQ_IN_FWD, SCALED)
     acc, m_i, ea, eb = _key_loop(state, _fwd_tile, ctx, meta, seed, bh, start_m, Nk, drop_threshold, BLOCK_M,
                                  BLOCK_N, DROP_BITS, True)
 
     l_i = tl.sum(tl.where(offs_v[None, :] == L_COL, acc, 0.0), 1)
+    if SCALED:  # channel c: the sum of its hi and lo columns c and C + c, unscaled
+        acc_v = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
+        for c in tl.static_range(C):
+            v_c = tl.sum(tl.where((offs_v[None, :] == c) | (offs_v[None, :] == C + c), acc, 0.0), 1)
+            acc_v = tl.where(offs_v[None, :] == c, v_c[:, None], acc_v)
+        acc = acc_v * tl.load(SCALES)
     o = acc * (drop_scale / l_i)[:, None]
     row = bh.to(tl.int64) * Nq + offs_m
     tl.store(LSE + row, m_i + tl.log2(l_i), mask=offs_m < Nq)  # lse of the log2-scaled scores
@@ -361,6 +378,8 @@ def _fwd_kernel(Q, K, VX, VK, O, LSE, E, SEED,
     if DQ_IN_FWD:  # E = (ea / (1 - p) - o eb) / l
         o_0 = tl.sum(tl.where(offs_v[None, :] == 0, o, 0.0), 1)
         e = (ea * drop_scale - eb * o_0[:, None]) * (1.0 / l_i)[:, None]
+        if SCALED:
+            e = e * tl.load(SCALES + 1)
         offs_d = tl.arange(0, HEAD_DIM)
         tl.store(E + row[:, None] * HEAD_DIM + offs_d[None, :], e, mask=offs_m[:, None] < Nq)
 

@@ -107,12 +107,15 @@ def dv_width(channels: int) -> int:
     return max(8, triton.next_power_of_2(2 * channels))
 
 
-def value_operand(value: torch.Tensor) -> torch.Tensor:
-    """VX (B, Nk, DV) in the value's dtype: [v, v, 1, 1, 0...]."""
+def value_operand(value: torch.Tensor, split_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """VX (B, Nk, DV) in the value's dtype: [v, v, 1, 1, 0...]; with `split_dtype`, the forward's [v hi, v lo, 1,
+    1, 0...] in it (`_split`), DV then at least 8 only: the forward reads VX as the B operand (N = DV), never as
+    the K of a product."""
     batch, n_key, channels = value.shape
-    vx = value.new_zeros((batch, n_key, operand_width(channels)))
-    vx[..., :channels] = value
-    vx[..., channels:2 * channels] = value
+    width = operand_width(channels) if split_dtype is None else max(8, triton.next_power_of_2(2 * channels + 3))
+    vx = value.new_zeros((batch, n_key, width), dtype=split_dtype or value.dtype)
+    vx[..., :channels], vx[..., channels:2 * channels] = (value, value) if split_dtype is None else \
+        _split(value.float(), split_dtype)
     vx[..., 2 * channels:2 * channels + 2] = 1
     return vx
 
@@ -127,14 +130,52 @@ def _split(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
     return hi, (x - hi.float()).to(dtype)
 
 
-def value_key(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def value_key(key: torch.Tensor, value: torch.Tensor, key_scale: torch.Tensor | None = None) -> torch.Tensor:
     """VK (B, Nk, H, 2D) in the key's (16-bit) dtype: v_j k_j per key token and head as [hi, lo] (`_split`), so that
     the forward's P~ @ (v k) keeps about twice the operand precision (one rounding of v k would not cancel in E);
     built once per forward rather than per query tile in the kernel. value is (B, Nk, 1). Contiguous whatever the
-    key's strides (the kernel reads it with unit head-dim stride)."""
+    key's strides (the kernel reads it with unit head-dim stride). With `key_scale` (fp32 keys at TF32,
+    `forward_operands`): (B, Nk, H, 4D) fp16, the [hi, lo] pairs of v k and of k, times key_scale (a single
+    rounding of k would not cancel either)."""
     batch, n_key, heads, head_dim = key.shape
-    vk = torch.empty((batch, n_key, heads, 2 * head_dim), dtype=key.dtype, device=key.device)
-    return torch.cat(_split(key.float() * value.float()[:, :, :, None], key.dtype), dim=3, out=vk)
+    vk = key.float() * value.float()[:, :, :, None]
+    if key_scale is None:
+        return torch.cat(_split(vk, key.dtype), dim=3,
+                         out=torch.empty((batch, n_key, heads, 2 * head_dim), dtype=key.dtype, device=key.device))
+    return torch.cat((*_split(vk * key_scale, torch.float16), *_split(key.float() * key_scale, torch.float16)), dim=3,
+                     out=torch.empty((batch, n_key, heads, 4 * head_dim), dtype=torch.float16, device=key.device))
+
+
+def _power_of_two_below(amax: torch.Tensor, exponent: int) -> torch.Tensor:
+    """The largest power of two s (an fp32 tensor, computed without a host sync) with amax * s < 2**exponent."""
+    return torch.ldexp(torch.ones_like(amax), exponent - torch.frexp(amax).exponent)
+
+
+@dataclass
+class ForwardOperands:
+    """What the forward reads besides q and k (kernels/fused.py, _fwd_kernel): VX, VK where it computes E, and for
+    fp32 inputs at TF32 the inverse scales (value, keys) of their fp16 copies."""
+    vx: torch.Tensor
+    vk: torch.Tensor | None
+    scales: torch.Tensor | None
+
+
+def forward_operands(key: torch.Tensor, value: torch.Tensor, with_e: bool) -> ForwardOperands:
+    """The forward's operands. fp32 inputs at TF32 (dot precision "tf32") take P rounded to fp16, whose 10 mantissa
+    bits are TF32's, in every product but the scores, so that P @ VX and E's products are 16-bit tensor-core
+    products (docs/kernels.md, "dq from the forward pass"): VX then holds the value as fp16 hi / lo and VK the keys
+    in fp16, each scaled by a power of two (exact) that keeps them in fp16's range: the value at most 1, the keys
+    and v k below 2**15."""
+    if key.dtype != torch.float32 or dot_precision(key.dtype) != "tf32":
+        return ForwardOperands(value_operand(value), value_key(key, value) if with_e else None, None)
+    value_scale = _power_of_two_below(value.detach().abs().amax().float(), 0)
+    inverse = [1.0 / value_scale]
+    vk = None
+    if with_e:
+        k_max = key.detach().abs().amax()
+        key_scale = _power_of_two_below(torch.maximum(k_max, k_max * value.detach().abs().amax()), 15)
+        vk, inverse = value_key(key, value, key_scale), inverse + [1.0 / key_scale]
+    return ForwardOperands(value_operand(value * value_scale, torch.float16), vk, torch.stack(inverse))
 
 
 def grad_operands(grad_o: torch.Tensor, o: torch.Tensor, drop_scale: float,
@@ -174,15 +215,17 @@ class Launch:
         return config_group(self.constexprs["DOT_PRECISION"] if self.args[0].dtype == torch.float32 else None)
 
 
-def fwd_launch(query: torch.Tensor, key: torch.Tensor, vx: torch.Tensor, o: torch.Tensor, lse2: torch.Tensor,
-               vk: torch.Tensor | None, e: torch.Tensor | None, seed: torch.Tensor, dropout_p: float,
+def fwd_launch(query: torch.Tensor, key: torch.Tensor, operands: ForwardOperands, o: torch.Tensor,
+               lse2: torch.Tensor, e: torch.Tensor | None, seed: torch.Tensor, dropout_p: float,
                scale: float) -> Launch:
-    """The forward; with `vk` (`value_key`) and `e` (B, H, Nq, D) fp32 it also writes E, dq's factor."""
+    """The forward; with `e` (B, H, Nq, D) fp32 (and operands.vk) it also writes E, dq's factor."""
     batch, n_query, heads, head_dim = query.shape
     bits, threshold, p_eff = dropout_params(dropout_p)
+    vx, vk = operands.vx, operands.vk
     vk_strides = vk.stride()[:3] if vk is not None else (0, 0, 0)
     return Launch("fwd", lambda meta: (triton.cdiv(n_query, meta["BLOCK_M"]), batch * heads),
-                  (query, key, vx, key if vk is None else vk, o, lse2, lse2 if e is None else e, seed,
+                  (query, key, vx, key if vk is None else vk, o, lse2, lse2 if e is None else e,
+                   lse2 if operands.scales is None else operands.scales, seed,
                    *query.stride(), *key.stride(), vx.stride(0), vx.stride(1), *vk_strides, heads, n_query,
                    key.shape[1], scale * LOG2E, threshold, 1.0 / (1.0 - p_eff), 0.0),
                   dict(HEAD_DIM=head_dim, C=o.shape[3], DV=vx.shape[2], DROP_BITS=bits,
@@ -320,8 +363,8 @@ def fused_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seed:
     o = torch.empty((batch, heads, n_query, value.shape[2]), dtype=torch.float32, device=query.device)
     lse2 = torch.empty((batch, heads, n_query), dtype=torch.float32, device=query.device)
     e = torch.empty(_e_shape(query, value, for_grad), dtype=torch.float32, device=query.device)
-    vk, e_out = (value_key(key, value), e) if e.numel() else (None, None)
-    runner(fwd_launch(query, key, value_operand(value), o, lse2, vk, e_out, seed, dropout_p, scale))
+    operands = forward_operands(key, value, e.numel() > 0)
+    runner(fwd_launch(query, key, operands, o, lse2, e if e.numel() else None, seed, dropout_p, scale))
     return o, lse2, e
 
 

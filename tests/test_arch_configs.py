@@ -178,7 +178,7 @@ def test_measurements_of_an_earlier_kernel_source_are_dropped(monkeypatch):
     """measure() records the kernel's source hash; the cache keeps only what the current source measured."""
     monkeypatch.setattr(kernel_report, "compile_record", lambda spec, cc: fake_usage(shared=5))
     monkeypatch.setattr(kernel_specs, "spec_of", lambda kernel, group, dtype, *args: {
-        "name": f"fwd_{dtype}", "num_warps": 4, "fn": SimpleNamespace(cache_key="new")})
+        "name": f"fwd_{dtype}", "num_warps": 4, "fn": SimpleNamespace(cache_key="new"), "config": {}})
     cache = {"sm_86 fwd_torch.float16": {"arch": "sm_86", "key": ["fwd", "16bit", 16, 0], "source": "old",
                                          **fake_usage(shared=9)}}
     cache = derive_configs.current_measurements(cache, {"fwd": "new"})
@@ -201,6 +201,19 @@ def test_generated_module_round_trips():
     assert namespace["MEASURED"] == {"sm_86": {("fwd", "16bit", 128, 1, (64, 64, 64, 8, 1)): (7, 0, 100, 4)}}
 
 
+def test_measured_leaves_out_a_forward_with_e_where_it_does_not_run():
+    """A cached forward with E of a class where kernels.configs.dq_in_forward is False (the evaluation forward runs
+    there with the same entry) does not count in MEASURED."""
+    usage = {"key": ["fwd", "16bit", 64, 1], "entry": [64, 64, 64, 8, 1], "tmem_columns": 0, "registers": 100}
+    cache = {arch + mode: {"arch": arch, "with_e": mode == "e", **usage, "shared_bytes": 5 if mode == "e" else 3,
+                           "spill_bytes": 8 if mode == "e" else 0}
+             for arch in ("sm_86", "sm_90") for mode in ("e", "eval")}
+    assert not configs.dq_in_forward("16bit", 1, 64, "sm_86") and configs.dq_in_forward("16bit", 1, 64, "sm_90")
+    measured = derive_configs._measured(cache)
+    assert measured["sm_86"] == {("fwd", "16bit", 64, 1, (64, 64, 64, 8, 1)): (3, 0, 100, 0)}
+    assert measured["sm_90"] == {("fwd", "16bit", 64, 1, (64, 64, 64, 8, 1)): (5, 0, 100, 8)}
+
+
 # ---------------------------------------------------------------------------------------------
 # The device: capability, pruning, resource errors (GPU faked)
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +228,8 @@ def _launch(kernel="fwd", head_dim=64, dropout_p=0.5):
     q = torch.zeros(1, 64, 1, head_dim)
     vx = ops.value_operand(torch.zeros(1, 64, 1))
     o, lse2 = torch.zeros(1, 1, 64, 1), torch.zeros(1, 1, 64)
-    return ops.fwd_launch(q, q, vx, o, lse2, None, None, torch.zeros(1, dtype=torch.int64), dropout_p, 0.1)
+    return ops.fwd_launch(q, q, ops.ForwardOperands(vx, None, None), o, lse2, None, torch.zeros(1, dtype=torch.int64),
+                          dropout_p, 0.1)
 
 
 def test_a_launch_keeps_the_group_of_the_precision_it_was_built_with():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import TOLERANCE, rel_err
+from helpers import TF32_TOLERANCE, TOLERANCE, rel_err
 from kernels import dcama_attention, dropout_keep_mask, effective_dropout_p, ops
 from kernels.attention import HEAD_DIMS
 from kernels.reference import dcama_attention_reference
@@ -78,9 +78,9 @@ class Case:
         return self.run(lambda q, k, v: dcama_attention_reference(q, k, v, **kwargs), leaves64)
 
 
-def _check(actual, expected, dtype: torch.dtype) -> None:
+def _check(actual, expected, dtype: torch.dtype, tolerance: tuple[float, float] | None = None) -> None:
     (out, grads), (ref_out, ref_grads) = actual, expected
-    fwd_tol, grad_tol = TOLERANCE[dtype]
+    fwd_tol, grad_tol = tolerance or TOLERANCE[dtype]
     assert out.dtype == dtype and out.shape == ref_out.shape
     assert rel_err(out, ref_out) < fwd_tol
     for name, g, rg in zip("qkv", grads, ref_grads):
@@ -121,28 +121,37 @@ def test_edge_sizes(device, n_query, n_key):
 
 
 # dq from the forward pass (docs/kernels.md): E = sum_j P_ij (z_ij v_j / (1 - p) - o_i) k_j, dq = scale dO E.
-# Cases where E is a difference of near-equal terms or its terms are weighted unevenly: (dtype, dropout_p,
+# Cases where E is a difference of near-equal terms or its terms are weighted unevenly: (variant, dropout_p,
 # head_reduction, gain on q and k (peaked softmax), common key offset, value: "soft" uniform [0, 1) / "binary",
-# support shots (Nk = shots x 37)).
+# support shots (Nk = shots x 37)). A variant is (dtype, float32 matmul precision, tolerances): fp16 and TF32
+# take dq from E, fp32 at "highest" (3xTF32) from the dq kernel.
+DQ_VARIANTS = {"fp16": (torch.float16, "highest", TOLERANCE[torch.float16]),
+               "tf32": (torch.float32, "high", TF32_TOLERANCE),
+               "fp32": (torch.float32, "highest", TOLERANCE[torch.float32])}
 DQ_FORWARD_CASES = {
-    "fp16-dropout0.5-peaked": (torch.float16, 0.5, "mean", 3.0, 0.0, "soft", 1),
-    "fp16-dropout0.5-key-offset": (torch.float16, 0.5, "none", 1.0, 3.0, "soft", 1),
-    "fp16-dropout0.3-3shot": (torch.float16, 0.3, "mean", 1.0, 0.0, "soft", 3),
-    "fp16-binary-mask-peaked": (torch.float16, 0.0, "none", 3.0, 0.0, "binary", 2),
-    "fp32-dropout0.5-peaked-offset": (torch.float32, 0.5, "mean", 3.0, 3.0, "soft", 1),
-    "fp32-dropout0.1-2shot": (torch.float32, 0.1, "none", 1.0, 0.0, "binary", 2),
+    "fp16-dropout0.5-peaked": ("fp16", 0.5, "mean", 3.0, 0.0, "soft", 1),
+    "fp16-dropout0.5-key-offset": ("fp16", 0.5, "none", 1.0, 3.0, "soft", 1),
+    "fp16-dropout0.3-3shot": ("fp16", 0.3, "mean", 1.0, 0.0, "soft", 3),
+    "fp16-binary-mask-peaked": ("fp16", 0.0, "none", 3.0, 0.0, "binary", 2),
+    "tf32-dropout0.5-peaked-offset": ("tf32", 0.5, "mean", 3.0, 3.0, "soft", 1),
+    "tf32-dropout0.1-2shot": ("tf32", 0.1, "none", 1.0, 0.0, "binary", 2),
+    "tf32-binary-mask-peaked-3shot": ("tf32", 0.0, "mean", 3.0, 0.0, "binary", 3),
+    "fp32-dropout0.5-peaked-offset": ("fp32", 0.5, "mean", 3.0, 3.0, "soft", 1),
+    "fp32-dropout0.1-2shot": ("fp32", 0.1, "none", 1.0, 0.0, "binary", 2),
 }
 
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("case_id", list(DQ_FORWARD_CASES))
 def test_dq_from_the_forward_matches_reference(case_id, monkeypatch):
-    """C = 1 training in 16 bits: the forward writes E and the backward's dq = scale * dO * E, with no dq kernel
-    launch (fp32: the dq kernel on the same cases);
+    """C = 1 training in 16 bits and in fp32 at TF32: the forward writes E and the backward's dq = scale * dO * E,
+    with no dq kernel launch (fp32 at "highest": the dq kernel on the same cases);
     gradients at the usual tolerances where E nearly cancels (peaked softmax, keys sharing an offset), with soft
     and binary masks, dropout 0.5 and other p, K-shot key counts, both head reductions; Nq, Nk odd."""
-    dtype, dropout_p, head_reduction, gain, offset, mask, shots = DQ_FORWARD_CASES[case_id]
-    if dtype != torch.float32:  # fp32 keeps the dq kernel (kernels/configs.py, DQ_IN_FORWARD_HEAD_DIMS)
+    variant, dropout_p, head_reduction, gain, offset, mask, shots = DQ_FORWARD_CASES[case_id]
+    dtype, precision, tolerance = DQ_VARIANTS[variant]
+    torch.set_float32_matmul_precision(precision)
+    if variant != "fp32":  # 3xTF32 keeps the dq kernel (kernels/configs.py, DQ_IN_FORWARD_HEAD_DIMS)
         monkeypatch.setattr(ops, "dq_launch", _no_dq_kernel)
     batch, n_query, heads, head_dim = 1, 37, 2, 32
     case = Case(batch, n_query, shots * 37, heads, head_dim, None, dtype, "cpu", seed=len(case_id))
@@ -155,7 +164,25 @@ def test_dq_from_the_forward_matches_reference(case_id, monkeypatch):
                                                       head_reduction=head_reduction, impl="triton"))
     keep = dropout_keep_mask(7, batch, heads, n_query, shots * 37, dropout_p, "cpu") if dropout_p else None
     _check(actual, case.reference(keep=keep, dropout_p=effective_dropout_p(dropout_p),
-                                  head_reduction=head_reduction), dtype)
+                                  head_reduction=head_reduction), dtype, tolerance)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("magnitude", [3e5, 1e-7])
+def test_tf32_operands_are_scaled_into_fp16_range(magnitude, monkeypatch):
+    """At TF32 the forward's products read the value and the keys as fp16 copies scaled by powers of two
+    (kernels.ops.forward_operands): a value and keys far outside fp16's range (3e5 overflows it, 1e-7 is below its
+    normal numbers) give the same precision as unit ones."""
+    torch.set_float32_matmul_precision("high")
+    monkeypatch.setattr(ops, "dq_launch", _no_dq_kernel)
+    case = Case(1, 37, 74, 2, 32, None, torch.float32, "cpu", seed=5)
+    with torch.no_grad():
+        case.leaves[0].div_(magnitude)  # the scores stay of order one
+        case.leaves[1].mul_(magnitude)
+        case.leaves[2].mul_(magnitude)
+    actual = case.run(lambda q, k, v: dcama_attention(q, k, v, dropout_p=0.5, seed=7, impl="triton"))
+    keep = dropout_keep_mask(7, 1, 2, 37, 74, 0.5, "cpu")
+    _check(actual, case.reference(keep=keep, dropout_p=0.5), torch.float32, TF32_TOLERANCE)
 
 
 @pytest.mark.interpreter
@@ -182,7 +209,7 @@ def _no_dq_kernel(*args, **kwargs):
 @pytest.mark.interpreter
 def test_e_only_when_a_backward_follows(monkeypatch):
     """The forward computes E only with grad enabled and an input requiring it, and only for a one-channel value
-    in 16 bits; C > 1 and fp32 take the dq kernel."""
+    in 16 bits or fp32 at TF32; C > 1 and fp32 at "highest" (3xTF32) take the dq kernel."""
     launches, run_interpreted = [], ops.run_interpreted
     monkeypatch.setattr(ops, "run_interpreted", lambda launch: launches.append(launch) or run_interpreted(launch))
     case = Case(1, 5, 9, 1, 16, None, torch.float16, "cpu")
@@ -194,11 +221,14 @@ def test_e_only_when_a_backward_follows(monkeypatch):
     assert [(launch.kernel, launch.constexprs.get("DQ_IN_FWD")) for launch in launches[2:]] == \
         [("fwd", True), ("bwd_dkdv", None)]
     launches.clear()
-    for channels, dtype in ((2, torch.float16), (None, torch.float32)):
+    for channels, dtype, precision, with_e in ((2, torch.float16, "highest", False),
+                                               (None, torch.float32, "highest", False),
+                                               (None, torch.float32, "high", True)):
+        torch.set_float32_matmul_precision(precision)
         launches.clear()
         Case(1, 5, 9, 1, 16, channels, dtype, "cpu").run(lambda q, k, v: dcama_attention(q, k, v, impl="triton"))
         assert [(launch.kernel, launch.constexprs.get("DQ_IN_FWD")) for launch in launches] == \
-            [("fwd", False), ("bwd_dkdv", None), ("bwd_dq", None)]
+            [("fwd", with_e), ("bwd_dkdv", None)] + ([] if with_e else [("bwd_dq", None)])
 
 
 @pytest.mark.parametrize("device", DEVICES)
