@@ -330,8 +330,8 @@ def _fwd_kernel(Q, K, VX, VK, O, LSE, E, SCALES, SEED,
     """One program per (query tile, b*H + h): streams over the key tiles with an online softmax. With DQ_IN_FWD
     (C = 1) it also writes E (B*H*Nq, D) fp32, from which the backward's dq is one elementwise product; VK is
     then v * k (B, Nk, H, 2D) as [hi, lo]. A 16-bit VX with fp32 inputs (TF32) holds the value's fp16 hi / lo
-    scaled by 1 / SCALES[0], and VK v * k and k as fp16 [hi, lo] pairs (4D) scaled by 1 / SCALES[1]
-    (kernels.ops.forward_operands)."""
+    scaled by 1 / SCALES[0], and VK v * k and k as fp16 [hi, lo] pairs (4D), v * k scaled by 1 / (SCALES[0]
+    SCALES[1]) and k by 1 / SCALES[1] (kernels.ops.forward_operands)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -377,6 +377,8 @@ def _fwd_kernel(Q, K, VX, VK, O, LSE, E, SCALES, SEED,
     tl.store(O + row[:, None] * C + offs_v[None, :], o, mask=(offs_m[:, None] < Nq) & (offs_v[None, :] < C))
     if DQ_IN_FWD:  # E = (ea / (1 - p) - o eb) / l
         o_0 = tl.sum(tl.where(offs_v[None, :] == 0, o, 0.0), 1)
+        if SCALED:  # ea's v k carries the value's scale and the keys', eb's k the keys'
+            ea = ea * tl.load(SCALES)
         e = (ea * drop_scale - eb * o_0[:, None]) * (1.0 / l_i)[:, None]
         if SCALED:
             e = e * tl.load(SCALES + 1)

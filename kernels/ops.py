@@ -147,8 +147,11 @@ def value_key(key: torch.Tensor, value: torch.Tensor, key_scale: torch.Tensor | 
 
 
 def _power_of_two_below(amax: torch.Tensor, exponent: int) -> torch.Tensor:
-    """The largest power of two s (an fp32 tensor, computed without a host sync) with amax * s < 2**exponent."""
-    return torch.ldexp(torch.ones_like(amax), exponent - torch.frexp(amax).exponent)
+    """The largest power of two s (an fp32 tensor, computed without a host sync) with amax * s < 2**exponent, kept
+    within 2**+-126 so that s and 1 / s are finite normal numbers (amax near fp32's ends: then amax * s misses
+    the target, which only costs precision on values that far out)."""
+    shift = (exponent - torch.frexp(amax).exponent).clamp(-126, 126)
+    return torch.ldexp(torch.ones_like(amax), shift)
 
 
 @dataclass
@@ -163,19 +166,19 @@ class ForwardOperands:
 def forward_operands(key: torch.Tensor, value: torch.Tensor, with_e: bool) -> ForwardOperands:
     """The forward's operands. fp32 inputs at TF32 (dot precision "tf32") take P rounded to fp16, whose 10 mantissa
     bits are TF32's, in every product but the scores, so that P @ VX and E's products are 16-bit tensor-core
-    products (docs/kernels.md, "dq from the forward pass"): VX then holds the value as fp16 hi / lo and VK the keys
-    in fp16, each scaled by a power of two (exact) that keeps them in fp16's range: the value at most 1, the keys
-    and v k below 2**15."""
+    products (docs/kernels.md, "dq from the forward pass"): VX then holds the value as fp16 hi / lo and VK v k and
+    the keys in fp16, each scaled by a power of two (exact) that keeps them in fp16's range: the value to below 1,
+    the keys to below 2**15, v k by both (so below 2**15 too, whatever the value's magnitude)."""
     if key.dtype != torch.float32 or dot_precision(key.dtype) != "tf32":
         return ForwardOperands(value_operand(value), value_key(key, value) if with_e else None, None)
     value_scale = _power_of_two_below(value.detach().abs().amax().float(), 0)
+    scaled_value = value * value_scale
     inverse = [1.0 / value_scale]
     vk = None
     if with_e:
-        k_max = key.detach().abs().amax()
-        key_scale = _power_of_two_below(torch.maximum(k_max, k_max * value.detach().abs().amax()), 15)
-        vk, inverse = value_key(key, value, key_scale), inverse + [1.0 / key_scale]
-    return ForwardOperands(value_operand(value * value_scale, torch.float16), vk, torch.stack(inverse))
+        key_scale = _power_of_two_below(key.detach().abs().amax(), 15)
+        vk, inverse = value_key(key, scaled_value, key_scale), inverse + [1.0 / key_scale]
+    return ForwardOperands(value_operand(scaled_value, torch.float16), vk, torch.stack(inverse))
 
 
 def grad_operands(grad_o: torch.Tensor, o: torch.Tensor, drop_scale: float,

@@ -168,18 +168,20 @@ def test_dq_from_the_forward_matches_reference(case_id, monkeypatch):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("magnitude", [3e5, 1e-7])
-def test_tf32_operands_are_scaled_into_fp16_range(magnitude, monkeypatch):
-    """At TF32 the forward's products read the value and the keys as fp16 copies scaled by powers of two
+@pytest.mark.parametrize("value_magnitude,key_magnitude", [(3e5, 3e5), (1e-7, 1e-7), (1e-9, 1.0), (1e10, 1.0),
+                                                           (1e-40, 1.0)])
+def test_tf32_operands_are_scaled_into_fp16_range(value_magnitude, key_magnitude, monkeypatch):
+    """At TF32 the forward's products read the value, v k and the keys as fp16 copies scaled by powers of two
     (kernels.ops.forward_operands): a value and keys far outside fp16's range (3e5 overflows it, 1e-7 is below its
-    normal numbers) give the same precision as unit ones."""
+    normal numbers), apart or together, and a value at fp32's subnormal end, give the same precision as unit
+    ones."""
     torch.set_float32_matmul_precision("high")
     monkeypatch.setattr(ops, "dq_launch", _no_dq_kernel)
     case = Case(1, 37, 74, 2, 32, None, torch.float32, "cpu", seed=5)
     with torch.no_grad():
-        case.leaves[0].div_(magnitude)  # the scores stay of order one
-        case.leaves[1].mul_(magnitude)
-        case.leaves[2].mul_(magnitude)
+        case.leaves[0].div_(key_magnitude)  # the scores stay of order one
+        case.leaves[1].mul_(key_magnitude)
+        case.leaves[2].mul_(value_magnitude)
     actual = case.run(lambda q, k, v: dcama_attention(q, k, v, dropout_p=0.5, seed=7, impl="triton"))
     keep = dropout_keep_mask(7, 1, 2, 37, 74, 0.5, "cpu")
     _check(actual, case.reference(keep=keep, dropout_p=0.5), torch.float32, TF32_TOLERANCE)
