@@ -29,7 +29,7 @@ GPU_CONFIGS: dict[str, dict[str, dict[int, list[Config]]]] = {
                   128: [(128, 64, 128, 8, 2)], 256: [(128, 64, 64, 8, 1)]},
         "tf32": {16: [(128, 128, 16, 8, 2)], 32: [(128, 128, 32, 8, 2)], 64: [(128, 64, 32, 8, 1)],
                  128: [(128, 64, 32, 8, 1)], 256: [(128, 64, 16, 8, 1)]},
-        "tf32x3": {16: [(128, 64, 16, 8, 1)], 32: [(128, 64, 32, 8, 1)], 64: [(128, 64, 16, 8, 1)],
+        "tf32x3": {16: [(128, 64, 16, 8, 1)], 32: [(128, 64, 16, 8, 1)], 64: [(128, 64, 16, 8, 1)],
                    128: [(128, 64, 16, 8, 1)], 256: [(64, 64, 16, 4, 1)]},
     },
     "bwd_dkdv": {
@@ -59,19 +59,22 @@ SLICE_CONFIGS: dict[str, dict[str, dict[int, list[Config]]]] = {
 }
 # Where the forward computes dq's factor E for a one-channel value (kernels.ops.dq_in_forward), by group: the
 # head dims at which its two extra [BLOCK_M, D] accumulators fit without spilling (16 bits: at D = 128 every
-# variant tried spills on sm_90; TF32: measured at D = 16, 32 and 64). 3xTF32 keeps the dq kernel: an fp32 P as an
-# MMA operand needs a register shuffle per score, which makes the forward with E dearer than forward + dq kernel
-# (docs/kernels.md, "dq from the forward pass").
-DQ_IN_FORWARD_HEAD_DIMS = {"16bit": (16, 32, 64), "tf32": (16, 32, 64)}
+# variant tried spills on sm_90; TF32: measured at D = 16, 32 and 64; 3xTF32, whose forward splits P into an fp16
+# hi / lo pair: at D = 16 and 32, docs/kernels.md, "dq from the forward pass").
+DQ_IN_FORWARD_HEAD_DIMS = {"16bit": (16, 32, 64), "tf32": (16, 32, 64), "tf32x3": (16, 32)}
 # (group, head dim) -> the classes where no entry bench/derive_configs.py tried serves the forward with E and the
 # same forward without E (evaluation) without spilling at dropout 0.5: there the dq kernel stays (16 bits, D = 64:
 # sm_120's forward with E spilled 68 B at best; on sm_80, sm_86 and sm_89 the best entry for both spilled 40-168 B.
 # TF32: at D = 32 the best of 7-9 variants (and, by hand, 4 warps at 64 x 64) spilled 104 B on sm_86 and sm_89 and
 # 236 B on sm_120 or needed 107,520 B of shared memory; at D = 16, 48 B on sm_120; at D = 64, 112 B on sm_80, 128 B
-# on sm_86 and sm_89, 76 B on sm_120).
+# on sm_86 and sm_89, 76 B on sm_120. 3xTF32: at D = 16 12-116 B at best on sm_80, sm_86, sm_89 and sm_120; at
+# D = 32 104 B on sm_120, and on sm_80, sm_86 and sm_89 only BLOCK_M 16 fitted: 69.12 per score on sm_80, against
+# 37.60 for its dq kernel).
 DQ_IN_FORWARD_SPILLS = {("16bit", 64): ("sm_80", "sm_86", "sm_89", "sm_120"), ("tf32", 16): ("sm_120",),
                         ("tf32", 32): ("sm_86", "sm_89", "sm_120"),
-                        ("tf32", 64): ("sm_80", "sm_86", "sm_89", "sm_120")}
+                        ("tf32", 64): ("sm_80", "sm_86", "sm_89", "sm_120"),
+                        ("tf32x3", 16): ("sm_80", "sm_86", "sm_89", "sm_120"),
+                        ("tf32x3", 32): ("sm_80", "sm_86", "sm_89", "sm_120")}
 # The dropout modes a launch can be in, as DROP_BITS: none, 1-bit decisions (p = 1/2), 16-bit slices (any other p).
 FINE_DROP_BITS = 16
 DROP_MODES = (0, 1, FINE_DROP_BITS)

@@ -260,6 +260,28 @@ def _key_loop(state, tile: tl.constexpr, ctx, META: tl.constexpr, seed, bh, star
 # Forward
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _p16(x, dtype, SPLIT: tl.constexpr):
+    """fp32 x as a 16-bit `dtype` operand: rounded (hi), or with SPLIT truncated to TF32's (= fp16's) mantissa as
+    fp32 hi and the exact rest lo, both to be rounded to `dtype` by the caller's select (hi + lo keeps about 22
+    significant bits, 3xTF32's precision)."""
+    if SPLIT:
+        hi = _tf32_hi(x)
+        return hi, x - hi
+    else:
+        hi = x.to(dtype)
+        return hi, hi
+
+
+@triton.jit
+def _dot_p(p_hi, p_lo, b, acc, SPLIT: tl.constexpr):
+    """acc + P @ b for P given as `_p16` gives it."""
+    acc = tl.dot(p_hi.to(b.dtype), b, acc)
+    if SPLIT:
+        acc = tl.dot(p_lo.to(b.dtype), b, acc)
+    return acc
+
+
+@triton.jit
 def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the online softmax: acc[:, :C] += P~ v, acc[:, L_COL] += P 1 (P~: dropped P), and with
     DQ_IN_FWD the two sums of E (docs/kernels.md, "dq from the forward pass"): ea += P~ (v * k), eb += P k;
@@ -289,9 +311,17 @@ def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexp
     p = tl.exp2(s * qk_scale - m_new[:, None])
     acc = acc * alpha[:, None]
     p_drop = tl.where(keep, p, zero) if DROP else p
+    # 3xTF32 (fp32 inputs with E): P as an fp16 hi / lo pair, about 22 significant bits (`_p16`).
+    SPLIT_P: tl.constexpr = SCALED and DOT_PRECISION == "tf32x3"
+    if SPLIT_P:  # P~'s pair: P's, selected (one split, not two)
+        p_hi, p_lo = _p16(p, vx.dtype, SPLIT_P)
+        pd_hi = tl.where(keep, p_hi, zero) if DROP else p_hi
+        pd_lo = tl.where(keep, p_lo, zero) if DROP else p_lo
+    else:
+        pd_hi, pd_lo = _p16(p_drop, vx.dtype, SPLIT_P)
     if VALUE_MMA:
         # `zero` is a runtime 0.0: the select stays in fp32 instead of being pushed past the fp16 rounding.
-        acc = tl.dot(p_drop.to(vx.dtype), vx, acc)
+        acc = _dot_p(pd_hi, pd_lo, vx, acc, SPLIT_P)
         if DROP and not (SCALED and DQ_IN_FWD):
             acc = tl.dot(p.to(vx.dtype), ones, acc)
     else:  # fp32 inputs at 3xTF32: exact fp32 row reductions (an fp32 P operand would need a register shuffle)
@@ -302,14 +332,17 @@ def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexp
         acc += tl.where(offs_v[None, :] == L_COL, tl.sum(p, 1)[:, None], 0.0)
     if DQ_IN_FWD:  # the B operands: v * k as hi and lo (VK_bh's first two D columns) and the key tile
         vk_rows = VK_bh + offs_n[:, None] * stride_vkn + tl.arange(0, HEAD_DIM)[None, :]
-        p_drop = p_drop.to(vx.dtype)
-        ea = tl.dot(p_drop, _load_rows(vk_rows, offs_n, Nk, MASKED), ea * alpha[:, None])
-        ea = tl.dot(p_drop, _load_rows(vk_rows + HEAD_DIM, offs_n, Nk, MASKED), ea)
+        # B's hi against P's hi and lo, B's lo against P's hi (lo x lo dropped, as in _mma)
+        ea = _dot_p(pd_hi, pd_lo, _load_rows(vk_rows, offs_n, Nk, MASKED), ea * alpha[:, None], SPLIT_P)
+        ea = tl.dot(pd_hi.to(vx.dtype), _load_rows(vk_rows + HEAD_DIM, offs_n, Nk, MASKED), ea)
         if SCALED:  # fp32 keys: their fp16 hi and lo, VK_bh's last two D columns
+            if not SPLIT_P:  # (rounded here, not above: ptxas then spills the TF32 forward at D = 32)
+                p_hi, p_lo = _p16(p, vx.dtype, SPLIT_P)
             if DROP:
-                acc = tl.dot(p.to(vx.dtype), ones, acc)
-            eb = tl.dot(p.to(vx.dtype), _load_rows(vk_rows + 2 * HEAD_DIM, offs_n, Nk, MASKED), eb * alpha[:, None])
-            eb = tl.dot(p.to(vx.dtype), _load_rows(vk_rows + 3 * HEAD_DIM, offs_n, Nk, MASKED), eb)
+                acc = _dot_p(p_hi, p_lo, ones, acc, SPLIT_P)
+            eb = _dot_p(p_hi, p_lo, _load_rows(vk_rows + 2 * HEAD_DIM, offs_n, Nk, MASKED), eb * alpha[:, None],
+                        SPLIT_P)
+            eb = tl.dot(p_hi.to(vx.dtype), _load_rows(vk_rows + 3 * HEAD_DIM, offs_n, Nk, MASKED), eb)
         else:
             if D_CHUNK != HEAD_DIM:
                 k = _load_rows(k_rows + tl.arange(0, HEAD_DIM)[None, :] * stride_kd, offs_n, Nk, MASKED)

@@ -169,7 +169,7 @@ def forward_operands(key: torch.Tensor, value: torch.Tensor, with_e: bool) -> Fo
     products (docs/kernels.md, "dq from the forward pass"): VX then holds the value as fp16 hi / lo and VK v k and
     the keys in fp16, each scaled by a power of two (exact) that keeps them in fp16's range: the value to below 1,
     the keys to below 2**15, v k by both (so below 2**15 too, whatever the value's magnitude)."""
-    if key.dtype != torch.float32 or dot_precision(key.dtype) != "tf32":
+    if key.dtype != torch.float32 or (dot_precision(key.dtype) == "tf32x3" and not with_e):
         return ForwardOperands(value_operand(value), value_key(key, value) if with_e else None, None)
     value_scale = _power_of_two_below(value.detach().abs().amax().float(), 0)
     scaled_value = value * value_scale

@@ -42,13 +42,14 @@ def test_each_capability_gets_its_class_table(capability, arch):
 
 @pytest.mark.parametrize("capability, with_e", [((9, 0), True), ((10, 0), True), ((8, 6), False), ((12, 0), False)])
 def test_dq_from_the_forward_where_it_does_not_spill(monkeypatch, capability, with_e):
-    """The op asks the device's class whether its forward computes E: at D = 64 only on sm_90 and sm_100 (elsewhere
-    no entry served the forward with and without E without spilling); D = 32 everywhere; the interpreter and CPU
-    tensors count as sm_90."""
+    """The op asks the device's class whether its forward computes E: in 16 bits at D = 64 and in fp32 at 3xTF32
+    only on sm_90 and sm_100 (elsewhere no entry served the forward with and without E without spilling); 16 bits
+    at D = 32 everywhere; never for D = 128 in fp32; the interpreter and CPU tensors count as sm_90."""
     fake_gpu(monkeypatch, *capability)
     arch = ops.device_arch(CUDA0)
     assert configs.dq_in_forward("16bit", 1, 64, arch) is with_e
-    assert configs.dq_in_forward("16bit", 1, 32, arch) and not configs.dq_in_forward("tf32x3", 1, 32, arch)
+    assert configs.dq_in_forward("tf32x3", 1, 32, arch) is with_e
+    assert configs.dq_in_forward("16bit", 1, 32, arch) and not configs.dq_in_forward("tf32x3", 1, 128, arch)
     assert ops.device_arch(torch.device("cpu")) == configs.BASE_ARCH
 
 

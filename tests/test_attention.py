@@ -123,8 +123,7 @@ def test_edge_sizes(device, n_query, n_key):
 # dq from the forward pass (docs/kernels.md): E = sum_j P_ij (z_ij v_j / (1 - p) - o_i) k_j, dq = scale dO E.
 # Cases where E is a difference of near-equal terms or its terms are weighted unevenly: (variant, dropout_p,
 # head_reduction, gain on q and k (peaked softmax), common key offset, value: "soft" uniform [0, 1) / "binary",
-# support shots (Nk = shots x 37)). A variant is (dtype, float32 matmul precision, tolerances): fp16 and TF32
-# take dq from E, fp32 at "highest" (3xTF32) from the dq kernel.
+# support shots (Nk = shots x 37)). A variant is (dtype, float32 matmul precision, tolerances); each takes dq from E.
 DQ_VARIANTS = {"fp16": (torch.float16, "highest", TOLERANCE[torch.float16]),
                "tf32": (torch.float32, "high", TF32_TOLERANCE),
                "fp32": (torch.float32, "highest", TOLERANCE[torch.float32])}
@@ -138,21 +137,21 @@ DQ_FORWARD_CASES = {
     "tf32-binary-mask-peaked-3shot": ("tf32", 0.0, "mean", 3.0, 0.0, "binary", 3),
     "fp32-dropout0.5-peaked-offset": ("fp32", 0.5, "mean", 3.0, 3.0, "soft", 1),
     "fp32-dropout0.1-2shot": ("fp32", 0.1, "none", 1.0, 0.0, "binary", 2),
+    "fp32-binary-mask-peaked-3shot": ("fp32", 0.0, "mean", 3.0, 0.0, "binary", 3),
 }
 
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("case_id", list(DQ_FORWARD_CASES))
 def test_dq_from_the_forward_matches_reference(case_id, monkeypatch):
-    """C = 1 training in 16 bits and in fp32 at TF32: the forward writes E and the backward's dq = scale * dO * E,
-    with no dq kernel launch (fp32 at "highest": the dq kernel on the same cases);
-    gradients at the usual tolerances where E nearly cancels (peaked softmax, keys sharing an offset), with soft
-    and binary masks, dropout 0.5 and other p, K-shot key counts, both head reductions; Nq, Nk odd."""
+    """C = 1 training in 16 bits and in fp32 at TF32 and 3xTF32: the forward writes E and the backward's
+    dq = scale * dO * E, with no dq kernel launch; gradients at the usual tolerances where E nearly cancels (peaked
+    softmax, keys sharing an offset), with soft and binary masks, dropout 0.5 and other p, K-shot key counts, both
+    head reductions; Nq, Nk odd."""
     variant, dropout_p, head_reduction, gain, offset, mask, shots = DQ_FORWARD_CASES[case_id]
     dtype, precision, tolerance = DQ_VARIANTS[variant]
     torch.set_float32_matmul_precision(precision)
-    if variant != "fp32":  # 3xTF32 keeps the dq kernel (kernels/configs.py, DQ_IN_FORWARD_HEAD_DIMS)
-        monkeypatch.setattr(ops, "dq_launch", _no_dq_kernel)
+    monkeypatch.setattr(ops, "dq_launch", _no_dq_kernel)
     batch, n_query, heads, head_dim = 1, 37, 2, 32
     case = Case(batch, n_query, shots * 37, heads, head_dim, None, dtype, "cpu", seed=len(case_id))
     with torch.no_grad():
@@ -168,14 +167,16 @@ def test_dq_from_the_forward_matches_reference(case_id, monkeypatch):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("value_magnitude,key_magnitude", [(3e5, 3e5), (1e-7, 1e-7), (1e-9, 1.0), (1e10, 1.0),
-                                                           (1e-40, 1.0)])
-def test_tf32_operands_are_scaled_into_fp16_range(value_magnitude, key_magnitude, monkeypatch):
-    """At TF32 the forward's products read the value, v k and the keys as fp16 copies scaled by powers of two
-    (kernels.ops.forward_operands): a value and keys far outside fp16's range (3e5 overflows it, 1e-7 is below its
-    normal numbers), apart or together, and a value at fp32's subnormal end, give the same precision as unit
-    ones."""
-    torch.set_float32_matmul_precision("high")
+@pytest.mark.parametrize("variant,value_magnitude,key_magnitude", [
+    ("tf32", 3e5, 3e5), ("tf32", 1e-7, 1e-7), ("tf32", 1e-9, 1.0), ("tf32", 1e10, 1.0), ("tf32", 1e-40, 1.0),
+    ("fp32", 3e5, 3e5), ("fp32", 1e-9, 1.0)])
+def test_fp32_operands_are_scaled_into_fp16_range(variant, value_magnitude, key_magnitude, monkeypatch):
+    """In fp32 with E the forward's products read the value, v k and the keys as fp16 copies scaled by powers of
+    two (kernels.ops.forward_operands): a value and keys far outside fp16's range (3e5 overflows it, 1e-7 is below
+    its normal numbers), apart or together, and a value at fp32's subnormal end, give the same precision as unit
+    ones, at TF32 and at 3xTF32."""
+    _, precision, tolerance = DQ_VARIANTS[variant]
+    torch.set_float32_matmul_precision(precision)
     monkeypatch.setattr(ops, "dq_launch", _no_dq_kernel)
     case = Case(1, 37, 74, 2, 32, None, torch.float32, "cpu", seed=5)
     with torch.no_grad():
@@ -184,7 +185,7 @@ def test_tf32_operands_are_scaled_into_fp16_range(value_magnitude, key_magnitude
         case.leaves[2].mul_(value_magnitude)
     actual = case.run(lambda q, k, v: dcama_attention(q, k, v, dropout_p=0.5, seed=7, impl="triton"))
     keep = dropout_keep_mask(7, 1, 2, 37, 74, 0.5, "cpu")
-    _check(actual, case.reference(keep=keep, dropout_p=0.5), torch.float32, TF32_TOLERANCE)
+    _check(actual, case.reference(keep=keep, dropout_p=0.5), torch.float32, tolerance)
 
 
 @pytest.mark.interpreter
@@ -211,7 +212,8 @@ def _no_dq_kernel(*args, **kwargs):
 @pytest.mark.interpreter
 def test_e_only_when_a_backward_follows(monkeypatch):
     """The forward computes E only with grad enabled and an input requiring it, and only for a one-channel value
-    in 16 bits or fp32 at TF32; C > 1 and fp32 at "highest" (3xTF32) take the dq kernel."""
+    (in 16 bits and in fp32 at both precisions) at a head dim DQ_IN_FORWARD_HEAD_DIMS lists; C > 1 and D = 128 take
+    the dq kernel."""
     launches, run_interpreted = [], ops.run_interpreted
     monkeypatch.setattr(ops, "run_interpreted", lambda launch: launches.append(launch) or run_interpreted(launch))
     case = Case(1, 5, 9, 1, 16, None, torch.float16, "cpu")
@@ -223,12 +225,13 @@ def test_e_only_when_a_backward_follows(monkeypatch):
     assert [(launch.kernel, launch.constexprs.get("DQ_IN_FWD")) for launch in launches[2:]] == \
         [("fwd", True), ("bwd_dkdv", None)]
     launches.clear()
-    for channels, dtype, precision, with_e in ((2, torch.float16, "highest", False),
-                                               (None, torch.float32, "highest", False),
-                                               (None, torch.float32, "high", True)):
+    for channels, dtype, precision, head_dim, with_e in ((2, torch.float16, "highest", 16, False),
+                                                         (None, torch.float16, "highest", 128, False),
+                                                         (None, torch.float32, "highest", 16, True),
+                                                         (None, torch.float32, "high", 16, True)):
         torch.set_float32_matmul_precision(precision)
         launches.clear()
-        Case(1, 5, 9, 1, 16, channels, dtype, "cpu").run(lambda q, k, v: dcama_attention(q, k, v, impl="triton"))
+        Case(1, 5, 9, 1, head_dim, channels, dtype, "cpu").run(lambda q, k, v: dcama_attention(q, k, v, impl="triton"))
         assert [(launch.kernel, launch.constexprs.get("DQ_IN_FWD")) for launch in launches] == \
             [("fwd", with_e), ("bwd_dkdv", None)] + ([] if with_e else [("bwd_dq", None)])
 
