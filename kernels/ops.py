@@ -387,13 +387,12 @@ def fused_bwd(grad_o: torch.Tensor, query: torch.Tensor, key: torch.Tensor, valu
     n_key, channels = key.shape[1], value.shape[2]
     vx = value_operand(value)
     dod, neg_delta = grad_operands(grad_o, o, 1.0 / (1.0 - dropout_params(dropout_p)[2]), query.dtype)
-    dk = key.new_empty(key.shape)
+    dq, dk = query.new_empty(query.shape), key.new_empty(key.shape)  # contiguous, whatever the inputs' strides
     dv_heads = torch.empty((batch, heads, n_key, channels), dtype=torch.float32, device=query.device)
     runner(dkdv_launch(query, key, vx, dod, lse2, neg_delta, dk, dv_heads, seed, dropout_p, scale))
     if e.numel():  # dq_i = scale * dO_i E_i (C = 1): elementwise, no pass over the keys
-        dq = (grad_o.float() * (e * scale)).transpose(1, 2).to(query.dtype, memory_format=torch.contiguous_format)
+        dq.copy_((grad_o.float() * (e * scale)).transpose(1, 2))
     else:
-        dq = query.new_empty(query.shape)
         runner(dq_launch(query, key, vx, dod, lse2, neg_delta, dq, seed, channels, dropout_p, scale))
     return dq, dk, dv_heads.sum(1).to(value.dtype)  # deterministic head sum of dv (no atomics)
 
