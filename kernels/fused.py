@@ -261,9 +261,9 @@ def _key_loop(state, tile: tl.constexpr, ctx, META: tl.constexpr, seed, bh, star
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _p16(x, dtype, SPLIT: tl.constexpr):
-    """fp32 x as a 16-bit `dtype` operand: rounded (hi), or with SPLIT truncated to TF32's (= fp16's) mantissa as
-    fp32 hi and the exact rest lo, both to be rounded to `dtype` by the caller's select (hi + lo keeps about 22
-    significant bits, 3xTF32's precision)."""
+    """fp32 x as a 16-bit `dtype` operand: rounded to it (hi; lo is hi, unused), or with SPLIT an fp32 pair, hi
+    truncated to TF32's (= fp16's) mantissa and lo the exact rest, each rounded to the B operand's dtype where a
+    product takes it (`_dot_p`): hi + lo keeps about 22 significant bits, 3xTF32's precision."""
     if SPLIT:
         hi = _tf32_hi(x)
         return hi, x - hi
@@ -285,8 +285,9 @@ def _dot_p(p_hi, p_lo, b, acc, SPLIT: tl.constexpr):
 def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the online softmax: acc[:, :C] += P~ v, acc[:, L_COL] += P 1 (P~: dropped P), and with
     DQ_IN_FWD the two sums of E (docs/kernels.md, "dq from the forward pass"): ea += P~ (v * k), eb += P k;
-    state = (acc, m_i, ea, eb), ctx and META as _fwd_kernel packs them. SCALED (fp32 inputs at TF32): the
-    products take P rounded to fp16 and the scaled fp16 copies of their B operands that VX and VK carry."""
+    state = (acc, m_i, ea, eb), ctx and META as _fwd_kernel packs them. SCALED (fp32 inputs at TF32, and at
+    3xTF32 with E): the products take P in fp16 (rounded; at 3xTF32 a hi / lo pair) and the scaled fp16 copies of
+    their B operands that VX and VK carry."""
     acc, m_i, ea, eb = state
     q, q_rows, K_bh, VX_b, VK_bh, offs_m, ones, Nq, Nk, stride_qd, stride_kn, stride_kd, stride_vn, stride_vkn, \
         qk_scale, zero = ctx
@@ -324,7 +325,7 @@ def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexp
         acc = _dot_p(pd_hi, pd_lo, vx, acc, SPLIT_P)
         if DROP and not (SCALED and DQ_IN_FWD):
             acc = tl.dot(p.to(vx.dtype), ones, acc)
-    else:  # fp32 inputs at 3xTF32: exact fp32 row reductions (an fp32 P operand would need a register shuffle)
+    else:  # fp32 inputs at 3xTF32 without E: exact fp32 row reductions (an fp32 P operand needs a register shuffle)
         offs_v = tl.arange(0, DV)
         for c in tl.static_range(C):
             v_c = tl.sum(tl.where(offs_v[None, :] == c, vx, 0.0), 1)
@@ -362,9 +363,9 @@ def _fwd_kernel(Q, K, VX, VK, O, LSE, E, SCALES, SEED,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr):
     """One program per (query tile, b*H + h): streams over the key tiles with an online softmax. With DQ_IN_FWD
     (C = 1) it also writes E (B*H*Nq, D) fp32, from which the backward's dq is one elementwise product; VK is
-    then v * k (B, Nk, H, 2D) as [hi, lo]. A 16-bit VX with fp32 inputs (TF32) holds the value's fp16 hi / lo
-    scaled by 1 / SCALES[0], and VK v * k and k as fp16 [hi, lo] pairs (4D), v * k scaled by 1 / (SCALES[0]
-    SCALES[1]) and k by 1 / SCALES[1] (kernels.ops.forward_operands)."""
+    then v * k (B, Nk, H, 2D) as [hi, lo]. A 16-bit VX with fp32 inputs (TF32; 3xTF32 with E) holds the value's
+    fp16 hi / lo scaled by 1 / SCALES[0], and VK v * k and k as fp16 [hi, lo] pairs (4D), v * k scaled by
+    1 / (SCALES[0] SCALES[1]) and k by 1 / SCALES[1] (kernels.ops.forward_operands)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H

@@ -96,10 +96,11 @@ def dot_precision(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------------------------------------
 # The small operands: VX (value) and DOD (output gradient); docs/kernels.md, "Operands"
 # ---------------------------------------------------------------------------------------------
-def operand_width(channels: int) -> int:
+def operand_width(channels: int, minimum: int = 16) -> int:
     """DV, the width of VX and DOD: C value (dO) columns twice (hi and lo), two 1 (-Delta) columns and a
-    spare one, as a power of two of at least 16 (the K of a 16-bit MMA)."""
-    return max(16, triton.next_power_of_2(2 * channels + 3))
+    spare one, as a power of two of at least `minimum`: 16, the K of a 16-bit MMA, where VX or DOD is one; 8, the
+    N of an MMA, for the forward's split VX, which is only ever the B operand."""
+    return max(minimum, triton.next_power_of_2(2 * channels + 3))
 
 
 def dv_width(channels: int) -> int:
@@ -109,10 +110,9 @@ def dv_width(channels: int) -> int:
 
 def value_operand(value: torch.Tensor, split_dtype: torch.dtype | None = None) -> torch.Tensor:
     """VX (B, Nk, DV) in the value's dtype: [v, v, 1, 1, 0...]; with `split_dtype`, the forward's [v hi, v lo, 1,
-    1, 0...] in it (`_split`), DV then at least 8 only: the forward reads VX as the B operand (N = DV), never as
-    the K of a product."""
+    1, 0...] in it (`_split`), DV then at least 8 only (`operand_width`)."""
     batch, n_key, channels = value.shape
-    width = operand_width(channels) if split_dtype is None else max(8, triton.next_power_of_2(2 * channels + 3))
+    width = operand_width(channels) if split_dtype is None else operand_width(channels, 8)
     vx = value.new_zeros((batch, n_key, width), dtype=split_dtype or value.dtype)
     vx[..., :channels], vx[..., channels:2 * channels] = (value, value) if split_dtype is None else \
         _split(value.float(), split_dtype)
@@ -134,9 +134,9 @@ def value_key(key: torch.Tensor, value: torch.Tensor, key_scale: torch.Tensor | 
     """VK (B, Nk, H, 2D) in the key's (16-bit) dtype: v_j k_j per key token and head as [hi, lo] (`_split`), so that
     the forward's P~ @ (v k) keeps about twice the operand precision (one rounding of v k would not cancel in E);
     built once per forward rather than per query tile in the kernel. value is (B, Nk, 1). Contiguous whatever the
-    key's strides (the kernel reads it with unit head-dim stride). With `key_scale` (fp32 keys at TF32,
-    `forward_operands`): (B, Nk, H, 4D) fp16, the [hi, lo] pairs of v k and of k, times key_scale (a single
-    rounding of k would not cancel either)."""
+    key's strides (the kernel reads it with unit head-dim stride). With `key_scale` (fp32 keys, `forward_operands`):
+    (B, Nk, H, 4D) fp16, the [hi, lo] pairs of v k and of k, times key_scale (a single rounding of k would not
+    cancel either)."""
     batch, n_key, heads, head_dim = key.shape
     vk = key.float() * value.float()[:, :, :, None]
     if key_scale is None:
@@ -157,18 +157,20 @@ def _power_of_two_below(amax: torch.Tensor, exponent: int) -> torch.Tensor:
 @dataclass
 class ForwardOperands:
     """What the forward reads besides q and k (kernels/fused.py, _fwd_kernel): VX, VK where it computes E, and for
-    fp32 inputs at TF32 the inverse scales (value, keys) of their fp16 copies."""
+    fp32 inputs read as fp16 copies (`forward_operands`) the inverse scales (value, keys) of those copies."""
     vx: torch.Tensor
     vk: torch.Tensor | None
     scales: torch.Tensor | None
 
 
 def forward_operands(key: torch.Tensor, value: torch.Tensor, with_e: bool) -> ForwardOperands:
-    """The forward's operands. fp32 inputs at TF32 (dot precision "tf32") take P rounded to fp16, whose 10 mantissa
-    bits are TF32's, in every product but the scores, so that P @ VX and E's products are 16-bit tensor-core
-    products (docs/kernels.md, "dq from the forward pass"): VX then holds the value as fp16 hi / lo and VK v k and
-    the keys in fp16, each scaled by a power of two (exact) that keeps them in fp16's range: the value to below 1,
-    the keys to below 2**15, v k by both (so below 2**15 too, whatever the value's magnitude)."""
+    """The forward's operands. fp32 inputs at TF32 (dot precision "tf32"), and at 3xTF32 when the forward computes
+    E, take P in fp16 (TF32: rounded, whose 10 mantissa bits are TF32's; 3xTF32: as a hi / lo pair) in every
+    product but the scores, so that P @ VX and E's products are 16-bit tensor-core products (docs/kernels.md, "dq
+    from the forward pass"): VX then holds the value as fp16 hi / lo and VK v k and the keys in fp16, each scaled
+    by a power of two (exact) that keeps them in fp16's range: the value to below 1, the keys to below 2**15, v k by
+    both (so below 2**15 too, whatever the value's magnitude). The 3xTF32 evaluation forward keeps fp32 VX (exact
+    row reductions)."""
     if key.dtype != torch.float32 or (dot_precision(key.dtype) == "tf32x3" and not with_e):
         return ForwardOperands(value_operand(value), value_key(key, value) if with_e else None, None)
     value_scale = _power_of_two_below(value.detach().abs().amax().float(), 0)
