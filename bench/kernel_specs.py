@@ -20,8 +20,8 @@ from triton.runtime.jit import create_function_from_signature
 
 from kernels.configs import BASE_ARCH, Config, candidates, dq_in_forward, launch_keys, split_config
 from kernels.fused import main_loop_tiles
-from kernels.ops import KERNELS, Launch, dkdv_launch, dq_launch, forward_operands, fwd_launch, input_group, \
-    is_interpreted, value_operand
+from kernels.ops import KERNELS, Launch, backward_operands, dkdv_launch, dq_launch, effective_dropout_p, \
+    forward_operands, fwd_launch, input_group, is_interpreted, pairs_in_dkdv
 
 # The shape the specialisation is taken at: Swin-B's 1/8 stage (12 episodes, 2 layers stacked in the head
 # axis, 48 x 48 tokens, K = 1), any head dim. Nq, Nk and the strides are multiples of 16 at every DCAMA
@@ -42,20 +42,22 @@ def _launches(dtype: torch.dtype, head_dim: int, dropout_p: float, arch: str, tr
     meta = torch.device("meta")
     linear = lambda n: torch.empty(b, n, h * head_dim, dtype=dtype, device=meta).view(b, n, h, head_dim)  # noqa: E731
     q, k = linear(nq), linear(nk)
-    vx = value_operand(torch.empty(b, nk, c, dtype=dtype, device=meta))
+    value = torch.empty(b, nk, c, dtype=dtype, device=meta)
     seed = torch.empty(1, dtype=torch.int64, device=meta)
     lse2 = torch.empty(b, h, nq, dtype=torch.float32, device=meta)
     o = torch.empty(b, h, nq, c, dtype=torch.float32, device=meta)
-    dod = torch.empty(b, h, nq, vx.shape[2], dtype=dtype, device=meta)
+    grad_o = torch.empty(b, h, nq, c, dtype=torch.float32, device=meta)
     dv = torch.empty(b, h, nk, c, dtype=torch.float32, device=meta)
-    neg_delta = torch.empty(b, h, nq, dtype=torch.float32, device=meta)
     scale = head_dim ** -0.5
+    drop_scale = 1.0 / (1.0 - effective_dropout_p(dropout_p))
     with_e = training and dq_in_forward(input_group(dtype), c, head_dim, arch)
-    operands = forward_operands(k, torch.empty(b, nk, c, dtype=dtype, device=meta), with_e)
+    operands = forward_operands(k, value, with_e)
     e = torch.empty(b, h, nq, head_dim, dtype=torch.float32, device=meta) if with_e else None
     return {"fwd": fwd_launch(q, k, operands, o, lse2, e, seed, dropout_p, scale),
-            "bwd_dkdv": dkdv_launch(q, k, vx, dod, lse2, neg_delta, torch.empty_like(k), dv, seed, dropout_p, scale),
-            "bwd_dq": dq_launch(q, k, vx, dod, lse2, neg_delta, torch.empty_like(q), seed, c, dropout_p, scale)}
+            "bwd_dkdv": dkdv_launch(q, k, backward_operands(q, k, value, grad_o, o, drop_scale, pairs_in_dkdv(dtype)),
+                                    lse2, torch.empty_like(k), dv, seed, dropout_p, scale),
+            "bwd_dq": dq_launch(q, k, backward_operands(q, k, value, grad_o, o, drop_scale, False), lse2,
+                                torch.empty_like(q), seed, c, dropout_p, scale)}
 
 
 def bind(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict, dict, dict]:

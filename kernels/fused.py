@@ -435,10 +435,44 @@ def _ds_tile(s, lse2, dpd, neg_delta, keep, qk_scale, zero, DROP: tl.constexpr):
 
 
 @triton.jit
+def _dot_pairs(a_hi, a_lo, b_hi, b_lo, acc):
+    """acc + a @ b for fp16 [hi, lo] pairs: b's hi against a's hi and lo, b's lo against a's hi (lo x lo dropped,
+    as `_mma` at 3xTF32)."""
+    acc = tl.dot(a_hi, b_hi, acc)
+    acc = tl.dot(a_lo, b_hi, acc)
+    return tl.dot(a_hi, b_lo, acc)
+
+
+@triton.jit
+def _pair_scores(q, k, q_rows, k_rows, q_mask, k_mask, stride_qd, stride_kd, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr):
+    """q k^T [BLOCK_M, BLOCK_N] in fp32 from fp16 [hi, lo] pairs (hi in the rows' first HEAD_DIM columns, lo in the
+    next): the resident pairs q and k given, or with D_CHUNK < HEAD_DIM read D_CHUNK columns at a time, as
+    `_scores`."""
+    if D_CHUNK == HEAD_DIM:
+        q_hi, q_lo = q
+        k_hi, k_lo = k
+        return _dot_pairs(q_hi, q_lo, tl.trans(k_hi), tl.trans(k_lo), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
+    else:
+        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for d0 in tl.static_range(0, HEAD_DIM, D_CHUNK):
+            q_c = q_rows + (d0 + tl.arange(0, D_CHUNK))[None, :] * stride_qd
+            k_c = k_rows + (d0 + tl.arange(0, D_CHUNK))[None, :] * stride_kd
+            s = _dot_pairs(tl.load(q_c, mask=q_mask, other=0.0), tl.load(q_c + HEAD_DIM * stride_qd, mask=q_mask,
+                                                                         other=0.0),
+                           tl.trans(tl.load(k_c, mask=k_mask, other=0.0)),
+                           tl.trans(tl.load(k_c + HEAD_DIM * stride_kd, mask=k_mask, other=0.0)), s)
+        return s
+
+
+@triton.jit
 def _dkdv_sub(dk, dv, k, vx, sub: tl.constexpr, ctx, META: tl.constexpr):
     """One query tile x key sub-tile `sub` of the program: dv += P~^T DOD[:, :DVW], dk += dS^T q (P~^T and dS^T
     pass through shared memory: the tile rows are queries, so that the dropout streams match the forward's);
-    ctx and META as _dkdv_rows packs them."""
+    ctx and META as _dkdv_rows packs them. PAIRS (fp32 at 3xTF32): q and k are fp16 [hi, lo] pairs and the
+    scores their product (`_pair_scores`); dv and dk take P~ and dS as fp16 pairs too (`_p16`), against dO''s and
+    q's, so that every product reads its transposed operand from shared memory as 16-bit MMAs can and TF32 MMAs
+    cannot (they read P~^T and dS^T back into registers)."""
     q, q_split, dod, dod_v, lse2, neg_delta, q_rows, q_mask, K_bh, Nk, stride_qd, stride_kn, stride_kd, \
         qk_scale, zero, r0, r1, r2, r3, seed, bh, start_m, start_n, drop_threshold = ctx
     DROP_BITS: tl.constexpr = META[0]
@@ -447,14 +481,26 @@ def _dkdv_sub(dk, dv, k, vx, sub: tl.constexpr, ctx, META: tl.constexpr):
     BLOCK_N: tl.constexpr = META[3]
     HEAD_DIM: tl.constexpr = META[4]
     D_CHUNK: tl.constexpr = META[5]
+    PAIRS: tl.constexpr = META[6]
     keep = _sub_keep(r0, r1, r2, r3, seed, bh, start_m, start_n, sub, drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS)
     offs_n = start_n + sub * BLOCK_N + tl.arange(0, BLOCK_N)
-    s = _scores(q, k, q_rows, K_bh + offs_n[:, None] * stride_kn, q_mask, offs_n[:, None] < Nk, stride_qd, stride_kd,
-                BLOCK_M, BLOCK_N, HEAD_DIM, D_CHUNK, DOT_PRECISION)
+    if PAIRS:
+        s = _pair_scores(q, k, q_rows, K_bh + offs_n[:, None] * stride_kn, q_mask, offs_n[:, None] < Nk, stride_qd,
+                         stride_kd, BLOCK_M, BLOCK_N, HEAD_DIM, D_CHUNK)
+    else:
+        s = _scores(q, k, q_rows, K_bh + offs_n[:, None] * stride_kn, q_mask, offs_n[:, None] < Nk, stride_qd,
+                    stride_kd, BLOCK_M, BLOCK_N, HEAD_DIM, D_CHUNK, DOT_PRECISION)
     dpd = _mma(dod, tl.trans(vx), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION, SPLIT_A=False)
     p, p_drop, ds = _ds_tile(s, lse2, dpd, neg_delta, keep, qk_scale, zero, DROP_BITS > 0)
-    dv = _mma(tl.trans(p_drop.to(dod.dtype)), dod_v, dv, DOT_PRECISION, SPLIT_B=False)
-    dk = _mma(tl.trans(ds.to(q_split.dtype)), q_split, dk, DOT_PRECISION)
+    if PAIRS:  # dv's B operand holds dO''s pair already (its hi and lo columns)
+        p_hi, p_lo = _p16(p_drop, tl.float16, True)
+        dv = _dot_p(tl.trans(p_hi.to(tl.float16)), tl.trans(p_lo.to(tl.float16)), dod_v, dv, True)
+        ds_hi, ds_lo = _p16(ds, tl.float16, True)
+        q_hi, q_lo = q_split
+        dk = _dot_pairs(tl.trans(ds_hi.to(tl.float16)), tl.trans(ds_lo.to(tl.float16)), q_hi, q_lo, dk)
+    else:
+        dv = _mma(tl.trans(p_drop.to(dod.dtype)), dod_v, dv, DOT_PRECISION, SPLIT_B=False)
+        dk = _mma(tl.trans(ds.to(q_split.dtype)), q_split, dk, DOT_PRECISION)
     return dk, dv
 
 
@@ -477,7 +523,7 @@ def _dkdv_rows(dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2
                K_bh, Nk, stride_kn, stride_kd, qk_scale, drop_threshold, zero,
                HEAD_DIM: tl.constexpr, DV: tl.constexpr, DVW: tl.constexpr, DROP_BITS: tl.constexpr,
                SUB: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr, D_SPLIT: tl.constexpr):
+               BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr, D_SPLIT: tl.constexpr, PAIRS: tl.constexpr):
     """One query tile against the program's SUB key sub-tiles (slots 0 .. SUB-1; the others pass through)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row = row0 + offs_m
@@ -486,14 +532,22 @@ def _dkdv_rows(dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2
     q_mask = offs_m[:, None] < Nq
     if D_CHUNK == HEAD_DIM:
         q = _load_rows(q_rows + tl.arange(0, HEAD_DIM)[None, :] * stride_qd, offs_m, Nq, MASKED)
+        if PAIRS:  # q's fp16 hi and lo: the rows' first and last HEAD_DIM columns
+            q = (q, _load_rows(q_rows + (HEAD_DIM + tl.arange(0, HEAD_DIM))[None, :] * stride_qd, offs_m, Nq, MASKED))
     else:
         q = 0
-    if D_SPLIT == HEAD_DIM and D_CHUNK == HEAD_DIM:
+    if PAIRS and (D_SPLIT != HEAD_DIM or D_CHUNK != HEAD_DIM):
+        q_split = q_rows + (d0 + tl.arange(0, D_SPLIT))[None, :] * stride_qd
+        q_split = (_load_rows(q_split, offs_m, Nq, MASKED), _load_rows(q_split + HEAD_DIM * stride_qd, offs_m, Nq,
+                                                                       MASKED))
+    elif D_SPLIT == HEAD_DIM and D_CHUNK == HEAD_DIM:
         q_split = q
     else:
         q_split = _load_rows(q_rows + (d0 + tl.arange(0, D_SPLIT))[None, :] * stride_qd, offs_m, Nq, MASKED)
     dod = _load_rows(DOD + row[:, None] * DV + tl.arange(0, DV)[None, :], offs_m, Nq, MASKED)
     dod_v = _load_rows(DOD + row[:, None] * DV + tl.arange(0, DVW)[None, :], offs_m, Nq, MASKED)
+    if PAIRS:  # dO' hi and lo in fp16
+        dod_v = dod_v.to(tl.float16)
     if MASKED:
         lse2 = tl.load(LSE + row, mask=offs_m < Nq, other=0.0)
         neg_delta = tl.load(NEGD + row, mask=offs_m < Nq, other=0.0)
@@ -506,7 +560,7 @@ def _dkdv_rows(dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2
         r0, r1, r2, r3 = 0, 0, 0, 0
     ctx = (q, q_split, dod, dod_v, lse2, neg_delta, q_rows, q_mask, K_bh, Nk, stride_qd, stride_kn, stride_kd,
            qk_scale, zero, r0, r1, r2, r3, seed, bh, start_m, start_n, drop_threshold)
-    meta: tl.constexpr = (DROP_BITS, DOT_PRECISION, BLOCK_M, BLOCK_N, HEAD_DIM, D_CHUNK)
+    meta: tl.constexpr = (DROP_BITS, DOT_PRECISION, BLOCK_M, BLOCK_N, HEAD_DIM, D_CHUNK, PAIRS)
     dk0, dv0 = _dkdv_sub(dk0, dv0, k0, vx0, 0, ctx, meta)
     if SUB > 1:
         dk1, dv1 = _dkdv_sub(dk1, dv1, k1, vx1, 1, ctx, meta)
@@ -518,34 +572,37 @@ def _dkdv_rows(dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2
 
 @triton.jit
 def _key_tile(K_bh, VX_b, start_n, Nk, stride_kn, stride_kd, stride_vn,
-              HEAD_DIM: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The resident k and VX rows of a key sub-tile; keys past Nk read as 0 (their dk / dv rows are never
-    stored and touch no other row)."""
+              HEAD_DIM: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr):
+    """The resident k (PAIRS: its fp16 [hi, lo] pair) and VX rows of a key sub-tile; keys past Nk read as 0 (their
+    dk / dv rows are never stored and touch no other row)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = tl.load(K_bh + offs_n[:, None] * stride_kn + tl.arange(0, HEAD_DIM)[None, :] * stride_kd,
-                mask=offs_n[:, None] < Nk, other=0.0)
+    k_rows = K_bh + offs_n[:, None] * stride_kn + tl.arange(0, HEAD_DIM)[None, :] * stride_kd
+    k = tl.load(k_rows, mask=offs_n[:, None] < Nk, other=0.0)
+    if PAIRS:
+        k = (k, tl.load(k_rows + HEAD_DIM * stride_kd, mask=offs_n[:, None] < Nk, other=0.0))
     vx = tl.load(VX_b + offs_n[:, None] * stride_vn + tl.arange(0, DV)[None, :], mask=offs_n[:, None] < Nk, other=0.0)
     return k, vx
 
 
 @triton.jit
-def _store_dkdv(dk, dv, DK_bh, DV_OUT, bh, start_n, d0, Nk, scale, stride_dkn, stride_dkd,
+def _store_dkdv(dk, dv, DK_bh, DV_OUT, bh, start_n, d0, Nk, dk_scale, dv_scale, stride_dkn, stride_dkd,
                 C: tl.constexpr, DVW: tl.constexpr, BLOCK_N: tl.constexpr, D_SPLIT: tl.constexpr):
-    """dk columns d0 .. d0 + D_SPLIT; dv (fp32, this head's) by the first column split only."""
+    """dk columns d0 .. d0 + D_SPLIT times dk_scale; dv (fp32, this head's) times dv_scale, by the first column
+    split only."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     tl.store(DK_bh + offs_n[:, None] * stride_dkn + (d0 + tl.arange(0, D_SPLIT))[None, :] * stride_dkd,
-             (dk * scale).to(DK_bh.dtype.element_ty), mask=offs_n[:, None] < Nk)
+             (dk * dk_scale).to(DK_bh.dtype.element_ty), mask=offs_n[:, None] < Nk)
     # dv channel c: the sum of its hi and lo dO columns, c and C + c.
     col = tl.arange(0, DVW)
     offs_c = tl.arange(0, DVW // 2)
     pick = (col[:, None] == offs_c[None, :]) | (col[:, None] == C + offs_c[None, :])
-    dv = tl.sum(dv[:, :, None] * pick[None, :, :].to(tl.float32), 1)
+    dv = tl.sum(dv[:, :, None] * pick[None, :, :].to(tl.float32), 1) * dv_scale
     tl.store(DV_OUT + (bh.to(tl.int64) * Nk + offs_n)[:, None] * C + offs_c[None, :], dv,
              mask=(offs_n[:, None] < Nk) & (offs_c[None, :] < C) & (d0 == 0))
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, VX, DOD, LSE, NEGD, DK, DV_OUT, SEED,
+def _bwd_dkdv_kernel(Q, K, VX, DOD, LSE, NEGD, DK, DV_OUT, SEED, SCALES,
                      stride_qb, stride_qn, stride_qh, stride_qd,
                      stride_kb, stride_kn, stride_kh, stride_kd,
                      stride_vb, stride_vn,
@@ -557,8 +614,12 @@ def _bwd_dkdv_kernel(Q, K, VX, DOD, LSE, NEGD, DK, DV_OUT, SEED,
                      D_CHUNK: tl.constexpr, D_SPLIT: tl.constexpr):
     """One program per (KEY_TILES key sub-tiles, b*H + h): loops over the query tiles, accumulates dk and this
     head's dv. KEY_TILES * BLOCK_N divides CALL_COLUMNS: with 1-bit dropout one Philox call per stream then
-    serves all the program's sub-tiles (all its words when KEY_TILES * BLOCK_N == CALL_COLUMNS)."""
+    serves all the program's sub-tiles (all its words when KEY_TILES * BLOCK_N == CALL_COLUMNS). fp32 at 3xTF32
+    (PAIRS): Q and K are (B, N, H, 2D) fp16, q's and k's [hi, lo] pairs, and they, DOD's dO' and VX's value are
+    scaled, so that the scores are SCALES[2], dv SCALES[0] and dk SCALES[0] SCALES[1] times what the products
+    give (kernels.ops.backward_operands)."""
     SUB: tl.constexpr = KEY_TILES
+    PAIRS: tl.constexpr = DOT_PRECISION == "tf32x3" and Q.dtype.element_ty == tl.float16
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     d0 = tl.program_id(2) * D_SPLIT  # this program's D_SPLIT columns of dk (each split recomputes P)
@@ -567,21 +628,24 @@ def _bwd_dkdv_kernel(Q, K, VX, DOD, LSE, NEGD, DK, DV_OUT, SEED,
     start_n = pid_n * SUB * BLOCK_N
     K_bh = K + b * stride_kb + h * stride_kh
     VX_b = VX + b * stride_vb
-    k0, vx0 = _key_tile(K_bh, VX_b, start_n, Nk, stride_kn, stride_kd, stride_vn, HEAD_DIM, DV, BLOCK_N)
+    k0, vx0 = _key_tile(K_bh, VX_b, start_n, Nk, stride_kn, stride_kd, stride_vn, HEAD_DIM, DV, BLOCK_N, PAIRS)
     dk0 = tl.zeros([BLOCK_N, D_SPLIT], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, DVW], dtype=tl.float32)
     # Unused slots are placeholders that the loop carries unchanged (and the compiler drops).
     k1, vx1, k2, vx2, k3, vx3 = k0, vx0, k0, vx0, k0, vx0
     dk1, dv1, dk2, dv2, dk3, dv3 = dk0, dv0, dk0, dv0, dk0, dv0
     if SUB > 1:
-        k1, vx1 = _key_tile(K_bh, VX_b, start_n + BLOCK_N, Nk, stride_kn, stride_kd, stride_vn, HEAD_DIM, DV, BLOCK_N)
+        k1, vx1 = _key_tile(K_bh, VX_b, start_n + BLOCK_N, Nk, stride_kn, stride_kd, stride_vn, HEAD_DIM, DV, BLOCK_N,
+                            PAIRS)
     if SUB > 2:
         k2, vx2 = _key_tile(K_bh, VX_b, start_n + 2 * BLOCK_N, Nk, stride_kn, stride_kd, stride_vn, HEAD_DIM, DV,
-                            BLOCK_N)
+                            BLOCK_N, PAIRS)
         k3, vx3 = _key_tile(K_bh, VX_b, start_n + 3 * BLOCK_N, Nk, stride_kn, stride_kd, stride_vn, HEAD_DIM, DV,
-                            BLOCK_N)
+                            BLOCK_N, PAIRS)
     Q_bh = Q + b * stride_qb + h * stride_qh
     row0 = bh.to(tl.int64) * Nq
+    if PAIRS:
+        qk_scale *= tl.load(SCALES + 2)
     seed = tl.load(SEED) if DROP_BITS > 0 else 0
     n_full = Nq // BLOCK_M * BLOCK_M
     for start_m in range(0, n_full, BLOCK_M):
@@ -589,24 +653,30 @@ def _bwd_dkdv_kernel(Q, K, VX, DOD, LSE, NEGD, DK, DV_OUT, SEED,
             dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2, k3, vx3, Q_bh, DOD, LSE, NEGD, row0,
             start_m, start_n, d0, seed, bh, Nq, stride_qn, stride_qd, K_bh, Nk, stride_kn, stride_kd, qk_scale,
             drop_threshold, zero, HEAD_DIM, DV, DVW, DROP_BITS, SUB, False, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK,
-            D_SPLIT)
+            D_SPLIT, PAIRS)
     if n_full < Nq:  # the last, partial query tile: the only one with masked loads
         dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3 = _dkdv_rows(
             dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2, k3, vx3, Q_bh, DOD, LSE, NEGD, row0,
             n_full, start_n, d0, seed, bh, Nq, stride_qn, stride_qd, K_bh, Nk, stride_kn, stride_kd, qk_scale,
             drop_threshold, zero, HEAD_DIM, DV, DVW, DROP_BITS, SUB, True, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK,
-            D_SPLIT)
+            D_SPLIT, PAIRS)
 
     DK_bh = DK + b * stride_dkb + h * stride_dkh
-    _store_dkdv(dk0, dv0, DK_bh, DV_OUT, bh, start_n, d0, Nk, scale, stride_dkn, stride_dkd, C, DVW, BLOCK_N, D_SPLIT)
+    if PAIRS:  # dv carries dO''s scale; dk dS's (dO''s and the value's) and q's
+        dv_scale = tl.load(SCALES)
+        dk_scale = scale * dv_scale * tl.load(SCALES + 1)
+    else:
+        dk_scale, dv_scale = scale, 1.0
+    _store_dkdv(dk0, dv0, DK_bh, DV_OUT, bh, start_n, d0, Nk, dk_scale, dv_scale, stride_dkn, stride_dkd, C, DVW,
+                BLOCK_N, D_SPLIT)
     if SUB > 1:
-        _store_dkdv(dk1, dv1, DK_bh, DV_OUT, bh, start_n + BLOCK_N, d0, Nk, scale, stride_dkn, stride_dkd, C, DVW,
-                    BLOCK_N, D_SPLIT)
+        _store_dkdv(dk1, dv1, DK_bh, DV_OUT, bh, start_n + BLOCK_N, d0, Nk, dk_scale, dv_scale, stride_dkn,
+                    stride_dkd, C, DVW, BLOCK_N, D_SPLIT)
     if SUB > 2:
-        _store_dkdv(dk2, dv2, DK_bh, DV_OUT, bh, start_n + 2 * BLOCK_N, d0, Nk, scale, stride_dkn, stride_dkd, C,
-                    DVW, BLOCK_N, D_SPLIT)
-        _store_dkdv(dk3, dv3, DK_bh, DV_OUT, bh, start_n + 3 * BLOCK_N, d0, Nk, scale, stride_dkn, stride_dkd, C,
-                    DVW, BLOCK_N, D_SPLIT)
+        _store_dkdv(dk2, dv2, DK_bh, DV_OUT, bh, start_n + 2 * BLOCK_N, d0, Nk, dk_scale, dv_scale, stride_dkn,
+                    stride_dkd, C, DVW, BLOCK_N, D_SPLIT)
+        _store_dkdv(dk3, dv3, DK_bh, DV_OUT, bh, start_n + 3 * BLOCK_N, d0, Nk, dk_scale, dv_scale, stride_dkn,
+                    stride_dkd, C, DVW, BLOCK_N, D_SPLIT)
 
 
 @triton.jit

@@ -142,16 +142,34 @@ def value_key(key: torch.Tensor, value: torch.Tensor, key_scale: torch.Tensor | 
     if key_scale is None:
         return torch.cat(_split(vk, key.dtype), dim=3,
                          out=torch.empty((batch, n_key, heads, 2 * head_dim), dtype=key.dtype, device=key.device))
-    return torch.cat((*_split(vk * key_scale, torch.float16), *_split(key.float() * key_scale, torch.float16)), dim=3,
-                     out=torch.empty((batch, n_key, heads, 4 * head_dim), dtype=torch.float16, device=key.device))
+    return _scaled_pairs((vk, key.float()), key_scale)
+
+
+def _scaled_pairs(parts: tuple[torch.Tensor, ...], scale: torch.Tensor) -> torch.Tensor:
+    """The fp16 [hi, lo] pairs (`_split`) of each of `parts` (fp32, all (B, N, H, D)) times `scale`, side by side in
+    a new contiguous (B, N, H, 2D len(parts)) tensor whatever the parts' strides (the kernels read it with unit
+    last stride)."""
+    batch, n_token, heads, head_dim = parts[0].shape
+    out = torch.empty((batch, n_token, heads, 2 * head_dim * len(parts)), dtype=torch.float16, device=parts[0].device)
+    return torch.cat([half for part in parts for half in _split(part * scale, torch.float16)], dim=3, out=out)
+
+
+def _exponent_below(amax: torch.Tensor, exponent: int) -> torch.Tensor:
+    """The largest e (an integer tensor, computed without a host sync) with amax * 2**e < 2**exponent, kept within
+    +-126 so that 2**e and 2**-e are finite normal fp32 numbers (amax near fp32's ends: then amax * 2**e misses
+    the target, which only costs precision on values that far out)."""
+    return (exponent - torch.frexp(amax).exponent).clamp(-126, 126)
+
+
+def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
+    """2**exponent (an integer tensor) as fp32: exact from 2**-149 (subnormal) to 2**127, 0 below."""
+    ones = torch.ones(exponent.shape, dtype=torch.float64, device=exponent.device)
+    return torch.ldexp(ones, exponent.clamp(max=127)).float()
 
 
 def _power_of_two_below(amax: torch.Tensor, exponent: int) -> torch.Tensor:
-    """The largest power of two s (an fp32 tensor, computed without a host sync) with amax * s < 2**exponent, kept
-    within 2**+-126 so that s and 1 / s are finite normal numbers (amax near fp32's ends: then amax * s misses
-    the target, which only costs precision on values that far out)."""
-    shift = (exponent - torch.frexp(amax).exponent).clamp(-126, 126)
-    return torch.ldexp(torch.ones_like(amax), shift)
+    """2**_exponent_below(amax, exponent) as fp32."""
+    return _power_of_two(_exponent_below(amax, exponent))
 
 
 @dataclass
@@ -200,6 +218,55 @@ def grad_operands(grad_o: torch.Tensor, o: torch.Tensor, drop_scale: float,
     return dod, neg_delta
 
 
+@dataclass
+class BackwardOperands:
+    """What a backward kernel reads besides the lse and the seed (kernels/fused.py): VX, DOD and -Delta, and where
+    the dk/dv kernel takes fp16 pairs (`backward_operands`) q's and k's pairs, which it reads in place of q and k,
+    and the inverse scales."""
+    vx: torch.Tensor
+    dod: torch.Tensor
+    neg_delta: torch.Tensor
+    query_pairs: torch.Tensor | None = None
+    key_pairs: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+
+
+def pairs_in_dkdv(dtype: torch.dtype) -> bool:
+    """Whether the dk/dv kernel takes its scores, dv and dk as products of fp16 pairs: fp32 inputs at 3xTF32."""
+    return dtype == torch.float32 and dot_precision(dtype) == "tf32x3"
+
+
+def backward_operands(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grad_o: torch.Tensor,
+                      o: torch.Tensor, drop_scale: float, pairs: bool) -> BackwardOperands:
+    """VX, DOD and -Delta (`value_operand`, `grad_operands`). With `pairs` (the dk/dv kernel at 3xTF32,
+    `pairs_in_dkdv`) the dk/dv kernel takes the scores, dv and dk as fp16 products of hi / lo pairs
+    (docs/kernels.md, "3xTF32 dk/dv from fp16 pairs"): it reads q's and k's pairs (B, N, H, 2D) instead of q and k,
+    and DOD's dO' hi / lo columns as fp16. Each is scaled by a power of two (exact) into fp16's range: q and k to
+    below 2**15; the value to below 1 and dO by g, so that DOD VX^T = dP - Delta carries both scales and dS =
+    P (dO' v - Delta), at most C max|dO'| max|v| + max|Delta|, and dO' stay below 2**15, with g at most 2**120 and
+    small enough that dk's factor stays a normal fp32 number. SCALES = [1 / g, 1 / (value's scale q's), 1 / (q's
+    k's)] (dv's factor, dk's besides 1 / g, the scores'), each an exact power of two (the products' exponents are
+    added as integers: a product of two scales could leave fp32's range)."""
+    dtype = query.dtype
+    if not pairs:
+        return BackwardOperands(value_operand(value), *grad_operands(grad_o, o, drop_scale, dtype))
+    value_max = value.detach().abs().amax().double()
+    value_exp = _exponent_below(value_max, 0)
+    query_exp = _exponent_below(query.detach().abs().amax(), 15)
+    key_exp = _exponent_below(key.detach().abs().amax(), 15)
+    grad_max = grad_o.abs().amax().double() * drop_scale  # the bounds in float64: they may leave fp32's range
+    delta_max = (grad_o.float() * o).sum(-1).abs().amax().double()
+    ds_bound = torch.ldexp(grad_max * value.shape[2] * value_max + delta_max, value_exp)
+    grad_exp = torch.minimum(_exponent_below(torch.maximum(ds_bound, grad_max), 15),
+                             120 - value_exp - query_exp).clamp(-126, 120)
+    value_scale, grad_scale = _power_of_two(value_exp), _power_of_two(grad_exp)
+    return BackwardOperands(value_operand(value * value_scale),
+                            *grad_operands(grad_o * grad_scale, o * value_scale, drop_scale, dtype),
+                            _scaled_pairs((query,), _power_of_two(query_exp)),
+                            _scaled_pairs((key,), _power_of_two(key_exp)),
+                            _power_of_two(-torch.stack([grad_exp, value_exp + query_exp, query_exp + key_exp])))
+
+
 # ---------------------------------------------------------------------------------------------
 # Launches
 # ---------------------------------------------------------------------------------------------
@@ -209,15 +276,11 @@ class Launch:
     grid: Callable[[dict[str, Any]], tuple[int, ...]]
     args: tuple[Any, ...]
     constexprs: dict[str, Any]
+    group: str  # its GPU_CONFIGS group, of the inputs it was built for (fp32: with the dot precision of then)
 
     @property
     def head_dim(self) -> int:
         return self.constexprs["HEAD_DIM"]
-
-    @property
-    def group(self) -> str:
-        """Its GPU_CONFIGS group (fp32 inputs: by the dot precision it was built with, not today's setting)."""
-        return config_group(self.constexprs["DOT_PRECISION"] if self.args[0].dtype == torch.float32 else None)
 
 
 def fwd_launch(query: torch.Tensor, key: torch.Tensor, operands: ForwardOperands, o: torch.Tensor,
@@ -234,29 +297,34 @@ def fwd_launch(query: torch.Tensor, key: torch.Tensor, operands: ForwardOperands
                    *query.stride(), *key.stride(), vx.stride(0), vx.stride(1), *vk_strides, heads, n_query,
                    key.shape[1], scale * LOG2E, threshold, 1.0 / (1.0 - p_eff), 0.0),
                   dict(HEAD_DIM=head_dim, C=o.shape[3], DV=vx.shape[2], DROP_BITS=bits,
-                       DOT_PRECISION=dot_precision(query.dtype), DQ_IN_FWD=e is not None))
+                       DOT_PRECISION=dot_precision(query.dtype), DQ_IN_FWD=e is not None),
+                  input_group(query.dtype))
 
 
-def dkdv_launch(query: torch.Tensor, key: torch.Tensor, vx: torch.Tensor, dod: torch.Tensor, lse2: torch.Tensor,
-                neg_delta: torch.Tensor, dk: torch.Tensor, dv_heads: torch.Tensor, seed: torch.Tensor,
-                dropout_p: float, scale: float) -> Launch:
+def dkdv_launch(query: torch.Tensor, key: torch.Tensor, operands: BackwardOperands, lse2: torch.Tensor,
+                dk: torch.Tensor, dv_heads: torch.Tensor, seed: torch.Tensor, dropout_p: float, scale: float) -> Launch:
     batch, n_query, heads, head_dim = query.shape
     n_key = key.shape[1]
     bits, threshold, _ = dropout_params(dropout_p)
+    precision, group = dot_precision(query.dtype), input_group(query.dtype)
+    if operands.query_pairs is not None:  # the kernel reads the pairs in place of q and k
+        query, key = operands.query_pairs, operands.key_pairs
     # A program owns KEY_TILES key sub-tiles of BLOCK_N keys.
     return Launch("bwd_dkdv", lambda meta: (triton.cdiv(n_key, meta["BLOCK_N"] * meta["KEY_TILES"]), batch * heads,
                                             head_dim // meta["D_SPLIT"]),
-                  (query, key, vx, dod, lse2, neg_delta, dk, dv_heads, seed, *query.stride(), *key.stride(),
-                   vx.stride(0), vx.stride(1), *dk.stride(), heads, n_query, n_key, scale * LOG2E, scale, threshold,
-                   0.0),
-                  dict(HEAD_DIM=head_dim, C=dv_heads.shape[3], DV=vx.shape[2], DVW=dv_width(dv_heads.shape[3]),
-                       DROP_BITS=bits, DOT_PRECISION=dot_precision(query.dtype)))
+                  (query, key, operands.vx, operands.dod, lse2, operands.neg_delta, dk, dv_heads, seed,
+                   lse2 if operands.scales is None else operands.scales, *query.stride(), *key.stride(),
+                   operands.vx.stride(0), operands.vx.stride(1), *dk.stride(), heads, n_query, n_key, scale * LOG2E,
+                   scale, threshold, 0.0),
+                  dict(HEAD_DIM=head_dim, C=dv_heads.shape[3], DV=operands.vx.shape[2],
+                       DVW=dv_width(dv_heads.shape[3]),
+                       DROP_BITS=bits, DOT_PRECISION=precision), group)
 
 
-def dq_launch(query: torch.Tensor, key: torch.Tensor, vx: torch.Tensor, dod: torch.Tensor, lse2: torch.Tensor,
-              neg_delta: torch.Tensor, dq: torch.Tensor, seed: torch.Tensor, channels: int, dropout_p: float,
-              scale: float) -> Launch:
+def dq_launch(query: torch.Tensor, key: torch.Tensor, operands: BackwardOperands, lse2: torch.Tensor,
+              dq: torch.Tensor, seed: torch.Tensor, channels: int, dropout_p: float, scale: float) -> Launch:
     batch, n_query, heads, head_dim = query.shape
+    vx, dod, neg_delta = operands.vx, operands.dod, operands.neg_delta
     bits, threshold, _ = dropout_params(dropout_p)
     precision = dot_precision(query.dtype)
     return Launch("bwd_dq", lambda meta: (triton.cdiv(n_query, meta["BLOCK_M"]), batch * heads,
@@ -264,7 +332,8 @@ def dq_launch(query: torch.Tensor, key: torch.Tensor, vx: torch.Tensor, dod: tor
                   (query, key, vx, dod, lse2, neg_delta, dq, seed, *query.stride(), *key.stride(), vx.stride(0),
                    vx.stride(1), *dq.stride(), heads, n_query, key.shape[1], scale * LOG2E, scale, threshold, 0.0),
                   dict(HEAD_DIM=head_dim, C=channels, DV=vx.shape[2], DROP_BITS=bits,
-                       DOT_PRECISION=precision, SHARE_CALLS=fused.shares_calls("bwd_dq", precision)))
+                       DOT_PRECISION=precision, SHARE_CALLS=fused.shares_calls("bwd_dq", precision)),
+                  input_group(query.dtype))
 
 
 class KernelResourceError(RuntimeError):
@@ -387,15 +456,18 @@ def fused_bwd(grad_o: torch.Tensor, query: torch.Tensor, key: torch.Tensor, valu
     check_triton_device(query.device)
     batch, n_query, heads, _ = query.shape
     n_key, channels = key.shape[1], value.shape[2]
-    vx = value_operand(value)
-    dod, neg_delta = grad_operands(grad_o, o, 1.0 / (1.0 - dropout_params(dropout_p)[2]), query.dtype)
+    drop_scale = 1.0 / (1.0 - dropout_params(dropout_p)[2])
+    pairs = pairs_in_dkdv(query.dtype)
+    operands = backward_operands(query, key, value, grad_o, o, drop_scale, pairs)
     dq, dk = query.new_empty(query.shape), key.new_empty(key.shape)  # contiguous, whatever the inputs' strides
     dv_heads = torch.empty((batch, heads, n_key, channels), dtype=torch.float32, device=query.device)
-    runner(dkdv_launch(query, key, vx, dod, lse2, neg_delta, dk, dv_heads, seed, dropout_p, scale))
+    runner(dkdv_launch(query, key, operands, lse2, dk, dv_heads, seed, dropout_p, scale))
     if e.numel():  # dq_i = scale * dO_i E_i (C = 1): elementwise, no pass over the keys
         dq.copy_((grad_o.float() * (e * scale)).transpose(1, 2))
     else:
-        runner(dq_launch(query, key, vx, dod, lse2, neg_delta, dq, seed, channels, dropout_p, scale))
+        if pairs:  # the dq kernel reads them unscaled
+            operands = backward_operands(query, key, value, grad_o, o, drop_scale, False)
+        runner(dq_launch(query, key, operands, lse2, dq, seed, channels, dropout_p, scale))
     return dq, dk, dv_heads.sum(1).to(value.dtype)  # deterministic head sum of dv (no atomics)
 
 

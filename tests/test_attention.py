@@ -40,7 +40,8 @@ class Case:
     """
 
     def __init__(self, batch: int, n_query: int, n_key: int, heads: int, head_dim: int, channels: int | None,
-                 dtype: torch.dtype, device: str, strided: bool = False, seed: int = 0) -> None:
+                 dtype: torch.dtype, device: str, strided: bool = False, seed: int = 0,
+                 grad_scale: float = 1.0) -> None:
         g = torch.Generator().manual_seed(seed)
         self.shape = (batch, n_query, heads, head_dim)
         self.strided = strided
@@ -53,7 +54,7 @@ class Case:
             leaves = (torch.randn(batch, n_query, heads, head_dim, generator=g),
                       torch.randn(batch, n_key, heads, head_dim, generator=g), torch.rand(batch, *v_shape, generator=g))
         self.leaves = [t.to(device, dtype).requires_grad_() for t in leaves]
-        self.grad_seed = seed + 1
+        self.grad_seed, self.grad_scale = seed + 1, grad_scale
 
     def views(self, leaves: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = self.leaves if leaves is None else leaves
@@ -64,12 +65,14 @@ class Case:
                 v.expand(batch, *v.shape[1:]))
 
     def run(self, fn, leaves: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Output of fn(query, key, value) and the leaves' gradients of sum(out * g), g fixed per case."""
+        """Output of fn(query, key, value) and the leaves' gradients of sum(out * g), g fixed per case (normal
+        times grad_scale)."""
         leaves = self.leaves if leaves is None else leaves
         for t in leaves:
             t.grad = None
         out = fn(*self.views(leaves))
         g = torch.randn(out.shape, generator=torch.Generator().manual_seed(self.grad_seed), dtype=torch.float64)
+        g = g * self.grad_scale
         (out * g.to(out.device, out.dtype)).sum().backward()
         return out.detach(), [t.grad.detach() for t in leaves]
 
@@ -167,18 +170,22 @@ def test_dq_from_the_forward_matches_reference(case_id, monkeypatch):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("variant,value_magnitude,key_magnitude", [
-    ("tf32", 3e5, 3e5), ("tf32", 1e-7, 1e-7), ("tf32", 1e-9, 1.0), ("tf32", 1e10, 1.0), ("tf32", 1e-40, 1.0),
-    ("fp32", 3e5, 3e5), ("fp32", 1e-9, 1.0)])
-def test_fp32_operands_are_scaled_into_fp16_range(variant, value_magnitude, key_magnitude, monkeypatch):
+@pytest.mark.parametrize("variant,value_magnitude,key_magnitude,grad_magnitude", [
+    ("tf32", 3e5, 3e5, 1.0), ("tf32", 1e-7, 1e-7, 1.0), ("tf32", 1e-9, 1.0, 1.0), ("tf32", 1e10, 1.0, 1.0),
+    ("tf32", 1e-40, 1.0, 1.0), ("fp32", 3e5, 3e5, 1.0), ("fp32", 1e-9, 1.0, 1.0), ("fp32", 1.0, 1.0, 1e-12),
+    ("fp32", 1e4, 1.0, 1e12), ("fp32", 1e-17, 1e17, 1.0), ("fp32", 1e-20, 1e20, 1e20)])
+def test_fp32_operands_are_scaled_into_fp16_range(variant, value_magnitude, key_magnitude, grad_magnitude,
+                                                  monkeypatch):
     """In fp32 with E the forward's products read the value, v k and the keys as fp16 copies scaled by powers of
-    two (kernels.ops.forward_operands): a value and keys far outside fp16's range (3e5 overflows it, 1e-7 is below
-    its normal numbers), apart or together, and a value at fp32's subnormal end, give the same precision as unit
+    two (kernels.ops.forward_operands), and at 3xTF32 the dk/dv kernel's products read q, dO' and dS as scaled fp16
+    pairs (kernels.ops.backward_operands): a value, keys and output gradients far outside fp16's range (3e5
+    overflows it, 1e-7 is below its normal numbers), apart or together, a value at fp32's subnormal end, and a
+    value and queries both tiny (whose two scales' product leaves fp32's range), give the same precision as unit
     ones, at TF32 and at 3xTF32."""
     _, precision, tolerance = DQ_VARIANTS[variant]
     torch.set_float32_matmul_precision(precision)
     monkeypatch.setattr(ops, "dq_launch", _no_dq_kernel)
-    case = Case(1, 37, 74, 2, 32, None, torch.float32, "cpu", seed=5)
+    case = Case(1, 37, 74, 2, 32, None, torch.float32, "cpu", seed=5, grad_scale=grad_magnitude)
     with torch.no_grad():
         case.leaves[0].div_(key_magnitude)  # the scores stay of order one
         case.leaves[1].mul_(key_magnitude)
