@@ -472,7 +472,8 @@ def _dkdv_sub(dk, dv, k, vx, sub: tl.constexpr, ctx, META: tl.constexpr):
     ctx and META as _dkdv_rows packs them. PAIRS (fp32 at 3xTF32): q and k are fp16 [hi, lo] pairs and the
     scores their product (`_pair_scores`); dv and dk take P~ and dS as fp16 pairs too (`_p16`), against dO''s and
     q's, so that every product reads its transposed operand from shared memory as 16-bit MMAs can and TF32 MMAs
-    cannot (they read P~^T and dS^T back into registers)."""
+    cannot (they read P~^T and dS^T back into registers). At TF32 with q's fp16 copy (ROUNDED) P~ and dS are
+    rounded to fp16 for dv and dk, for the same reason."""
     q, q_split, dod, dod_v, lse2, neg_delta, q_rows, q_mask, K_bh, Nk, stride_qd, stride_kn, stride_kd, \
         qk_scale, zero, r0, r1, r2, r3, seed, bh, start_m, start_n, drop_threshold = ctx
     DROP_BITS: tl.constexpr = META[0]
@@ -499,7 +500,7 @@ def _dkdv_sub(dk, dv, k, vx, sub: tl.constexpr, ctx, META: tl.constexpr):
         q_hi, q_lo = q_split
         dk = _dot_pairs(tl.trans(ds_hi.to(tl.float16)), tl.trans(ds_lo.to(tl.float16)), q_hi, q_lo, dk)
     else:
-        dv = _mma(tl.trans(p_drop.to(dod.dtype)), dod_v, dv, DOT_PRECISION, SPLIT_B=False)
+        dv = _mma(tl.trans(p_drop.to(dod_v.dtype)), dod_v, dv, DOT_PRECISION, SPLIT_B=False)
         dk = _mma(tl.trans(ds.to(q_split.dtype)), q_split, dk, DOT_PRECISION)
     return dk, dv
 
@@ -519,11 +520,12 @@ def _sub_keep(r0, r1, r2, r3, seed, bh, start_m, start_n, sub: tl.constexpr, dro
 
 @triton.jit
 def _dkdv_rows(dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2, k3, vx3,
-               Q_bh, DOD, LSE, NEGD, row0, start_m, start_n, d0, seed, bh, Nq, stride_qn, stride_qd,
-               K_bh, Nk, stride_kn, stride_kd, qk_scale, drop_threshold, zero,
+               Q_bh, Q16_bh, DOD, LSE, NEGD, row0, start_m, start_n, d0, seed, bh, Nq, stride_qn, stride_qd,
+               stride_q16n, K_bh, Nk, stride_kn, stride_kd, qk_scale, drop_threshold, zero,
                HEAD_DIM: tl.constexpr, DV: tl.constexpr, DVW: tl.constexpr, DROP_BITS: tl.constexpr,
                SUB: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr, D_SPLIT: tl.constexpr, PAIRS: tl.constexpr):
+               BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr, D_SPLIT: tl.constexpr, PAIRS: tl.constexpr,
+               ROUNDED: tl.constexpr):
     """One query tile against the program's SUB key sub-tiles (slots 0 .. SUB-1; the others pass through)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row = row0 + offs_m
@@ -540,13 +542,16 @@ def _dkdv_rows(dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2
         q_split = q_rows + (d0 + tl.arange(0, D_SPLIT))[None, :] * stride_qd
         q_split = (_load_rows(q_split, offs_m, Nq, MASKED), _load_rows(q_split + HEAD_DIM * stride_qd, offs_m, Nq,
                                                                        MASKED))
+    elif ROUNDED:  # q's fp16 copy (Q16) for dk
+        q_split = _load_rows(Q16_bh + offs_m[:, None] * stride_q16n + (d0 + tl.arange(0, D_SPLIT))[None, :], offs_m,
+                             Nq, MASKED)
     elif D_SPLIT == HEAD_DIM and D_CHUNK == HEAD_DIM:
         q_split = q
     else:
         q_split = _load_rows(q_rows + (d0 + tl.arange(0, D_SPLIT))[None, :] * stride_qd, offs_m, Nq, MASKED)
     dod = _load_rows(DOD + row[:, None] * DV + tl.arange(0, DV)[None, :], offs_m, Nq, MASKED)
     dod_v = _load_rows(DOD + row[:, None] * DV + tl.arange(0, DVW)[None, :], offs_m, Nq, MASKED)
-    if PAIRS:  # dO' hi and lo in fp16
+    if PAIRS or ROUNDED:  # dO' hi and lo in fp16
         dod_v = dod_v.to(tl.float16)
     if MASKED:
         lse2 = tl.load(LSE + row, mask=offs_m < Nq, other=0.0)
@@ -585,25 +590,31 @@ def _key_tile(K_bh, VX_b, start_n, Nk, stride_kn, stride_kd, stride_vn,
 
 
 @triton.jit
-def _store_dkdv(dk, dv, DK_bh, DV_OUT, bh, start_n, d0, Nk, dk_scale, dv_scale, stride_dkn, stride_dkd,
-                C: tl.constexpr, DVW: tl.constexpr, BLOCK_N: tl.constexpr, D_SPLIT: tl.constexpr):
-    """dk columns d0 .. d0 + D_SPLIT times dk_scale; dv (fp32, this head's) times dv_scale, by the first column
-    split only."""
+def _store_dkdv(dk, dv, DK_bh, DV_OUT, SCALES, bh, start_n, d0, Nk, scale, stride_dkn, stride_dkd,
+                C: tl.constexpr, DVW: tl.constexpr, BLOCK_N: tl.constexpr, D_SPLIT: tl.constexpr,
+                COPIES: tl.constexpr):
+    """dk columns d0 .. d0 + D_SPLIT times scale; dv (fp32, this head's) by the first column split only. COPIES:
+    first undo the scales of the fp16 copies, one exact power of two at a time (SCALES: dO''s, the value's, q's;
+    their product may leave fp32's range where dk does not)."""
+    if COPIES:
+        dk = dk * tl.load(SCALES) * tl.load(SCALES + 1) * tl.load(SCALES + 2)
+        dv = dv * tl.load(SCALES)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     tl.store(DK_bh + offs_n[:, None] * stride_dkn + (d0 + tl.arange(0, D_SPLIT))[None, :] * stride_dkd,
-             (dk * dk_scale).to(DK_bh.dtype.element_ty), mask=offs_n[:, None] < Nk)
+             (dk * scale).to(DK_bh.dtype.element_ty), mask=offs_n[:, None] < Nk)
     # dv channel c: the sum of its hi and lo dO columns, c and C + c.
     col = tl.arange(0, DVW)
     offs_c = tl.arange(0, DVW // 2)
     pick = (col[:, None] == offs_c[None, :]) | (col[:, None] == C + offs_c[None, :])
-    dv = tl.sum(dv[:, :, None] * pick[None, :, :].to(tl.float32), 1) * dv_scale
+    dv = tl.sum(dv[:, :, None] * pick[None, :, :].to(tl.float32), 1)
     tl.store(DV_OUT + (bh.to(tl.int64) * Nk + offs_n)[:, None] * C + offs_c[None, :], dv,
              mask=(offs_n[:, None] < Nk) & (offs_c[None, :] < C) & (d0 == 0))
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, VX, DOD, LSE, NEGD, DK, DV_OUT, SEED, SCALES,
+def _bwd_dkdv_kernel(Q, K, VX, DOD, LSE, NEGD, DK, DV_OUT, SEED, SCALES, Q16,
                      stride_qb, stride_qn, stride_qh, stride_qd,
+                     stride_q16b, stride_q16n, stride_q16h,
                      stride_kb, stride_kn, stride_kh, stride_kd,
                      stride_vb, stride_vn,
                      stride_dkb, stride_dkn, stride_dkh, stride_dkd,
@@ -614,12 +625,14 @@ def _bwd_dkdv_kernel(Q, K, VX, DOD, LSE, NEGD, DK, DV_OUT, SEED, SCALES,
                      D_CHUNK: tl.constexpr, D_SPLIT: tl.constexpr):
     """One program per (KEY_TILES key sub-tiles, b*H + h): loops over the query tiles, accumulates dk and this
     head's dv. KEY_TILES * BLOCK_N divides CALL_COLUMNS: with 1-bit dropout one Philox call per stream then
-    serves all the program's sub-tiles (all its words when KEY_TILES * BLOCK_N == CALL_COLUMNS). fp32 at 3xTF32
-    (PAIRS): Q and K are (B, N, H, 2D) fp16, q's and k's [hi, lo] pairs, and they, DOD's dO' and VX's value are
-    scaled, so that the scores are SCALES[2], dv SCALES[0] and dk SCALES[0] SCALES[1] times what the products
-    give (kernels.ops.backward_operands)."""
+    serves all the program's sub-tiles (all its words when KEY_TILES * BLOCK_N == CALL_COLUMNS). fp32 inputs take
+    dv and dk as 16-bit products of scaled fp16 copies (kernels.ops.backward_operands): at 3xTF32 (PAIRS) Q and K
+    are q's and k's [hi, lo] pairs (B, N, H, 2D) and the scores their product, at TF32 (ROUNDED) Q16 is q rounded
+    to fp16 for dk; dv is SCALES[0], dk SCALES[0] SCALES[1] SCALES[2] and the pairs' scores SCALES[3] times what the
+    products give. Otherwise Q16 is Q."""
     SUB: tl.constexpr = KEY_TILES
     PAIRS: tl.constexpr = DOT_PRECISION == "tf32x3" and Q.dtype.element_ty == tl.float16
+    ROUNDED: tl.constexpr = Q.dtype.element_ty == tl.float32 and Q16.dtype.element_ty == tl.float16
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     d0 = tl.program_id(2) * D_SPLIT  # this program's D_SPLIT columns of dk (each split recomputes P)
@@ -643,40 +656,37 @@ def _bwd_dkdv_kernel(Q, K, VX, DOD, LSE, NEGD, DK, DV_OUT, SEED, SCALES,
         k3, vx3 = _key_tile(K_bh, VX_b, start_n + 3 * BLOCK_N, Nk, stride_kn, stride_kd, stride_vn, HEAD_DIM, DV,
                             BLOCK_N, PAIRS)
     Q_bh = Q + b * stride_qb + h * stride_qh
+    Q16_bh = Q16 + b * stride_q16b + h * stride_q16h
     row0 = bh.to(tl.int64) * Nq
     if PAIRS:
-        qk_scale *= tl.load(SCALES + 2)
+        qk_scale *= tl.load(SCALES + 3)
     seed = tl.load(SEED) if DROP_BITS > 0 else 0
     n_full = Nq // BLOCK_M * BLOCK_M
     for start_m in range(0, n_full, BLOCK_M):
         dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3 = _dkdv_rows(
-            dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2, k3, vx3, Q_bh, DOD, LSE, NEGD, row0,
-            start_m, start_n, d0, seed, bh, Nq, stride_qn, stride_qd, K_bh, Nk, stride_kn, stride_kd, qk_scale,
-            drop_threshold, zero, HEAD_DIM, DV, DVW, DROP_BITS, SUB, False, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK,
-            D_SPLIT, PAIRS)
+            dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2, k3, vx3, Q_bh, Q16_bh, DOD, LSE, NEGD,
+            row0, start_m, start_n, d0, seed, bh, Nq, stride_qn, stride_qd, stride_q16n, K_bh, Nk, stride_kn,
+            stride_kd, qk_scale, drop_threshold, zero, HEAD_DIM, DV, DVW, DROP_BITS, SUB, False, DOT_PRECISION,
+            BLOCK_M, BLOCK_N, D_CHUNK, D_SPLIT, PAIRS, ROUNDED)
     if n_full < Nq:  # the last, partial query tile: the only one with masked loads
         dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3 = _dkdv_rows(
-            dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2, k3, vx3, Q_bh, DOD, LSE, NEGD, row0,
-            n_full, start_n, d0, seed, bh, Nq, stride_qn, stride_qd, K_bh, Nk, stride_kn, stride_kd, qk_scale,
-            drop_threshold, zero, HEAD_DIM, DV, DVW, DROP_BITS, SUB, True, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK,
-            D_SPLIT, PAIRS)
+            dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2, k3, vx3, Q_bh, Q16_bh, DOD, LSE, NEGD,
+            row0, n_full, start_n, d0, seed, bh, Nq, stride_qn, stride_qd, stride_q16n, K_bh, Nk, stride_kn,
+            stride_kd, qk_scale, drop_threshold, zero, HEAD_DIM, DV, DVW, DROP_BITS, SUB, True, DOT_PRECISION,
+            BLOCK_M, BLOCK_N, D_CHUNK, D_SPLIT, PAIRS, ROUNDED)
 
     DK_bh = DK + b * stride_dkb + h * stride_dkh
-    if PAIRS:  # dv carries dO''s scale; dk dS's (dO''s and the value's) and q's
-        dv_scale = tl.load(SCALES)
-        dk_scale = scale * dv_scale * tl.load(SCALES + 1)
-    else:
-        dk_scale, dv_scale = scale, 1.0
-    _store_dkdv(dk0, dv0, DK_bh, DV_OUT, bh, start_n, d0, Nk, dk_scale, dv_scale, stride_dkn, stride_dkd, C, DVW,
-                BLOCK_N, D_SPLIT)
+    COPIES: tl.constexpr = PAIRS or ROUNDED
+    _store_dkdv(dk0, dv0, DK_bh, DV_OUT, SCALES, bh, start_n, d0, Nk, scale, stride_dkn, stride_dkd, C, DVW, BLOCK_N,
+                D_SPLIT, COPIES)
     if SUB > 1:
-        _store_dkdv(dk1, dv1, DK_bh, DV_OUT, bh, start_n + BLOCK_N, d0, Nk, dk_scale, dv_scale, stride_dkn,
-                    stride_dkd, C, DVW, BLOCK_N, D_SPLIT)
+        _store_dkdv(dk1, dv1, DK_bh, DV_OUT, SCALES, bh, start_n + BLOCK_N, d0, Nk, scale, stride_dkn, stride_dkd, C,
+                    DVW, BLOCK_N, D_SPLIT, COPIES)
     if SUB > 2:
-        _store_dkdv(dk2, dv2, DK_bh, DV_OUT, bh, start_n + 2 * BLOCK_N, d0, Nk, dk_scale, dv_scale, stride_dkn,
-                    stride_dkd, C, DVW, BLOCK_N, D_SPLIT)
-        _store_dkdv(dk3, dv3, DK_bh, DV_OUT, bh, start_n + 3 * BLOCK_N, d0, Nk, dk_scale, dv_scale, stride_dkn,
-                    stride_dkd, C, DVW, BLOCK_N, D_SPLIT)
+        _store_dkdv(dk2, dv2, DK_bh, DV_OUT, SCALES, bh, start_n + 2 * BLOCK_N, d0, Nk, scale, stride_dkn, stride_dkd,
+                    C, DVW, BLOCK_N, D_SPLIT, COPIES)
+        _store_dkdv(dk3, dv3, DK_bh, DV_OUT, SCALES, bh, start_n + 3 * BLOCK_N, d0, Nk, scale, stride_dkn, stride_dkd,
+                    C, DVW, BLOCK_N, D_SPLIT, COPIES)
 
 
 @triton.jit

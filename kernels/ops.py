@@ -221,50 +221,50 @@ def grad_operands(grad_o: torch.Tensor, o: torch.Tensor, drop_scale: float,
 @dataclass
 class BackwardOperands:
     """What a backward kernel reads besides the lse and the seed (kernels/fused.py): VX, DOD and -Delta, and where
-    the dk/dv kernel takes fp16 pairs (`backward_operands`) q's and k's pairs, which it reads in place of q and k,
-    and the inverse scales."""
+    the dk/dv kernel takes fp16 copies (`backward_operands`) q's copy, k's at 3xTF32, and the inverse scales."""
     vx: torch.Tensor
     dod: torch.Tensor
     neg_delta: torch.Tensor
-    query_pairs: torch.Tensor | None = None
-    key_pairs: torch.Tensor | None = None
+    query16: torch.Tensor | None = None  # TF32: q rounded to fp16; 3xTF32: q's [hi, lo] pair, read in place of q
+    key16: torch.Tensor | None = None  # 3xTF32: k's [hi, lo] pair, read in place of k
     scales: torch.Tensor | None = None
 
 
-def pairs_in_dkdv(dtype: torch.dtype) -> bool:
-    """Whether the dk/dv kernel takes its scores, dv and dk as products of fp16 pairs: fp32 inputs at 3xTF32."""
-    return dtype == torch.float32 and dot_precision(dtype) == "tf32x3"
+def copies_in_dkdv(dtype: torch.dtype) -> bool:
+    """Whether the dk/dv kernel takes dv and dk as 16-bit products of scaled fp16 copies: fp32 inputs."""
+    return dtype == torch.float32
 
 
 def backward_operands(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grad_o: torch.Tensor,
-                      o: torch.Tensor, drop_scale: float, pairs: bool) -> BackwardOperands:
-    """VX, DOD and -Delta (`value_operand`, `grad_operands`). With `pairs` (the dk/dv kernel at 3xTF32,
-    `pairs_in_dkdv`) the dk/dv kernel takes the scores, dv and dk as fp16 products of hi / lo pairs
-    (docs/kernels.md, "3xTF32 dk/dv from fp16 pairs"): it reads q's and k's pairs (B, N, H, 2D) instead of q and k,
-    and DOD's dO' hi / lo columns as fp16. Each is scaled by a power of two (exact) into fp16's range: q and k to
-    below 2**15; the value to below 1 and dO by g, so that DOD VX^T = dP - Delta carries both scales and dS =
-    P (dO' v - Delta), at most C max|dO'| max|v| + max|Delta|, and dO' stay below 2**15, with g at most 2**120 and
-    small enough that dk's factor stays a normal fp32 number. SCALES = [1 / g, 1 / (value's scale q's), 1 / (q's
-    k's)] (dv's factor, dk's besides 1 / g, the scores'), each an exact power of two (the products' exponents are
-    added as integers: a product of two scales could leave fp32's range)."""
+                      o: torch.Tensor, drop_scale: float, copies: bool) -> BackwardOperands:
+    """VX, DOD and -Delta (`value_operand`, `grad_operands`). With `copies` (the dk/dv kernel for fp32 inputs,
+    `copies_in_dkdv`) the dk/dv kernel takes dv and dk as 16-bit products, which read their transposed operands
+    from shared memory (docs/kernels.md, "3xTF32 dk/dv from fp16 pairs"): at 3xTF32 it reads q's and k's fp16
+    [hi, lo] pairs (B, N, H, 2D) instead of q and k, at TF32 q rounded to fp16 besides q, and DOD's dO' hi / lo
+    columns as fp16. Each is scaled by a power of two (exact) into fp16's range: q and k to below 2**15; the
+    value to below 1 and dO by g, so that DOD VX^T = dP - Delta carries both scales and dS = P (dO' v - Delta), at
+    most C max|dO'| max|v| + max|Delta| (bounds in float64), and dO' stay below 2**15. SCALES = [1 / g, 1 / the
+    value's scale, 1 / q's, 1 / (q's k's)], each an exact power of two (the last one's exponent an integer sum: a
+    product of two scales could leave fp32's range); the kernel applies dk's three one at a time."""
     dtype = query.dtype
-    if not pairs:
+    if not copies:
         return BackwardOperands(value_operand(value), *grad_operands(grad_o, o, drop_scale, dtype))
     value_max = value.detach().abs().amax().double()
     value_exp = _exponent_below(value_max, 0)
     query_exp = _exponent_below(query.detach().abs().amax(), 15)
     key_exp = _exponent_below(key.detach().abs().amax(), 15)
-    grad_max = grad_o.abs().amax().double() * drop_scale  # the bounds in float64: they may leave fp32's range
+    grad_max = grad_o.abs().amax().double() * drop_scale
     delta_max = (grad_o.float() * o).sum(-1).abs().amax().double()
     ds_bound = torch.ldexp(grad_max * value.shape[2] * value_max + delta_max, value_exp)
-    grad_exp = torch.minimum(_exponent_below(torch.maximum(ds_bound, grad_max), 15),
-                             120 - value_exp - query_exp).clamp(-126, 120)
-    value_scale, grad_scale = _power_of_two(value_exp), _power_of_two(grad_exp)
+    grad_exp = _exponent_below(torch.maximum(ds_bound, grad_max), 15)
+    value_scale, grad_scale, query_scale = _power_of_two(value_exp), _power_of_two(grad_exp), _power_of_two(query_exp)
+    if dot_precision(dtype) == "tf32x3":
+        query16, key16 = _scaled_pairs((query,), query_scale), _scaled_pairs((key,), _power_of_two(key_exp))
+    else:
+        query16, key16 = (query * query_scale).half().contiguous(), None
     return BackwardOperands(value_operand(value * value_scale),
-                            *grad_operands(grad_o * grad_scale, o * value_scale, drop_scale, dtype),
-                            _scaled_pairs((query,), _power_of_two(query_exp)),
-                            _scaled_pairs((key,), _power_of_two(key_exp)),
-                            _power_of_two(-torch.stack([grad_exp, value_exp + query_exp, query_exp + key_exp])))
+                            *grad_operands(grad_o * grad_scale, o * value_scale, drop_scale, dtype), query16, key16,
+                            _power_of_two(-torch.stack([grad_exp, value_exp, query_exp, query_exp + key_exp])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,13 +307,15 @@ def dkdv_launch(query: torch.Tensor, key: torch.Tensor, operands: BackwardOperan
     n_key = key.shape[1]
     bits, threshold, _ = dropout_params(dropout_p)
     precision, group = dot_precision(query.dtype), input_group(query.dtype)
-    if operands.query_pairs is not None:  # the kernel reads the pairs in place of q and k
-        query, key = operands.query_pairs, operands.key_pairs
+    q16 = query if operands.query16 is None else operands.query16
+    if operands.key16 is not None:  # 3xTF32: the kernel reads the pairs in place of q and k
+        query, key = operands.query16, operands.key16
     # A program owns KEY_TILES key sub-tiles of BLOCK_N keys.
     return Launch("bwd_dkdv", lambda meta: (triton.cdiv(n_key, meta["BLOCK_N"] * meta["KEY_TILES"]), batch * heads,
                                             head_dim // meta["D_SPLIT"]),
                   (query, key, operands.vx, operands.dod, lse2, operands.neg_delta, dk, dv_heads, seed,
-                   lse2 if operands.scales is None else operands.scales, *query.stride(), *key.stride(),
+                   lse2 if operands.scales is None else operands.scales, q16, *query.stride(), *q16.stride()[:3],
+                   *key.stride(),
                    operands.vx.stride(0), operands.vx.stride(1), *dk.stride(), heads, n_query, n_key, scale * LOG2E,
                    scale, threshold, 0.0),
                   dict(HEAD_DIM=head_dim, C=dv_heads.shape[3], DV=operands.vx.shape[2],
@@ -457,15 +459,15 @@ def fused_bwd(grad_o: torch.Tensor, query: torch.Tensor, key: torch.Tensor, valu
     batch, n_query, heads, _ = query.shape
     n_key, channels = key.shape[1], value.shape[2]
     drop_scale = 1.0 / (1.0 - dropout_params(dropout_p)[2])
-    pairs = pairs_in_dkdv(query.dtype)
-    operands = backward_operands(query, key, value, grad_o, o, drop_scale, pairs)
+    copies = copies_in_dkdv(query.dtype)
+    operands = backward_operands(query, key, value, grad_o, o, drop_scale, copies)
     dq, dk = query.new_empty(query.shape), key.new_empty(key.shape)  # contiguous, whatever the inputs' strides
     dv_heads = torch.empty((batch, heads, n_key, channels), dtype=torch.float32, device=query.device)
     runner(dkdv_launch(query, key, operands, lse2, dk, dv_heads, seed, dropout_p, scale))
     if e.numel():  # dq_i = scale * dO_i E_i (C = 1): elementwise, no pass over the keys
         dq.copy_((grad_o.float() * (e * scale)).transpose(1, 2))
     else:
-        if pairs:  # the dq kernel reads them unscaled
+        if copies:  # the dq kernel reads them unscaled
             operands = backward_operands(query, key, value, grad_o, o, drop_scale, False)
         runner(dq_launch(query, key, operands, lse2, dq, seed, channels, dropout_p, scale))
     return dq, dk, dv_heads.sum(1).to(value.dtype)  # deterministic head sum of dv (no atomics)
