@@ -594,10 +594,10 @@ def _store_dkdv(dk, dv, DK_bh, DV_OUT, SCALES, bh, start_n, d0, Nk, scale, strid
                 C: tl.constexpr, DVW: tl.constexpr, BLOCK_N: tl.constexpr, D_SPLIT: tl.constexpr,
                 COPIES: tl.constexpr):
     """dk columns d0 .. d0 + D_SPLIT times scale; dv (fp32, this head's) by the first column split only. COPIES:
-    first undo the scales of the fp16 copies, one exact power of two at a time (SCALES: dO''s, the value's, q's;
-    their product may leave fp32's range where dk does not)."""
+    first undo the fp16 copies' scales: dv's SCALES[0], dk's as three powers of two of about equal exponents (their
+    product, or any one first, may leave fp32's range where the accumulator and dk do not)."""
     if COPIES:
-        dk = dk * tl.load(SCALES) * tl.load(SCALES + 1) * tl.load(SCALES + 2)
+        dk = dk * tl.load(SCALES + 1) * tl.load(SCALES + 2) * tl.load(SCALES + 3)
         dv = dv * tl.load(SCALES)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     tl.store(DK_bh + offs_n[:, None] * stride_dkn + (d0 + tl.arange(0, D_SPLIT))[None, :] * stride_dkd,
@@ -628,7 +628,7 @@ def _bwd_dkdv_kernel(Q, K, VX, DOD, LSE, NEGD, DK, DV_OUT, SEED, SCALES, Q16,
     serves all the program's sub-tiles (all its words when KEY_TILES * BLOCK_N == CALL_COLUMNS). fp32 inputs take
     dv and dk as 16-bit products of scaled fp16 copies (kernels.ops.backward_operands): at 3xTF32 (PAIRS) Q and K
     are q's and k's [hi, lo] pairs (B, N, H, 2D) and the scores their product, at TF32 (ROUNDED) Q16 is q rounded
-    to fp16 for dk; dv is SCALES[0], dk SCALES[0] SCALES[1] SCALES[2] and the pairs' scores SCALES[3] times what the
+    to fp16 for dk; dv is SCALES[0], dk SCALES[1] SCALES[2] SCALES[3] and the pairs' scores SCALES[4] times what the
     products give. Otherwise Q16 is Q."""
     SUB: tl.constexpr = KEY_TILES
     PAIRS: tl.constexpr = DOT_PRECISION == "tf32x3" and Q.dtype.element_ty == tl.float16
@@ -659,7 +659,7 @@ def _bwd_dkdv_kernel(Q, K, VX, DOD, LSE, NEGD, DK, DV_OUT, SEED, SCALES, Q16,
     Q16_bh = Q16 + b * stride_q16b + h * stride_q16h
     row0 = bh.to(tl.int64) * Nq
     if PAIRS:
-        qk_scale *= tl.load(SCALES + 3)
+        qk_scale *= tl.load(SCALES + 4)
     seed = tl.load(SEED) if DROP_BITS > 0 else 0
     n_full = Nq // BLOCK_M * BLOCK_M
     for start_m in range(0, n_full, BLOCK_M):

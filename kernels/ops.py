@@ -243,9 +243,10 @@ def backward_operands(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     [hi, lo] pairs (B, N, H, 2D) instead of q and k, at TF32 q rounded to fp16 besides q, and DOD's dO' hi / lo
     columns as fp16. Each is scaled by a power of two (exact) into fp16's range: q and k to below 2**15; the
     value to below 1 and dO by g, so that DOD VX^T = dP - Delta carries both scales and dS = P (dO' v - Delta), at
-    most C max|dO'| max|v| + max|Delta| (bounds in float64), and dO' stay below 2**15. SCALES = [1 / g, 1 / the
-    value's scale, 1 / q's, 1 / (q's k's)], each an exact power of two (the last one's exponent an integer sum: a
-    product of two scales could leave fp32's range); the kernel applies dk's three one at a time."""
+    most C max|dO'| max|v| + max|Delta| (bounds in float64), and dO' stay below 2**15. SCALES = [1 / g, dk's
+    1 / (g value's scale q's) as three powers of two of about equal exponents (the kernel applies them one at a
+    time: the product, or any one scale first, may leave fp32's range), 1 / (q's k's)], each an exact power of two
+    formed from integer exponents."""
     dtype = query.dtype
     if not copies:
         return BackwardOperands(value_operand(value), *grad_operands(grad_o, o, drop_scale, dtype))
@@ -262,9 +263,12 @@ def backward_operands(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         query16, key16 = _scaled_pairs((query,), query_scale), _scaled_pairs((key,), _power_of_two(key_exp))
     else:
         query16, key16 = (query * query_scale).half().contiguous(), None
+    dk_exp = grad_exp + value_exp + query_exp
+    dk_thirds = [dk_exp // 3, (dk_exp - dk_exp // 3) // 2]
+    dk_thirds.append(dk_exp - dk_thirds[0] - dk_thirds[1])
     return BackwardOperands(value_operand(value * value_scale),
                             *grad_operands(grad_o * grad_scale, o * value_scale, drop_scale, dtype), query16, key16,
-                            _power_of_two(-torch.stack([grad_exp, value_exp, query_exp, query_exp + key_exp])))
+                            _power_of_two(-torch.stack([grad_exp, *dk_thirds, query_exp + key_exp])))
 
 
 # ---------------------------------------------------------------------------------------------

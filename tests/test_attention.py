@@ -173,6 +173,7 @@ def test_dq_from_the_forward_matches_reference(case_id, monkeypatch):
 @pytest.mark.parametrize("variant,value_magnitude,key_magnitude,grad_magnitude", [
     ("tf32", 3e5, 3e5, 1.0), ("tf32", 1e-7, 1e-7, 1.0), ("tf32", 1e-9, 1.0, 1.0), ("tf32", 1e10, 1.0, 1.0),
     ("tf32", 1e-40, 1.0, 1.0), ("tf32", 1.0, 1.0, 1e-12), ("tf32", 1e4, 1.0, 1e12), ("tf32", 1e-20, 1e20, 1e20),
+    ("tf32", 1.0, 1.0, 1e37), ("fp32", 1.0, 1.0, 1e37),
     ("fp32", 3e5, 3e5, 1.0), ("fp32", 1e-9, 1.0, 1.0), ("fp32", 1.0, 1.0, 1e-12),
     ("fp32", 1e4, 1.0, 1e12), ("fp32", 1e-17, 1e17, 1.0), ("fp32", 1e-20, 1e20, 1e20)])
 def test_fp32_operands_are_scaled_into_fp16_range(variant, value_magnitude, key_magnitude, grad_magnitude,
@@ -181,8 +182,9 @@ def test_fp32_operands_are_scaled_into_fp16_range(variant, value_magnitude, key_
     two (kernels.ops.forward_operands), and the dk/dv kernel's dv and dk products read scaled fp16 copies of q, dO'
     and dS (kernels.ops.backward_operands; pairs at 3xTF32): a value, keys and output gradients far outside fp16's
     range (3e5 overflows it, 1e-7 is below its normal numbers), apart or together, a value at fp32's subnormal
-    end, and a value and queries both tiny (whose two scales' product leaves fp32's range), give the same precision
-    as unit ones, at TF32 and at 3xTF32."""
+    end, a value and queries both tiny (whose two scales' product leaves fp32's range) and output gradients near
+    fp32's top (dk's accumulator times dO''s scale alone would overflow), give the same precision as unit ones, at
+    TF32 and at 3xTF32."""
     _, precision, tolerance = DQ_VARIANTS[variant]
     torch.set_float32_matmul_precision(precision)
     monkeypatch.setattr(ops, "dq_launch", _no_dq_kernel)
