@@ -253,15 +253,16 @@ def backward_operands(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     value_max = value.detach().abs().amax().double()
     value_exp = _exponent_below(value_max, 0)
     query_exp = _exponent_below(query.detach().abs().amax(), 15)
-    key_exp = _exponent_below(key.detach().abs().amax(), 15)
     grad_max = grad_o.abs().amax().double() * drop_scale
     delta_max = (grad_o.float() * o).sum(-1).abs().amax().double()
     ds_bound = torch.ldexp(grad_max * value.shape[2] * value_max + delta_max, value_exp)
     grad_exp = _exponent_below(torch.maximum(ds_bound, grad_max), 15)
     value_scale, grad_scale, query_scale = _power_of_two(value_exp), _power_of_two(grad_exp), _power_of_two(query_exp)
     if dot_precision(dtype) == "tf32x3":
+        key_exp = _exponent_below(key.detach().abs().amax(), 15)
         query16, key16 = _scaled_pairs((query,), query_scale), _scaled_pairs((key,), _power_of_two(key_exp))
-    else:
+    else:  # the scores are TF32 products of q and k themselves: no key copy, SCALES[4] unused
+        key_exp = torch.zeros_like(query_exp)
         query16, key16 = (query * query_scale).half().contiguous(), None
     dk_exp = grad_exp + value_exp + query_exp
     dk_thirds = [dk_exp // 3, (dk_exp - dk_exp // 3) // 2]
@@ -319,11 +320,9 @@ def dkdv_launch(query: torch.Tensor, key: torch.Tensor, operands: BackwardOperan
                                             head_dim // meta["D_SPLIT"]),
                   (query, key, operands.vx, operands.dod, lse2, operands.neg_delta, dk, dv_heads, seed,
                    lse2 if operands.scales is None else operands.scales, q16, *query.stride(), *q16.stride()[:3],
-                   *key.stride(),
-                   operands.vx.stride(0), operands.vx.stride(1), *dk.stride(), heads, n_query, n_key, scale * LOG2E,
-                   scale, threshold, 0.0),
-                  dict(HEAD_DIM=head_dim, C=dv_heads.shape[3], DV=operands.vx.shape[2],
-                       DVW=dv_width(dv_heads.shape[3]),
+                   *key.stride(), operands.vx.stride(0), operands.vx.stride(1), *dk.stride(), heads, n_query, n_key,
+                   scale * LOG2E, scale, threshold, 0.0),
+                  dict(HEAD_DIM=head_dim, C=dv_heads.shape[3], DV=operands.vx.shape[2], DVW=dv_width(dv_heads.shape[3]),
                        DROP_BITS=bits, DOT_PRECISION=precision), group)
 
 
