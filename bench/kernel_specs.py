@@ -53,7 +53,7 @@ def _launches(dtype: torch.dtype, head_dim: int, dropout_p: float, arch: str, tr
     with_e = training and dq_in_forward(input_group(dtype), c, head_dim, arch)
     operands = forward_operands(k, value, with_e)
     e = torch.empty(b, h, nq, head_dim, dtype=torch.float32, device=meta) if with_e else None
-    return {"fwd": fwd_launch(q, k, operands, o, lse2, e, seed, dropout_p, scale),
+    return {"fwd": fwd_launch(q, k, operands, o, lse2, e, seed, dropout_p, scale, arch),
             "bwd_dkdv": dkdv_launch(q, k, backward_operands(q, k, value, grad_o, o, drop_scale, copies_in_dkdv(dtype)),
                                     lse2, torch.empty_like(k), dv, seed, dropout_p, scale),
             "bwd_dq": dq_launch(q, k, backward_operands(q, k, value, grad_o, o, drop_scale, False), lse2,

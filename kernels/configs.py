@@ -75,6 +75,11 @@ DQ_IN_FORWARD_SPILLS = {("16bit", 64): ("sm_80", "sm_86", "sm_89", "sm_120"), ("
                         ("tf32", 64): ("sm_80", "sm_86", "sm_89", "sm_120"),
                         ("tf32x3", 16): ("sm_80", "sm_86", "sm_89", "sm_120"),
                         ("tf32x3", 32): ("sm_80", "sm_86", "sm_89", "sm_120")}
+# The classes whose forward applies 1-bit dropout to fp16 weights as 16-bit multipliers (`kernels.fused._bit_scale`,
+# docs/kernels.md, "How the forward applies 1-bit decisions"): fewer issue slots per score there. Not sm_80: its
+# forward with E, at 255 registers either way, counted more with them (fp16 12.60 against 12.05, TF32 15.73 against
+# 15.21 at D = 32); not sm_120: no entry served its 16-bit forward with and without E at D = 32 without spilling.
+DROP_MULTIPLIER_ARCHS = ("sm_86", "sm_89", "sm_90", "sm_100")
 # The dropout modes a launch can be in, as DROP_BITS: none, 1-bit decisions (p = 1/2), 16-bit slices (any other p).
 FINE_DROP_BITS = 16
 DROP_MODES = (0, 1, FINE_DROP_BITS)

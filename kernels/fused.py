@@ -102,6 +102,29 @@ def _bit_keep(r0, r1, r2, r3, first, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
+def _bit_scale(r0, r1, r2, r3, first, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`_bit_keep`'s decisions as 16-bit multipliers, uint16 [BLOCK_M, BLOCK_N]: 0x4000 where kept (2.0 = 1 / (1 - p)
+    in fp16 and in bf16), 0 where dropped. Multiplying a 16-bit weight by it drops the weight and applies inverted
+    dropout's scale exactly, and columns 2 q and 2 q + 1 share a packed register, so one HMUL2 does two weights
+    (`_fwd_tile`). Their bits are bit b of words 2 r and 2 r + 1, so the halves of those words are paired first
+    (bits b < 16 of both in one word at b and b + 16, bits b >= 16 in another); each pair is then rotated to bits
+    14 and 30 and masked: two integer instructions per two weights, where a select costs a bit test and a select
+    per weight."""
+    r = tl.arange(0, 2)[None, :, None, None, None, None, None]
+    k = tl.arange(0, BLOCK_N // 64)[None, None, None, :, None, None, None]
+    c = tl.arange(0, 8)[None, None, None, None, :, None, None]
+    low0, high0 = (r0 & 0xFFFF) | (r1 << 16), (r0 >> 16) | (r1 & 0xFFFF0000)
+    low1, high1 = (r2 & 0xFFFF) | (r3 << 16), (r2 >> 16) | (r3 & 0xFFFF0000)
+    w = tl.where(r == 0, tl.where(c < 4, low0, high0), tl.where(c < 4, low1, high1))
+    # bit 4 c + first + k of the call's words is bit b = 4 (c % 4) + first + k of w; rotate it right by b - 14
+    b = tl.zeros([1, 1, 1, BLOCK_N // 64, 8, 1, 1], dtype=tl.uint32) + first + k + 4 * (c % 4)
+    n = (b + 18) & 31
+    pair = ((w >> n) | (w << ((32 - n) & 31))) & 0x40004000
+    halves = tl.join((pair & 0xFFFF).to(tl.uint16), (pair >> 16).to(tl.uint16))
+    return tl.reshape(halves, [BLOCK_M, BLOCK_N])
+
+
+@triton.jit
 def _slice_keep(seed, bh, start_m, start_n, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keep decisions [BLOCK_M, BLOCK_N] with 16-bit slices (any p but 1/2): the view is
     [g, r, a, kc, cw, q, e] with column j = 32 kc + 8 cw + 2 q + e; the decision is slice e of word cw of
@@ -122,12 +145,16 @@ def _slice_keep(seed, bh, start_m, start_n, threshold, BLOCK_M: tl.constexpr, BL
 
 @triton.jit
 def _tile_keep(seed, bh, start_m, start_n, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               DROP_BITS: tl.constexpr):
+               DROP_BITS: tl.constexpr, AS_SCALE: tl.constexpr = False):
     """Keep decisions of a tile, computing the Philox calls it needs (any tile position; BLOCK_N <= 256 and
-    the tile within one call's 256 columns); 0 without dropout."""
+    the tile within one call's 256 columns); 0 without dropout. AS_SCALE: 1-bit decisions as `_bit_scale`'s
+    multipliers."""
     if DROP_BITS == 1:
         r0, r1, r2, r3 = _bit_words(seed, bh, start_m, start_n // CALL_COLUMNS, BLOCK_M)
-        return _bit_keep(r0, r1, r2, r3, (start_n // SUB_TILE) % 4, BLOCK_M, BLOCK_N)
+        if AS_SCALE:
+            return _bit_scale(r0, r1, r2, r3, (start_n // SUB_TILE) % 4, BLOCK_M, BLOCK_N)
+        else:
+            return _bit_keep(r0, r1, r2, r3, (start_n // SUB_TILE) % 4, BLOCK_M, BLOCK_N)
     elif DROP_BITS > 0:
         return _slice_keep(seed, bh, start_m, start_n, threshold, BLOCK_M, BLOCK_N)
     else:
@@ -230,11 +257,13 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, SPLIT_A: tl.constexpr = True, S
 
 @triton.jit
 def _key_loop(state, tile: tl.constexpr, ctx, META: tl.constexpr, seed, bh, start_m, Nk, drop_threshold,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr, SHARE_CALLS: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr, SHARE_CALLS: tl.constexpr,
+              KEEP_AS_SCALE: tl.constexpr = False):
     """state = tile(state, ctx, start_n, keep, META, MASKED) over the key tiles of [0, Nk), for the forward and
     dq kernels: a main loop whose step is the CALL_COLUMNS keys of one Philox call per stream with 1-bit
     dropout and SHARE_CALLS (SUB sub-tiles, the call computed once; `shares_calls`), else one tile; then the
-    full tiles left over; then the last, partial tile, the only one with MASKED set."""
+    full tiles left over; then the last, partial tile, the only one with MASKED set. KEEP_AS_SCALE: `keep` is
+    `_bit_scale`'s multipliers (1-bit decisions)."""
     SUB: tl.constexpr = CALL_COLUMNS // BLOCK_N if DROP_BITS == 1 and SHARE_CALLS else 1
     n_full = Nk // BLOCK_N * BLOCK_N
     n_main = Nk // (SUB * BLOCK_N) * (SUB * BLOCK_N)
@@ -245,13 +274,13 @@ def _key_loop(state, tile: tl.constexpr, ctx, META: tl.constexpr, seed, bh, star
             r0, r1, r2, r3 = 0, 0, 0, 0
         for sub in tl.static_range(SUB):
             keep = _sub_keep(r0, r1, r2, r3, seed, bh, start_m, start_n, sub, drop_threshold, BLOCK_M, BLOCK_N,
-                             DROP_BITS)
+                             DROP_BITS, KEEP_AS_SCALE)
             state = tile(state, ctx, start_n + sub * BLOCK_N, keep, META, False)
     for start_n in range(n_main, n_full, BLOCK_N):
-        keep = _tile_keep(seed, bh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS)
+        keep = _tile_keep(seed, bh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS, KEEP_AS_SCALE)
         state = tile(state, ctx, start_n, keep, META, False)
     if n_full < Nk:
-        keep = _tile_keep(seed, bh, start_m, n_full, drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS)
+        keep = _tile_keep(seed, bh, start_m, n_full, drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS, KEEP_AS_SCALE)
         state = tile(state, ctx, n_full, keep, META, True)
     return state
 
@@ -287,7 +316,8 @@ def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexp
     DQ_IN_FWD the two sums of E (docs/kernels.md, "dq from the forward pass"): ea += P~ (v * k), eb += P k;
     state = (acc, m_i, ea, eb), ctx and META as _fwd_kernel packs them. SCALED (fp32 inputs at TF32, and at
     3xTF32 with E): the products take P in fp16 (rounded; at 3xTF32 a hi / lo pair) and the scaled fp16 copies of
-    their B operands that VX and VK carry."""
+    their B operands that VX and VK carry. KEEP_AS_SCALE (1-bit dropout, fp16 products): `keep` is
+    `_bit_scale`'s multipliers and P~ is 2 P where kept, inverted dropout's 1 / (1 - p) included."""
     acc, m_i, ea, eb = state
     q, q_rows, K_bh, VX_b, VK_bh, offs_m, ones, Nq, Nk, stride_qd, stride_kn, stride_kd, stride_vn, stride_vkn, \
         qk_scale, zero = ctx
@@ -303,6 +333,7 @@ def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexp
     D_CHUNK: tl.constexpr = META[9]
     DQ_IN_FWD: tl.constexpr = META[10]
     SCALED: tl.constexpr = META[11]
+    KEEP_AS_SCALE: tl.constexpr = META[12]
     offs_n, k_rows, k, s = _key_scores(q, q_rows, K_bh, offs_m, start_n, Nq, Nk, stride_qd, stride_kn, stride_kd,
                                        HEAD_DIM, MASKED, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK)
     vx = _load_rows(VX_b + offs_n[:, None] * stride_vn + tl.arange(0, DV)[None, :], offs_n, Nk, MASKED)
@@ -311,15 +342,20 @@ def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexp
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s * qk_scale - m_new[:, None])
     acc = acc * alpha[:, None]
-    p_drop = tl.where(keep, p, zero) if DROP else p
     # 3xTF32 (fp32 inputs with E): P as an fp16 hi / lo pair, about 22 significant bits (`_p16`).
     SPLIT_P: tl.constexpr = SCALED and DOT_PRECISION == "tf32x3"
-    if SPLIT_P:  # P~'s pair: P's, selected (one split, not two)
+    if KEEP_AS_SCALE:  # P~'s 16-bit operand: P's times `_bit_scale`'s 0 or 2 (exact)
+        z = keep.to(vx.dtype, bitcast=True)
         p_hi, p_lo = _p16(p, vx.dtype, SPLIT_P)
-        pd_hi = tl.where(keep, p_hi, zero) if DROP else p_hi
-        pd_lo = tl.where(keep, p_lo, zero) if DROP else p_lo
+        pd_hi, pd_lo = p_hi.to(vx.dtype) * z, p_lo.to(vx.dtype) * z
     else:
-        pd_hi, pd_lo = _p16(p_drop, vx.dtype, SPLIT_P)
+        p_drop = tl.where(keep, p, zero) if DROP else p
+        if SPLIT_P:  # P~'s pair: P's, selected (one split, not two)
+            p_hi, p_lo = _p16(p, vx.dtype, SPLIT_P)
+            pd_hi = tl.where(keep, p_hi, zero) if DROP else p_hi
+            pd_lo = tl.where(keep, p_lo, zero) if DROP else p_lo
+        else:
+            pd_hi, pd_lo = _p16(p_drop, vx.dtype, SPLIT_P)
     if VALUE_MMA:
         # `zero` is a runtime 0.0: the select stays in fp32 instead of being pushed past the fp16 rounding.
         acc = _dot_p(pd_hi, pd_lo, vx, acc, SPLIT_P)
@@ -360,6 +396,7 @@ def _fwd_kernel(Q, K, VX, VK, O, LSE, E, SCALES, SEED,
                 H, Nq, Nk, qk_scale, drop_threshold, drop_scale, zero,
                 HEAD_DIM: tl.constexpr, C: tl.constexpr, DV: tl.constexpr,
                 DROP_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_IN_FWD: tl.constexpr,
+                DROP_MULTIPLIER: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr):
     """One program per (query tile, b*H + h): streams over the key tiles with an online softmax. With DQ_IN_FWD
     (C = 1) it also writes E (B*H*Nq, D) fp32, from which the backward's dq is one elementwise product; VK is
@@ -382,6 +419,12 @@ def _fwd_kernel(Q, K, VX, VK, O, LSE, E, SCALES, SEED,
     L_COL: tl.constexpr = 2 * C + 2 if DROP_BITS > 0 else 2 * C
     VALUE_MMA: tl.constexpr = VX.dtype.element_ty != tl.float32
     SCALED: tl.constexpr = VALUE_MMA and Q.dtype.element_ty == tl.float32
+    # DROP_MULTIPLIER (kernels.configs.DROP_MULTIPLIER_ARCHS) and 1-bit dropout with fp16 P~ products (fp16 inputs;
+    # fp32 ones at TF32, and at 3xTF32 with E): P~ = P times `_bit_scale` (two weights per packed multiply), so the
+    # products with P~ carry 1 / (1 - p). Not bf16: Triton emits bf16 products as scalar mul.bf16, and packing their
+    # operands costs more than the select (docs/kernels.md)
+    KEEP_AS_SCALE: tl.constexpr = DROP_MULTIPLIER and DROP_BITS == 1 and VX.dtype.element_ty == tl.float16
+    kept_scale = 1.0 if KEEP_AS_SCALE else drop_scale
     ones = tl.zeros([BLOCK_N, DV], dtype=VX.dtype.element_ty) + (offs_v[None, :] == L_COL).to(VX.dtype.element_ty)
     seed = tl.load(SEED) if DROP_BITS > 0 else 0
     if DQ_IN_FWD:
@@ -394,9 +437,9 @@ def _fwd_kernel(Q, K, VX, VK, O, LSE, E, SCALES, SEED,
     ctx = (q, q_rows, K_bh, VX_b, VK_bh, offs_m, ones, Nq, Nk, stride_qd, stride_kn, stride_kd, stride_vn, stride_vkn,
            qk_scale, zero)
     meta: tl.constexpr = (HEAD_DIM, C, DV, L_COL, DROP_BITS > 0, VALUE_MMA, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK,
-                          DQ_IN_FWD, SCALED)
+                          DQ_IN_FWD, SCALED, KEEP_AS_SCALE)
     acc, m_i, ea, eb = _key_loop(state, _fwd_tile, ctx, meta, seed, bh, start_m, Nk, drop_threshold, BLOCK_M,
-                                 BLOCK_N, DROP_BITS, True)
+                                 BLOCK_N, DROP_BITS, True, KEEP_AS_SCALE)
 
     l_i = tl.sum(tl.where(offs_v[None, :] == L_COL, acc, 0.0), 1)
     if SCALED:  # channel c: the sum of its hi and lo columns c and C + c, unscaled
@@ -405,7 +448,7 @@ def _fwd_kernel(Q, K, VX, VK, O, LSE, E, SCALES, SEED,
             v_c = tl.sum(tl.where((offs_v[None, :] == c) | (offs_v[None, :] == C + c), acc, 0.0), 1)
             acc_v = tl.where(offs_v[None, :] == c, v_c[:, None], acc_v)
         acc = acc_v * tl.load(SCALES)
-    o = acc * (drop_scale / l_i)[:, None]
+    o = acc * (kept_scale / l_i)[:, None]
     row = bh.to(tl.int64) * Nq + offs_m
     tl.store(LSE + row, m_i + tl.log2(l_i), mask=offs_m < Nq)  # lse of the log2-scaled scores
     tl.store(O + row[:, None] * C + offs_v[None, :], o, mask=(offs_m[:, None] < Nq) & (offs_v[None, :] < C))
@@ -413,7 +456,7 @@ def _fwd_kernel(Q, K, VX, VK, O, LSE, E, SCALES, SEED,
         o_0 = tl.sum(tl.where(offs_v[None, :] == 0, o, 0.0), 1)
         if SCALED:  # ea's v k carries the value's scale and the keys', eb's k the keys'
             ea = ea * tl.load(SCALES)
-        e = (ea * drop_scale - eb * o_0[:, None]) * (1.0 / l_i)[:, None]
+        e = (ea * kept_scale - eb * o_0[:, None]) * (1.0 / l_i)[:, None]
         if SCALED:
             e = e * tl.load(SCALES + 1)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -507,11 +550,16 @@ def _dkdv_sub(dk, dv, k, vx, sub: tl.constexpr, ctx, META: tl.constexpr):
 
 @triton.jit
 def _sub_keep(r0, r1, r2, r3, seed, bh, start_m, start_n, sub: tl.constexpr, drop_threshold,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr, AS_SCALE: tl.constexpr = False):
     """Keep decisions of sub-tile `sub` of a main-loop step whose keys start at start_n; with 1-bit decisions
-    the step computed the words r0..r3 of call start_n // CALL_COLUMNS once, and its sub-tiles stay in it."""
+    the step computed the words r0..r3 of call start_n // CALL_COLUMNS once, and its sub-tiles stay in it.
+    AS_SCALE: as `_tile_keep`."""
     if DROP_BITS == 1:
-        return _bit_keep(r0, r1, r2, r3, (start_n // SUB_TILE) % 4 + sub * (BLOCK_N // SUB_TILE), BLOCK_M, BLOCK_N)
+        first = (start_n // SUB_TILE) % 4 + sub * (BLOCK_N // SUB_TILE)
+        if AS_SCALE:
+            return _bit_scale(r0, r1, r2, r3, first, BLOCK_M, BLOCK_N)
+        else:
+            return _bit_keep(r0, r1, r2, r3, first, BLOCK_M, BLOCK_N)
     elif DROP_BITS > 0:
         return _slice_keep(seed, bh, start_m, start_n + sub * BLOCK_N, drop_threshold, BLOCK_M, BLOCK_N)
     else:

@@ -16,9 +16,9 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from kernels import fused
-from kernels.configs import BASE_ARCH, CONFIG_FIELDS, FINE_DROP_BITS, KEEP_MASK_CONFIG, MIN_CAPABILITY, \
-    arch_for_capability, candidates, config_group, dq_in_forward, fitting_candidates, interpreter_meta, split_config, \
-    unsupported_reason
+from kernels.configs import BASE_ARCH, CONFIG_FIELDS, DROP_MULTIPLIER_ARCHS, FINE_DROP_BITS, KEEP_MASK_CONFIG, \
+    MIN_CAPABILITY, arch_for_capability, candidates, config_group, dq_in_forward, fitting_candidates, \
+    interpreter_meta, split_config, unsupported_reason
 
 LOG2E = 1.4426950408889634
 KERNELS = {"fwd": fused._fwd_kernel, "bwd_dkdv": fused._bwd_dkdv_kernel, "bwd_dq": fused._bwd_dq_kernel}
@@ -290,8 +290,9 @@ class Launch:
 
 def fwd_launch(query: torch.Tensor, key: torch.Tensor, operands: ForwardOperands, o: torch.Tensor,
                lse2: torch.Tensor, e: torch.Tensor | None, seed: torch.Tensor, dropout_p: float,
-               scale: float) -> Launch:
-    """The forward; with `e` (B, H, Nq, D) fp32 (and operands.vk) it also writes E, dq's factor."""
+               scale: float, arch: str) -> Launch:
+    """The forward on `arch` (a kernels.configs.ARCHS class); with `e` (B, H, Nq, D) fp32 (and operands.vk) it also
+    writes E, dq's factor."""
     batch, n_query, heads, head_dim = query.shape
     bits, threshold, p_eff = dropout_params(dropout_p)
     vx, vk = operands.vx, operands.vk
@@ -302,7 +303,8 @@ def fwd_launch(query: torch.Tensor, key: torch.Tensor, operands: ForwardOperands
                    *query.stride(), *key.stride(), vx.stride(0), vx.stride(1), *vk_strides, heads, n_query,
                    key.shape[1], scale * LOG2E, threshold, 1.0 / (1.0 - p_eff), 0.0),
                   dict(HEAD_DIM=head_dim, C=o.shape[3], DV=vx.shape[2], DROP_BITS=bits,
-                       DOT_PRECISION=dot_precision(query.dtype), DQ_IN_FWD=e is not None),
+                       DOT_PRECISION=dot_precision(query.dtype), DQ_IN_FWD=e is not None,
+                       DROP_MULTIPLIER=arch in DROP_MULTIPLIER_ARCHS),
                   input_group(query.dtype))
 
 
@@ -443,7 +445,8 @@ def fused_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seed:
     lse2 = torch.empty((batch, heads, n_query), dtype=torch.float32, device=query.device)
     e = torch.empty(_e_shape(query, value, for_grad), dtype=torch.float32, device=query.device)
     operands = forward_operands(key, value, e.numel() > 0)
-    runner(fwd_launch(query, key, operands, o, lse2, e if e.numel() else None, seed, dropout_p, scale))
+    runner(fwd_launch(query, key, operands, o, lse2, e if e.numel() else None, seed, dropout_p, scale,
+                      device_arch(query.device)))
     return o, lse2, e
 
 

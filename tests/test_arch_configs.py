@@ -230,7 +230,7 @@ def _launch(kernel="fwd", head_dim=64, dropout_p=0.5):
     vx = ops.value_operand(torch.zeros(1, 64, 1))
     o, lse2 = torch.zeros(1, 1, 64, 1), torch.zeros(1, 1, 64)
     return ops.fwd_launch(q, q, ops.ForwardOperands(vx, None, None), o, lse2, None, torch.zeros(1, dtype=torch.int64),
-                          dropout_p, 0.1)
+                          dropout_p, 0.1, configs.BASE_ARCH)
 
 
 def test_a_launch_keeps_the_group_of_the_precision_it_was_built_with():
