@@ -8,6 +8,8 @@ with larger shapes and bf16 too.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -417,6 +419,40 @@ class _TinyAttention(torch.nn.Module):
         q = self.lq(x).view(*x.shape[:2], self.heads, -1)
         k = self.lk(y).view(*y.shape[:2], self.heads, -1)
         return dcama_attention(q, k, mask, dropout_p=self.dropout_p, seed=99, impl=self.impl)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,precision", [(torch.float16, "highest"), (torch.float32, "high"),
+                                             (torch.float32, "highest")], ids=["fp16", "fp32-tf32", "fp32-tf32x3"])
+def test_dropout_multipliers_give_the_select_bit_for_bit(device, dtype, precision):
+    """The forward that drops fp16 weights with `_bit_scale`'s multipliers (DROP_MULTIPLIER, on the classes of
+    kernels.configs.DROP_MULTIPLIER_ARCHS) writes exactly what the select gives (the other classes): o, the
+    log-sum-exp and E, through the main loop's sub-tiles per Philox call, a leftover full tile and the masked last
+    one; q and k x 3 make many fp16 weights subnormal, which the packed multiply must double, not flush."""
+    g = torch.Generator().manual_seed(11)
+    n_query, n_key = (37, 64 * 4 + 64 + 13) if device == "cpu" else (301, 1111)
+    q = (3 * torch.randn(1, n_query, 2, 32, generator=g)).to(device, dtype)
+    k = (3 * torch.randn(1, n_key, 2, 32, generator=g)).to(device, dtype)
+    v = torch.rand(1, n_key, 1, generator=g).to(device, dtype)
+    seed = torch.tensor([5], device=device)
+
+    def forward(multiplier: bool) -> tuple[torch.Tensor, ...]:
+        def runner(launch: ops.Launch) -> None:
+            forced = replace(launch, constexprs={**launch.constexprs, "DROP_MULTIPLIER": multiplier})
+            if device == "cpu":
+                ops.run_interpreted(forced)
+            else:
+                ops.run(forced)
+        return ops.fused_fwd(q, k, v, seed, 0.5, 32 ** -0.5, True, runner)
+
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        with_multipliers, with_select = forward(True), forward(False)
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    for name, a, b in zip(("o", "lse", "E"), with_multipliers, with_select):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("device", DEVICES)

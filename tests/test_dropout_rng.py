@@ -10,7 +10,6 @@ across rows (the two rows of a stream, 8 apart) and across heads and batches.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from helpers import covering_shape
 from kernels import dcama_attention, dropout_keep_mask, effective_dropout_p
 from kernels.configs import interpreter_meta
 from kernels.fused import _bit_keep, _bit_scale, _philox
-from kernels.ops import KERNELS, dropout_params, fused_fwd, run_interpreted
+from kernels.ops import KERNELS, dropout_params
 from kernels.reference import dcama_attention_reference
 
 pytestmark = pytest.mark.interpreter
@@ -137,34 +136,6 @@ def test_bit_scale_holds_the_bit_keep_decisions(block_n):
         _keep_and_scale_kernel[(1,)](words, keep, scale, first, BLOCK_M=block_m, BLOCK_N=block_n)
         assert keep.float().mean().item() == pytest.approx(0.5, abs=0.1)
         assert torch.equal(scale, keep * 0x4000), f"first sub-tile {first}"
-
-
-@pytest.mark.parametrize("dtype,precision", [(torch.float16, "highest"), (torch.float32, "high"),
-                                             (torch.float32, "highest")], ids=["fp16", "fp32-tf32", "fp32-tf32x3"])
-def test_dropout_multipliers_give_the_select_bit_for_bit(dtype, precision):
-    """The forward that drops fp16 weights with `_bit_scale`'s multipliers (kernels.configs.DROP_MULTIPLIER_ARCHS)
-    writes exactly what the select gives (sm_80, sm_120): o, the log-sum-exp and E, through the main loop's four
-    sub-tiles per Philox call, a leftover full tile and the masked last one."""
-    g = torch.Generator().manual_seed(11)
-    q = torch.randn(1, 37, 2, 32, generator=g).to(dtype)
-    k = torch.randn(1, 64 * 4 + 64 + 13, 2, 32, generator=g).to(dtype)
-    v = torch.rand(1, k.shape[1], 1, generator=g).to(dtype)
-
-    def forward(multiplier: bool) -> tuple[torch.Tensor, ...]:
-        def runner(launch):
-            assert launch.constexprs["DROP_MULTIPLIER"]  # the interpreter stands for sm_90
-            run_interpreted(replace(launch, constexprs={**launch.constexprs, "DROP_MULTIPLIER": multiplier}))
-        return fused_fwd(q, k, v, torch.tensor([5]), 0.5, 32 ** -0.5, True, runner)
-
-    saved = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        with_multipliers, with_select = forward(True), forward(False)
-    finally:
-        torch.set_float32_matmul_precision(saved)
-    assert with_multipliers[2].numel() > 0, "E computed"
-    for name, a, b in zip(("o", "lse", "E"), with_multipliers, with_select):
-        assert torch.equal(a, b), name
 
 
 # ---------------------------------------------------------------------------------------------
