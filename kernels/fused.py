@@ -144,21 +144,22 @@ def _slice_keep(seed, bh, start_m, start_n, threshold, BLOCK_M: tl.constexpr, BL
 
 
 @triton.jit
+def _call_words(seed, bh, start_m, start_n, BLOCK_M: tl.constexpr, DROP_BITS: tl.constexpr):
+    """With 1-bit decisions the 4 words (`_bit_words`) of the call whose keys hold start_n; placeholders otherwise
+    (16-bit slices compute their calls per tile)."""
+    if DROP_BITS == 1:
+        return _bit_words(seed, bh, start_m, start_n // CALL_COLUMNS, BLOCK_M)
+    else:
+        return 0, 0, 0, 0
+
+
+@triton.jit
 def _tile_keep(seed, bh, start_m, start_n, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                DROP_BITS: tl.constexpr, AS_SCALE: tl.constexpr = False):
     """Keep decisions of a tile, computing the Philox calls it needs (any tile position; BLOCK_N <= 256 and
-    the tile within one call's 256 columns); 0 without dropout. AS_SCALE: 1-bit decisions as `_bit_scale`'s
-    multipliers."""
-    if DROP_BITS == 1:
-        r0, r1, r2, r3 = _bit_words(seed, bh, start_m, start_n // CALL_COLUMNS, BLOCK_M)
-        if AS_SCALE:
-            return _bit_scale(r0, r1, r2, r3, (start_n // SUB_TILE) % 4, BLOCK_M, BLOCK_N)
-        else:
-            return _bit_keep(r0, r1, r2, r3, (start_n // SUB_TILE) % 4, BLOCK_M, BLOCK_N)
-    elif DROP_BITS > 0:
-        return _slice_keep(seed, bh, start_m, start_n, threshold, BLOCK_M, BLOCK_N)
-    else:
-        return 0
+    the tile within one call's 256 columns); 0 without dropout. AS_SCALE: as `_sub_keep`."""
+    r0, r1, r2, r3 = _call_words(seed, bh, start_m, start_n, BLOCK_M, DROP_BITS)
+    return _sub_keep(r0, r1, r2, r3, seed, bh, start_m, start_n, 0, threshold, BLOCK_M, BLOCK_N, DROP_BITS, AS_SCALE)
 
 
 @triton.jit
@@ -268,10 +269,7 @@ def _key_loop(state, tile: tl.constexpr, ctx, META: tl.constexpr, seed, bh, star
     n_full = Nk // BLOCK_N * BLOCK_N
     n_main = Nk // (SUB * BLOCK_N) * (SUB * BLOCK_N)
     for start_n in range(0, n_main, SUB * BLOCK_N):
-        if DROP_BITS == 1:
-            r0, r1, r2, r3 = _bit_words(seed, bh, start_m, start_n // CALL_COLUMNS, BLOCK_M)
-        else:
-            r0, r1, r2, r3 = 0, 0, 0, 0
+        r0, r1, r2, r3 = _call_words(seed, bh, start_m, start_n, BLOCK_M, DROP_BITS)
         for sub in tl.static_range(SUB):
             keep = _sub_keep(r0, r1, r2, r3, seed, bh, start_m, start_n, sub, drop_threshold, BLOCK_M, BLOCK_N,
                              DROP_BITS, KEEP_AS_SCALE)
@@ -553,7 +551,7 @@ def _sub_keep(r0, r1, r2, r3, seed, bh, start_m, start_n, sub: tl.constexpr, dro
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr, AS_SCALE: tl.constexpr = False):
     """Keep decisions of sub-tile `sub` of a main-loop step whose keys start at start_n; with 1-bit decisions
     the step computed the words r0..r3 of call start_n // CALL_COLUMNS once, and its sub-tiles stay in it.
-    AS_SCALE: as `_tile_keep`."""
+    AS_SCALE: 1-bit decisions as `_bit_scale`'s multipliers."""
     if DROP_BITS == 1:
         first = (start_n // SUB_TILE) % 4 + sub * (BLOCK_N // SUB_TILE)
         if AS_SCALE:
@@ -607,10 +605,8 @@ def _dkdv_rows(dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2
     else:
         lse2 = tl.load(LSE + row)
         neg_delta = tl.load(NEGD + row)
-    if DROP_BITS == 1:  # one Philox call per stream serves the SUB sub-tiles
-        r0, r1, r2, r3 = _bit_words(seed, bh, start_m, start_n // CALL_COLUMNS, BLOCK_M)
-    else:
-        r0, r1, r2, r3 = 0, 0, 0, 0
+    # one Philox call per stream serves the SUB sub-tiles
+    r0, r1, r2, r3 = _call_words(seed, bh, start_m, start_n, BLOCK_M, DROP_BITS)
     ctx = (q, q_split, dod, dod_v, lse2, neg_delta, q_rows, q_mask, K_bh, Nk, stride_qd, stride_kn, stride_kd,
            qk_scale, zero, r0, r1, r2, r3, seed, bh, start_m, start_n, drop_threshold)
     meta: tl.constexpr = (DROP_BITS, DOT_PRECISION, BLOCK_M, BLOCK_N, HEAD_DIM, D_CHUNK, PAIRS)
