@@ -1,6 +1,6 @@
 """The one command to run on a GPU machine: fills in every figure this project claims.
 
-    python bench/gpu_report.py [--out gpu_report.md] [--quick] [--allow-cpu]
+    python bench/gpu_report.py [--out gpu_report.md] [--quick] [--allow-cpu] [--deadline-s SECONDS]
 
 Runs, each in a subprocess with TRITON_INTERPRET removed from the environment:
   1. the CUDA parity tests (`python -m pytest -m cuda tests`, bf16 included),
@@ -8,9 +8,11 @@ Runs, each in a subprocess with TRITON_INTERPRET removed from the environment:
   3. bench/train_step.py (step time, peak memory, largest batch in 80 GiB),
   4. bench/kernel_report.py (every kernel configuration for sm_80 and sm_90),
 and writes one markdown report with every table, the device, the software versions, and the design targets
-checked against the measured rows. Without a GPU it refuses, unless --allow-cpu, which writes the subset a
-CPU can measure (saved bytes, cost model, compile report), labelled as such; it never prints a time it did
-not measure.
+checked against the measured rows, with the benches' JSON beside it. The report is rewritten after every step,
+so an interrupted run keeps what finished; --deadline-s stops a step still running at that many seconds from the
+start (its output so far goes in, marked) and skips the steps left, for a GPU lent by the minute. Without a GPU
+it refuses, unless --allow-cpu, which writes the subset a CPU can measure (saved bytes, cost model, compile
+report), labelled as such; it never prints a time it did not measure.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,45 @@ TARGET_VS_BEST_PEER = 1.5
 TARGET_OF_EXP_FLOOR = 1.5
 
 
-def run_step(title: str, args: list[str], env: dict[str, str]) -> dict[str, Any]:
+def positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def run_step(title: str, args: list[str], env: dict[str, str], seconds_left: float | None) -> dict[str, Any]:
+    """Run one step to its end, or until `seconds_left` (None: no limit; <= 0: not started)."""
+    step = {"title": title, "cmd": " ".join(["python", *args]), "rc": None, "seconds": 0.0, "stdout": "",
+            "stderr": "", "stopped": None}
+    if seconds_left is not None and seconds_left <= 0:
+        step["stopped"] = "not run: the deadline had passed"
+        return step
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    return {"title": title, "cmd": " ".join(["python", *args]), "rc": proc.returncode,
-            "seconds": time.perf_counter() - start, "stdout": proc.stdout, "stderr": proc.stderr}
+    try:
+        proc = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                              timeout=seconds_left)
+        step.update(rc=proc.returncode, stdout=proc.stdout, stderr=proc.stderr)
+    except subprocess.TimeoutExpired as exc:
+        step.update(stdout=_text(exc.stdout), stderr=_text(exc.stderr),
+                    stopped=f"stopped at the deadline after {seconds_left:.0f} s; its output so far")
+    step["seconds"] = time.perf_counter() - start
+    return step
+
+
+def _text(output: str | bytes | None) -> str:
+    """A TimeoutExpired's partial output (bytes even under text=True, or None)."""
+    if isinstance(output, bytes):
+        return output.decode(errors="replace")
+    return output or ""
+
+
+def step_ok(step: dict[str, Any]) -> bool:
+    return step["rc"] == 0 and step["stopped"] is None
+
+
+def step_status(step: dict[str, Any]) -> str:
+    return step["stopped"] or ("ok" if step["rc"] == 0 else f"FAILED (exit {step['rc']})")
 
 
 def check_targets(rows: list[dict[str, Any]]) -> list[str]:
@@ -88,10 +123,9 @@ def check_targets(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def section(step: dict[str, Any]) -> str:
-    status = "ok" if step["rc"] == 0 else f"FAILED (exit {step['rc']})"
-    body = [f"## {step['title']}", "", f"`{step['cmd']}`: {status}, {step['seconds']:.0f} s", "",
+    body = [f"## {step['title']}", "", f"`{step['cmd']}`: {step_status(step)}, {step['seconds']:.0f} s", "",
             step["stdout"].strip()]
-    if step["rc"] != 0 and step["stderr"].strip():
+    if not step_ok(step) and step["stderr"].strip():
         body += ["", "```", step["stderr"].strip()[-4000:], "```"]
     return "\n".join(body)
 
@@ -102,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="the benches' --quick subsets and the sampled compile report")
     parser.add_argument("--allow-cpu", action="store_true", help="without a GPU, write the CPU-measurable subset")
+    parser.add_argument("--deadline-s", type=positive_seconds, metavar="SECONDS",
+                        help="stop the step running at this many seconds from the start and skip the rest")
     args = parser.parse_args(argv)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     gpu = torch.cuda.is_available()  # the children run without TRITON_INTERPRET, compiled
@@ -111,27 +147,36 @@ def main(argv: list[str] | None = None) -> int:
               "(saved bytes, cost model, compile report; no times).", file=sys.stderr)
         return 2
     quick = ["--quick"] if args.quick else []
-    with tempfile.TemporaryDirectory() as tmp:
-        att_json, train_json = Path(tmp) / "attention.json", Path(tmp) / "train_step.json"
-        steps = []
-        if gpu:
-            steps.append(run_step("CUDA parity tests", ["-m", "pytest", "-m", "cuda", "tests", "-q", "-rs"], env))
-        steps.append(run_step("Attention benchmark", ["bench/attention.py", *quick, "--json", str(att_json)], env))
-        steps.append(run_step("Training step", ["bench/train_step.py", *quick, "--json", str(train_json)], env))
-        steps.append(run_step("Kernel compile report",
-                              ["bench/kernel_report.py", *(["--sample"] if args.quick else [])], env))
-        rows = json.loads(att_json.read_text()) if att_json.exists() else []
+    out = Path(args.out)
+    att_json, train_json = out.with_suffix(".attention.json"), out.with_suffix(".train_step.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (out, att_json, train_json):  # an earlier run's rows must not pass for this run's
+        stale.unlink(missing_ok=True)
+    plan = [("CUDA parity tests", ["-m", "pytest", "-m", "cuda", "tests", "-q", "-rs"])] if gpu else []
+    plan += [("Attention benchmark", ["bench/attention.py", *quick, "--json", str(att_json)]),
+             ("Training step", ["bench/train_step.py", *quick, "--json", str(train_json)]),
+             ("Kernel compile report", ["bench/kernel_report.py", *(["--sample"] if args.quick else [])])]
+    start, steps = time.perf_counter(), []
+    for title, step_args in plan:
+        left = None if args.deadline_s is None else args.deadline_s - (time.perf_counter() - start)
+        steps.append(run_step(title, step_args, env, left))
+        write_report(out, steps, gpu, args.quick, att_json)
+        print(f"{title}: {step_status(steps[-1])}, {steps[-1]['seconds']:.0f} s", flush=True)
+    print(f"wrote {out}, {att_json.name}, {train_json.name}")
+    return 0 if all(step_ok(s) for s in steps) else 1
+
+
+def write_report(out: Path, steps: list[dict[str, Any]], gpu: bool, quick: bool, att_json: Path) -> None:
+    """The report of the steps run so far (rewritten after each)."""
+    rows = json.loads(att_json.read_text()) if att_json.exists() else []
     versions = software_versions()
     head = [f"# DCAMA attention: {'GPU' if gpu else 'CPU-ONLY SUBSET (no GPU: no times, no peak memory)'} report",
             "", f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} by "
             "`python bench/gpu_report.py"
-            f"{' --quick' if args.quick else ''}`.", "", "| software | version |", "| --- | --- |",
+            f"{' --quick' if quick else ''}`.", "", "| software | version |", "| --- | --- |",
             *[f"| {k} | {v} |" for k, v in versions.items()], "", describe_peaks() + ".", "",
             "## Design targets (Swin-B 1/8, K = 1, fwd+bwd, dropout 0.5)", "", *check_targets(rows)]
-    report = "\n".join(head) + "\n\n" + "\n\n".join(section(s) for s in steps) + "\n"
-    Path(args.out).write_text(report)
-    print(f"wrote {args.out}: " + ", ".join(f"{s['title']} {'ok' if s['rc'] == 0 else 'FAILED'}" for s in steps))
-    return 0 if all(s["rc"] == 0 for s in steps) else 1
+    out.write_text("\n".join(head) + "\n\n" + "\n\n".join(section(s) for s in steps) + "\n")
 
 
 if __name__ == "__main__":

@@ -61,10 +61,14 @@ if __package__ in (None, ""):  # run as a script
 if __name__ == "__main__":  # compiling needs real JITFunctions: the kernels must not be decorated for the interpreter
     os.environ.pop("TRITON_INTERPRET", None)
 
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
 from bench.common import H100_SXM, markdown_table
 from dcama.files import write_json
-from kernels.configs import ARCHS, BASE_ARCH, REGISTERS_PER_BLOCK, REGISTERS_PER_THREAD, base_candidates, \
-    candidates, config_group, dq_in_forward, launch_keys, split_config
+from kernels.configs import ARCHS, BASE_ARCH, REGISTERS_PER_BLOCK, REGISTERS_PER_THREAD, TRITON_VERSION, \
+    base_candidates, candidates, config_group, derived_with, dq_in_forward, launch_keys, split_config
 from kernels.arch_configs import DERIVED
 
 ARCH_CAPABILITIES = tuple(arch.capability for arch in ARCHS.values())
@@ -145,8 +149,6 @@ def _specs(arch: str) -> list[dict[str, Any]]:
 
 
 def _tool(name: str) -> str:
-    import triton
-
     path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: this triton wheel does not bundle {name}")
@@ -247,10 +249,6 @@ def _ptxas_log(kernel: Any, cc: int, captured: str) -> str:
 
 def compile_spec(spec: dict[str, Any], cc: int) -> Any:
     """The CompiledKernel of one spec for compute capability cc (Triton prints the ptxas log to stdout)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     src = ASTSource(spec["fn"], spec["signature"], spec["constexprs"], spec.get("attrs"))
     return triton.compile(src, target=GPUTarget("cuda", cc, 32),
                           options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
@@ -624,8 +622,10 @@ def main(argv: list[str] | None = None) -> int:
         print(format_mix(rows))
         print()
         print(format_model(static_model(rows)))
+    other = "" if derived_with(triton.__version__) else \
+        f" (the tables were derived with triton {TRITON_VERSION}: a failure below may be this triton's)"
     print(f"\ncompiled {len(records)} kernel/arch pairs in {time.perf_counter() - start:.1f} s "
-          f"with {args.jobs} processes")
+          f"with {args.jobs} processes, triton {triton.__version__}{other}")
     if args.json:
         write_json(args.json, records)
     for msg in failures + limit_violations(records):

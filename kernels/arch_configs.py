@@ -4,6 +4,8 @@
 
 and see docs/kernels.md, "Architectures"."""
 
+# The triton whose compiles these tables hold (kernels.ops warns when another one runs them).
+TRITON_VERSION = '3.8.0'
 # DERIVED[arch][(kernel, group, head dim, DROP_BITS)] = (entry, why): where the sm_90 entry does not fit
 # `arch` or spills there; entry None where no variant fits (the launch is not supported there).
 DERIVED: dict[str, dict[tuple[str, str, int, int], tuple[tuple[int, ...] | None, str]]] = {

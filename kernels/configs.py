@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kernels.arch_configs import DERIVED, MEASURED
+from kernels.arch_configs import DERIVED, MEASURED, TRITON_VERSION
 from kernels.fused import CALL_COLUMNS, SUB_TILE
 
 Config = tuple[int, ...]
@@ -184,6 +184,25 @@ def fitting_candidates(kernel: str, group: str, head_dim: int, drop_bits: int, a
     measured = MEASURED.get(arch, {})
     return [entry for entry in candidates(kernel, group, head_dim, drop_bits, arch)
             if measured.get((kernel, group, head_dim, drop_bits, entry), (0,))[0] <= shared_limit]
+
+
+def derived_with(triton_version: str) -> bool:
+    """Whether triton `triton_version` is the release (major.minor) the tables were derived with, TRITON_VERSION."""
+    return triton_version.split(".")[:2] == TRITON_VERSION.split(".")[:2]
+
+
+def other_triton_warning(installed: str, arch: str) -> str | None:
+    """What may go wrong when triton `installed` (not the major.minor of TRITON_VERSION, the compiler the tables were
+    derived with) compiles them for `arch`, or None. Measured with triton 3.6 (docs/kernels.md, "Architectures"):
+    five sm_90 entries spill and four sm_100 ones need more tensor memory than the GPU has."""
+    if derived_with(installed):
+        return None
+    risk = ("more tensor memory than the GPU has (such a kernel traps)" if ARCHS[arch].tmem_columns else
+            "register spills (slower, not wrong)")
+    return (f"the fused kernels' block sizes (kernels/arch_configs.py) were derived with triton {TRITON_VERSION}; "
+            f"triton {installed} compiles them, and on {arch} an entry may then need {risk}. `python "
+            f"bench/kernel_report.py --sample --archs {ARCHS[arch].capability}` checks them under this triton; "
+            "README's install gives the triton they were derived with")
 
 
 def split_config(kernel: str, entry: Config) -> tuple[dict[str, int], int, int]:

@@ -8,6 +8,7 @@ very arguments the op passes. The operand layouts are documented in docs/kernels
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -18,7 +19,7 @@ from triton.runtime.errors import OutOfResources
 from kernels import fused
 from kernels.configs import BASE_ARCH, CONFIG_FIELDS, DROP_MULTIPLIER_ARCHS, FINE_DROP_BITS, KEEP_MASK_CONFIG, \
     MIN_CAPABILITY, arch_for_capability, candidates, config_group, dq_in_forward, fitting_candidates, \
-    interpreter_meta, split_config, unsupported_reason
+    interpreter_meta, other_triton_warning, split_config, unsupported_reason
 
 LOG2E = 1.4426950408889634
 KERNELS = {"fwd": fused._fwd_kernel, "bwd_dkdv": fused._bwd_dkdv_kernel, "bwd_dq": fused._bwd_dq_kernel}
@@ -383,6 +384,15 @@ def _launch_name(launch: Launch) -> str:
 
 
 _AUTOTUNED: dict[tuple[str, str, int, int, str, int], Any] = {}
+_WARNED_OF_TRITON: set[str] = set()
+
+
+def _warn_once_of_other_triton(arch: str) -> None:
+    """configs.other_triton_warning as a warning, once per architecture class."""
+    message = other_triton_warning(triton.__version__, arch)
+    if message and arch not in _WARNED_OF_TRITON:
+        _WARNED_OF_TRITON.add(arch)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _autotuned(launch: Launch, limits: DeviceLimits) -> Any:
@@ -391,6 +401,7 @@ def _autotuned(launch: Launch, limits: DeviceLimits) -> Any:
     bits = launch.constexprs["DROP_BITS"]
     key = (launch.kernel, launch.group, launch.head_dim, bits, limits.arch, limits.shared_bytes)
     if key not in _AUTOTUNED:
+        _warn_once_of_other_triton(limits.arch)
         entries = fitting_candidates(launch.kernel, launch.group, launch.head_dim, bits, limits.arch,
                                      limits.shared_bytes)
         if not entries:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import triton
 from triton.runtime.errors import OutOfResources
 
 import kernels.attention as attention
@@ -175,17 +176,24 @@ def test_derive_reports_when_no_variant_fits(monkeypatch):
     assert "640 tensor-memory columns > 512" in why and "compiles to a trap" in why and "NO VARIANT FITS" in why
 
 
-def test_measurements_of_an_earlier_kernel_source_are_dropped(monkeypatch):
-    """measure() records the kernel's source hash; the cache keeps only what the current source measured."""
+def test_measurements_of_an_earlier_kernel_source_or_another_triton_are_dropped(monkeypatch):
+    """measure() records the kernel's source hash and the triton version; the cache keeps only what the current
+    source measured with the running triton."""
     monkeypatch.setattr(kernel_report, "compile_record", lambda spec, cc: fake_usage(shared=5))
     monkeypatch.setattr(kernel_specs, "spec_of", lambda kernel, group, dtype, *args: {
         "name": f"fwd_{dtype}", "num_warps": 4, "fn": SimpleNamespace(cache_key="new"), "config": {}})
+    running = triton.__version__
     cache = {"sm_86 fwd_torch.float16": {"arch": "sm_86", "key": ["fwd", "16bit", 16, 0], "source": "old",
-                                         **fake_usage(shared=9)}}
-    cache = derive_configs.current_measurements(cache, {"fwd": "new"})
+                                         "triton": running, **fake_usage(shared=9)},
+             "sm_86 fwd_torch.bfloat16": {"arch": "sm_86", "key": ["fwd", "16bit", 16, 0], "source": "new",
+                                          "triton": "3.6.0", **fake_usage(shared=9)}}
+    cache = derive_configs.current_measurements(cache, {"fwd": "new"}, running)
+    assert cache == {}
     assert derive_configs.measure("sm_86", ("fwd", "16bit", 16, 0), (64, 64, 16, 4, 1), cache)["shared_bytes"] == 5
-    assert {usage["source"] for usage in cache.values()} == {"new"} and len(cache) == 2  # fp16 and bf16
-    assert derive_configs.current_measurements(cache, {"fwd": "newer"}) == {}
+    assert {(usage["source"], usage["triton"]) for usage in cache.values()} == {("new", running)}
+    assert len(cache) == 2  # fp16 and bf16
+    assert derive_configs.current_measurements(cache, {"fwd": "newer"}, running) == {}
+    assert derive_configs.current_measurements(cache, {"fwd": "new"}, "3.6.0") == {}
 
 
 def test_generated_module_round_trips():
@@ -194,11 +202,11 @@ def test_generated_module_round_trips():
                    "shared_bytes": 5, "tmem_columns": 0, "registers": 100, "spill_bytes": 0},
              "b": {"arch": "sm_86", "key": ["fwd", "16bit", 128, 1], "entry": [64, 64, 64, 8, 1],
                    "shared_bytes": 7, "tmem_columns": 0, "registers": 90, "spill_bytes": 4}}
-    text = derive_configs.module_text(derived, cache, "python bench/derive_configs.py")
+    text = derive_configs.module_text(derived, cache, "python bench/derive_configs.py", "3.8.0")
     assert max(len(line) for line in text.splitlines()) <= 120
     namespace: dict = {}
     exec(text, namespace)
-    assert namespace["DERIVED"] == derived
+    assert namespace["TRITON_VERSION"] == "3.8.0" and namespace["DERIVED"] == derived
     assert namespace["MEASURED"] == {"sm_86": {("fwd", "16bit", 128, 1, (64, 64, 64, 8, 1)): (7, 0, 100, 4)}}
 
 
@@ -272,6 +280,30 @@ def test_a_launch_no_variant_fits_has_no_candidate_and_its_error_says_why(monkey
     monkeypatch.setattr(kernel_report, "DERIVED", configs.DERIVED)
     row = next(line for line in kernel_report.format_choices((86,)).splitlines() if f"fwd {launch.group} 64 1" in line)
     assert "| none: not supported |" in row and why in row
+
+
+def test_another_triton_than_the_tables_were_derived_with_is_warned_of_once_per_class(monkeypatch):
+    derived_with = configs.TRITON_VERSION
+    assert configs.other_triton_warning(derived_with, "sm_90") is None
+    assert configs.other_triton_warning(derived_with.rsplit(".", 1)[0] + ".9", "sm_90") is None  # a patch release
+    hopper = configs.other_triton_warning("3.6.0", "sm_90")
+    assert "triton 3.6.0" in hopper and derived_with in hopper and "spills" in hopper and "--archs 90" in hopper
+    assert "tensor memory" in configs.other_triton_warning("3.6.0", "sm_100")
+    monkeypatch.setattr(ops, "_WARNED_OF_TRITON", set())
+    monkeypatch.setattr(ops.triton, "__version__", "3.6.0")
+    launch = _launch()
+    limits = ops.DeviceLimits("sm_86", 100, "Tiny GPU (compute capability 8.6, 100 B shared memory)")
+    for expected in (1, 0):  # warned by the first launch built for the class, not by the next
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(ops.KernelResourceError):  # no entry fits 100 B: the launch is refused after it
+                ops._autotuned(launch, limits)
+        assert [str(w.message) for w in caught] == [configs.other_triton_warning("3.6.0", "sm_86")] * expected
+    monkeypatch.setattr(ops.triton, "__version__", derived_with)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ops._warn_once_of_other_triton("sm_90")
+    assert not caught
 
 
 class RefusingKernel:

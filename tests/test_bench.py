@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from bench.attention import make_call
 from bench.common import (DTYPES, AttentionShape, SavedTensorBytes, attention_cost, attention_shape, floors_ms,
                           shape_only)
+from bench.gpu_report import run_step, section, step_ok
 from bench.train_step import largest_batch
 from dcama.backbones import BACKBONES
 from dcama.model import split_heads
@@ -177,6 +179,33 @@ def test_gpu_report_refuses_without_gpu(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "REFUSED" in proc.stderr
     assert not (tmp_path / "r.md").exists()
+
+
+def test_gpu_report_step_keeps_its_output_at_the_deadline():
+    started = time.perf_counter()
+    step = run_step("sleeper", ["-c", "print('partial', flush=True); import time; time.sleep(60)"], dict(os.environ),
+                    seconds_left=3.0)
+    assert time.perf_counter() - started < 30
+    assert step["stopped"].startswith("stopped at the deadline") and "partial" in step["stdout"]
+    assert not step_ok(step) and "partial" in section(step)
+    skipped = run_step("late", ["-c", "pass"], dict(os.environ), seconds_left=0.0)
+    assert skipped["stopped"].startswith("not run") and not step_ok(skipped)
+
+
+def test_gpu_report_writes_what_ran_by_its_deadline(tmp_path):
+    out = tmp_path / "new" / "r.md"
+    out.parent.mkdir()
+    out.with_suffix(".attention.json").write_text("[]")  # an earlier run's, which this one must not report
+    proc = subprocess.run([sys.executable, "bench/gpu_report.py", "--allow-cpu", "--quick", "--deadline-s", "1",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    report = out.read_text()
+    steps = report.count("\n`python ")  # one per step (a GPU adds the parity tests first)
+    assert report.count("stopped at the deadline") == 1
+    assert report.count("not run: the deadline had passed") == steps - 1 >= 2
+    assert not out.with_suffix(".attention.json").exists()
+    for title in ("Attention benchmark", "Training step", "Kernel compile report"):
+        assert f"## {title}" in report and title in proc.stdout
 
 
 def test_checkpoint_sizes_count_the_frozen_backbone_once():
