@@ -49,13 +49,22 @@ GPU_CONFIGS: dict[str, dict[str, dict[int, list[Config]]]] = {
                    128: [(64, 64, 16, 64, 4, 1)], 256: [(64, 64, 16, 64, 4, 1)]},
     },
 }
-# With 16-bit dropout slices (p != 1/2) a 64-column sub-tile needs four Philox calls per stream: where the
-# default entry runs out of registers with them, these entries replace it for that dropout mode.
-SLICE_CONFIGS: dict[str, dict[str, dict[int, list[Config]]]] = {
-    "fwd": {"16bit": {16: [(128, 64, 16, 8, 2)], 32: [(128, 64, 32, 8, 2)]},
-            "tf32": {16: [(128, 64, 16, 8, 2)], 32: [(128, 64, 32, 8, 2)]}},
-    "bwd_dkdv": {"16bit": {16: [(64, 64, 2, 16, 16, 4, 1)], 32: [(64, 64, 2, 32, 32, 4, 1)]}},
-    "bwd_dq": {"16bit": {16: [(128, 64, 16, 16, 8, 3)], 32: [(128, 64, 32, 32, 8, 3)]}},
+# The dropout modes a launch can be in, as DROP_BITS: none, 1-bit decisions (p = 1/2), 16-bit slices (any other p).
+FINE_DROP_BITS = 16
+DROP_MODES = (0, 1, FINE_DROP_BITS)
+# Entries that replace GPU_CONFIGS' for one dropout mode, MODE_CONFIGS[DROP_BITS][kernel][group][head dim]. With
+# 16-bit slices a 64-column sub-tile needs four Philox calls per stream: where the default entry runs out of
+# registers with them, these replace it. Without dropout the 16-bit dk/dv kernel at D = 32 takes its 128 keys as
+# one tile: 5.84 lane-instructions per score on sm_90 against 6.02 for the default's 4 x 64 keys, which counts
+# 9.44 with dropout 0.5 where 128 keys as one tile spill 96 B (docs/kernels.md, "Budget").
+MODE_CONFIGS: dict[int, dict[str, dict[str, dict[int, list[Config]]]]] = {
+    0: {"bwd_dkdv": {"16bit": {32: [(64, 128, 1, 32, 32, 4, 1)]}}},
+    FINE_DROP_BITS: {
+        "fwd": {"16bit": {16: [(128, 64, 16, 8, 2)], 32: [(128, 64, 32, 8, 2)]},
+                "tf32": {16: [(128, 64, 16, 8, 2)], 32: [(128, 64, 32, 8, 2)]}},
+        "bwd_dkdv": {"16bit": {16: [(64, 64, 2, 16, 16, 4, 1)], 32: [(64, 64, 2, 32, 32, 4, 1)]}},
+        "bwd_dq": {"16bit": {16: [(128, 64, 16, 16, 8, 3)], 32: [(128, 64, 32, 32, 8, 3)]}},
+    },
 }
 # Where the forward computes dq's factor E for a one-channel value (kernels.ops.dq_in_forward), by group: the
 # head dims at which its two extra [BLOCK_M, D] accumulators fit without spilling (16 bits: at D = 128 every
@@ -80,9 +89,6 @@ DQ_IN_FORWARD_SPILLS = {("16bit", 64): ("sm_80", "sm_86", "sm_89", "sm_120"), ("
 # forward with E, at 255 registers either way, counted more with them (fp16 12.60 against 12.05, TF32 15.73 against
 # 15.21 at D = 32); not sm_120: no entry served its 16-bit forward with and without E at D = 32 without spilling.
 DROP_MULTIPLIER_ARCHS = ("sm_86", "sm_89", "sm_90", "sm_100")
-# The dropout modes a launch can be in, as DROP_BITS: none, 1-bit decisions (p = 1/2), 16-bit slices (any other p).
-FINE_DROP_BITS = 16
-DROP_MODES = (0, 1, FINE_DROP_BITS)
 KEEP_MASK_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
 # Under TRITON_INTERPRET=1 (no autotuning possible) one small configuration keeps the interpreter fast;
 # D_CHUNK = min(D, 64) so that the tests exercise the resident and the chunked score paths, and a dk/dv program
@@ -141,10 +147,9 @@ def dq_in_forward(group: str, channels: int, head_dim: int, arch: str = BASE_ARC
 
 
 def base_candidates(kernel: str, group: str, head_dim: int, drop_bits: int) -> list[Config]:
-    """The sm_90 entries of a launch (SLICE_CONFIGS first when the dropout uses 16-bit slices)."""
-    if drop_bits > 1 and head_dim in SLICE_CONFIGS.get(kernel, {}).get(group, {}):
-        return SLICE_CONFIGS[kernel][group][head_dim]
-    return GPU_CONFIGS[kernel][group][head_dim]
+    """The sm_90 entries of a launch: its dropout mode's (MODE_CONFIGS) where it has its own, else GPU_CONFIGS'."""
+    return MODE_CONFIGS.get(drop_bits, {}).get(kernel, {}).get(group, {}).get(head_dim) or \
+        GPU_CONFIGS[kernel][group][head_dim]
 
 
 def candidates(kernel: str, group: str, head_dim: int, drop_bits: int, arch: str = BASE_ARCH) -> list[Config]:

@@ -68,6 +68,17 @@ def test_derived_entries_replace_the_sm90_entry_on_their_arch_only():
             assert entry is None and "NO VARIANT FITS" in why or configs.config_problem(key[0], key[2], entry) is None
 
 
+def test_a_dropout_mode_entry_replaces_the_default_for_that_mode_only():
+    for bits, kernels in configs.MODE_CONFIGS.items():
+        for kernel, groups in kernels.items():
+            for group, by_dim in groups.items():
+                for head_dim, entries in by_dim.items():
+                    assert configs.base_candidates(kernel, group, head_dim, bits) == entries
+                    others = [configs.base_candidates(kernel, group, head_dim, other) for other in configs.DROP_MODES
+                              if head_dim not in configs.MODE_CONFIGS.get(other, {}).get(kernel, {}).get(group, {})]
+                    assert others and all(o == configs.GPU_CONFIGS[kernel][group][head_dim] for o in others)
+
+
 def test_shipped_entries_are_the_union_over_architectures():
     shipped = configs.shipped_entries()
     assert len(shipped) == len(set(shipped)) and all(len(e) == 5 for e in shipped)
