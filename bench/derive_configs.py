@@ -15,8 +15,9 @@ It writes `kernels/arch_configs.py`: the derived entries with the reason, and ev
 prunes by them on a device with less shared memory than its class). Measurements are cached in FILE and the
 module is rewritten after each launch, so an interrupted run loses one compile and a rerun, or a run over
 other archs or launches, compiles only what is missing. Each measurement records the kernel's source hash
-(`JITFunction.cache_key`) and the triton version: after a kernel change, or under another triton, the cached
-ones are stale and are measured again, and the module names the triton it holds for. About
+(`JITFunction.cache_key`) and the triton version: after a kernel change, or under another triton release, the
+cached ones are stale and are measured again (another release's stay in FILE for a run under it). The module
+names the triton it holds for; under another release a run must cover every launch and class. About
 1-50 s per compile (spilling kernels are the slow ones); the launches the sm_90 entry already serves cost one
 compile per dtype.
 """
@@ -32,16 +33,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import triton
-
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if __name__ == "__main__":  # compiling needs real JITFunctions: the kernels must not be decorated for the interpreter
     os.environ.pop("TRITON_INTERPRET", None)
 
+import triton
+
 from bench.kernel_report import limit_problems
 from dcama.files import write_json
-from kernels.configs import ARCHS, CONFIG_FIELDS, Config, base_candidates, config_problem, dq_in_forward, launch_keys
+from kernels.configs import ARCHS, CONFIG_FIELDS, TRITON_VERSION, Config, base_candidates, config_problem, \
+    derived_with, dq_in_forward, launch_keys, triton_release
 from kernels.ops import KERNELS
 
 MODULE = Path(__file__).resolve().parents[1] / "kernels" / "arch_configs.py"
@@ -118,11 +120,11 @@ USAGE_KEYS = ("shared_bytes", "tmem_columns", "registers", "spill_bytes", "trap"
 def current_measurements(cache: dict[str, dict[str, Any]], sources: dict[str, str],
                          triton_version: str) -> dict[str, dict[str, Any]]:
     """The cached measurements taken from the kernels' current source (`sources`: kernel -> its JITFunction's
-    cache_key, which hashes the source of the kernel and every function it calls) by `triton_version`: one of an
-    earlier source or another triton is stale, since either can move registers, spills and shared memory (triton
-    3.6 spills five of the sm_90 entries 3.8 compiles without; docs/kernels.md, "Architectures")."""
-    return {name: usage for name, usage in cache.items()
-            if usage.get("source") == sources[usage["key"][0]] and usage.get("triton") == triton_version}
+    cache_key, which hashes the source of the kernel and every function it calls) under `triton_version`'s
+    release: one of an earlier source or another release is stale, since either can move registers, spills and
+    shared memory (triton 3.6 spills entries 3.8 compiles without; docs/kernels.md, "Architectures")."""
+    return {name: usage for name, usage in cache.items() if usage.get("source") == sources[usage["key"][0]]
+            and triton_release(usage.get("triton", "")) == triton_release(triton_version)}
 
 
 def usage_problems(arch: str, usage: dict[str, Any]) -> list[str]:
@@ -226,8 +228,17 @@ def module_text(derived: dict[str, dict[Key, tuple[Config, str]]], cache: dict[s
     return "\n".join(lines + ["}", ""])
 
 
-def _load(path: Path) -> dict[str, dict[str, Any]]:
-    return {r["name"]: r for r in json.loads(path.read_text())} if path.exists() else {}
+def split_by_release(records: list[dict[str, Any]], triton_version: str) -> tuple[list[dict[str, Any]],
+                                                                                  dict[str, dict[str, Any]]]:
+    """The cache file's records as (those of another triton release, kept in the file for a derivation under it;
+    the rest by name, for `current_measurements`). A record that names no release counts as the rest's, stale."""
+    release = triton_release(triton_version)
+    other = [r for r in records if "triton" in r and triton_release(r["triton"]) != release]
+    return other, {r["name"]: r for r in records if "triton" not in r or triton_release(r["triton"]) == release}
+
+
+def _load(path: Path) -> list[dict[str, Any]]:
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,11 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [cc for cc in args.archs if cc not in names]
     if unknown:
         parser.error(f"--archs {unknown}: not in kernels.configs.ARCHS ({sorted(names)})")
-    loaded = _load(args.cache)
-    cache = current_measurements(loaded, {kernel: fn.cache_key for kernel, fn in KERNELS.items()}, triton.__version__)
+    running = triton.__version__
+    if not derived_with(running) and (args.match or sorted(args.archs) != sorted(names)):
+        parser.error(f"kernels/arch_configs.py holds for triton {TRITON_VERSION}; under triton {running} derive "
+                     "every launch on every class (no --match, no --archs), so that it holds for one release")
+    other_releases, loaded = split_by_release(_load(args.cache), running)
+    cache = current_measurements(loaded, {kernel: fn.cache_key for kernel, fn in KERNELS.items()}, running)
     if len(cache) < len(loaded):
-        print(f"{len(loaded) - len(cache)} cached measurements are of an earlier kernel source or another triton "
-              f"than {triton.__version__}: measuring again")
+        print(f"{len(loaded) - len(cache)} cached measurements are of an earlier kernel source (or name no triton "
+              "release): measuring again")
     derived = {arch: dict(by_key) for arch, by_key in DERIVED.items()}
     command = "python bench/derive_configs.py --cache FILE  # reusing the measurements of earlier runs"
     keys = [k for k in launch_keys() if args.match is None or re.search(args.match, launch_name(k))]
@@ -267,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                 derived[arch][key] = result
             print(f"[{n}/{len(keys)} {time.perf_counter() - start:.0f} s] {arch} {launch_name(key)}: "
                   f"{result[1] if result else 'the sm_90 entry fits'}", flush=True)
-            write_json(args.cache, [{"name": name, **usage} for name, usage in cache.items()])
-            MODULE.write_text(module_text({a: d for a, d in derived.items() if d}, cache, command, triton.__version__))
+            write_json(args.cache, other_releases + [{"name": name, **usage} for name, usage in cache.items()])
+            MODULE.write_text(module_text({a: d for a, d in derived.items() if d}, cache, command, running))
     return 0
 
 

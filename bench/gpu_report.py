@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,35 +46,31 @@ TARGET_OF_EXP_FLOOR = 1.5
 
 def positive_seconds(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, got {text!r}")
     return value
 
 
 def run_step(title: str, args: list[str], env: dict[str, str], seconds_left: float | None) -> dict[str, Any]:
-    """Run one step to its end, or until `seconds_left` (None: no limit; <= 0: not started)."""
+    """Run one step to its end, or until `seconds_left` (None: no limit; <= 0: not started). A step stopped at the
+    deadline is killed with every process it started (its own session), and keeps the output it wrote."""
     step = {"title": title, "cmd": " ".join(["python", *args]), "rc": None, "seconds": 0.0, "stdout": "",
             "stderr": "", "stopped": None}
     if seconds_left is not None and seconds_left <= 0:
         step["stopped"] = "not run: the deadline had passed"
         return step
     start = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                              timeout=seconds_left)
-        step.update(rc=proc.returncode, stdout=proc.stdout, stderr=proc.stderr)
-    except subprocess.TimeoutExpired as exc:
-        step.update(stdout=_text(exc.stdout), stderr=_text(exc.stderr),
-                    stopped=f"stopped at the deadline after {seconds_left:.0f} s; its output so far")
-    step["seconds"] = time.perf_counter() - start
+    # Unbuffered: a Python child killed at the deadline would lose what sat in its pipe buffer.
+    with subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env={**env, "PYTHONUNBUFFERED": "1"},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=seconds_left)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the child and its workers (the compile report's processes)
+            stdout, stderr = proc.communicate()
+            step["stopped"] = f"stopped at the deadline after {seconds_left:.0f} s; its output so far"
+    step.update(rc=proc.returncode, stdout=stdout, stderr=stderr, seconds=time.perf_counter() - start)
     return step
-
-
-def _text(output: str | bytes | None) -> str:
-    """A TimeoutExpired's partial output (bytes even under text=True, or None)."""
-    if isinstance(output, bytes):
-        return output.decode(errors="replace")
-    return output or ""
 
 
 def step_ok(step: dict[str, Any]) -> bool:
@@ -137,8 +135,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the benches' --quick subsets and the sampled compile report")
     parser.add_argument("--allow-cpu", action="store_true", help="without a GPU, write the CPU-measurable subset")
     parser.add_argument("--deadline-s", type=positive_seconds, metavar="SECONDS",
-                        help="stop the step running at this many seconds from the start and skip the rest")
+                        help="stop the step running at this many seconds after the first began, skip the rest")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if not out.name or out.is_dir():
+        parser.error(f"--out {args.out!r}: must name a file (the report; its JSON goes beside it)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     gpu = torch.cuda.is_available()  # the children run without TRITON_INTERPRET, compiled
     if not gpu and not args.allow_cpu:
@@ -147,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
               "(saved bytes, cost model, compile report; no times).", file=sys.stderr)
         return 2
     quick = ["--quick"] if args.quick else []
-    out = Path(args.out)
     att_json, train_json = out.with_suffix(".attention.json"), out.with_suffix(".train_step.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in (out, att_json, train_json):  # an earlier run's rows must not pass for this run's
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         steps.append(run_step(title, step_args, env, left))
         write_report(out, steps, gpu, args.quick, att_json)
         print(f"{title}: {step_status(steps[-1])}, {steps[-1]['seconds']:.0f} s", flush=True)
-    print(f"wrote {out}, {att_json.name}, {train_json.name}")
+    print("wrote " + ", ".join(str(p) for p in (out, att_json, train_json) if p.exists()))
     return 0 if all(step_ok(s) for s in steps) else 1
 
 

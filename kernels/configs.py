@@ -191,9 +191,15 @@ def fitting_candidates(kernel: str, group: str, head_dim: int, drop_bits: int, a
             if measured.get((kernel, group, head_dim, drop_bits, entry), (0,))[0] <= shared_limit]
 
 
+def triton_release(version: str) -> str:
+    """A triton version's release, major.minor: what the tables and the derivation's measurements hold for (a patch
+    release keeps the compiler's register and tensor-memory allocation)."""
+    return ".".join(version.split(".")[:2])
+
+
 def derived_with(triton_version: str) -> bool:
-    """Whether triton `triton_version` is the release (major.minor) the tables were derived with, TRITON_VERSION."""
-    return triton_version.split(".")[:2] == TRITON_VERSION.split(".")[:2]
+    """Whether triton `triton_version` is of the release the tables were derived with, TRITON_VERSION's."""
+    return triton_release(triton_version) == triton_release(TRITON_VERSION)
 
 
 def other_triton_warning(installed: str, arch: str) -> str | None:

@@ -207,6 +207,18 @@ def test_measurements_of_an_earlier_kernel_source_or_another_triton_are_dropped(
     assert derive_configs.current_measurements(cache, {"fwd": "new"}, "3.6.0") == {}
 
 
+def test_the_cache_keeps_other_releases_and_a_partial_derivation_under_one_is_refused(monkeypatch, capsys):
+    records = [{"name": "a", "triton": "3.6.0"}, {"name": "a", "triton": "3.8.1"}, {"name": "b"}]
+    other, mine = derive_configs.split_by_release(records, "3.8.0")
+    assert other == [records[0]] and mine == {"a": records[1], "b": records[2]}
+    for module in (configs, derive_configs):  # the tables of another release than the running one
+        monkeypatch.setattr(module, "TRITON_VERSION", "9.9.0")
+    for partial in (["--match", "fwd 16bit d16 drop0"], ["--archs", "90"]):
+        with pytest.raises(SystemExit):
+            derive_configs.main(partial)
+        assert "holds for triton 9.9.0" in capsys.readouterr().err
+
+
 def test_generated_module_round_trips():
     derived = {"sm_86": {("fwd", "16bit", 128, 1): ((64, 64, 64, 8, 1), "sm_90 entry (...): " + "x" * 200)}}
     cache = {"a": {"arch": "sm_86", "key": ["fwd", "16bit", 128, 1], "entry": [64, 64, 64, 8, 1],

@@ -14,6 +14,7 @@ import torch
 from bench.attention import make_call
 from bench.common import (DTYPES, AttentionShape, SavedTensorBytes, attention_cost, attention_shape, floors_ms,
                           shape_only)
+from bench import gpu_report
 from bench.gpu_report import run_step, section, step_ok
 from bench.train_step import largest_batch
 from dcama.backbones import BACKBONES
@@ -181,15 +182,43 @@ def test_gpu_report_refuses_without_gpu(tmp_path):
     assert not (tmp_path / "r.md").exists()
 
 
-def test_gpu_report_step_keeps_its_output_at_the_deadline():
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "\nState:\tZ" not in status.read_text()
+
+
+def test_gpu_report_step_keeps_its_output_at_the_deadline_and_stops_its_workers():
+    # Unflushed output in a child started without PYTHONUNBUFFERED, and a worker process of its own.
+    child = ("import subprocess, sys, time; worker = subprocess.Popen([sys.executable, '-c', 'import time; "
+             "time.sleep(60)']); print('partial', worker.pid); time.sleep(60)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     started = time.perf_counter()
-    step = run_step("sleeper", ["-c", "print('partial', flush=True); import time; time.sleep(60)"], dict(os.environ),
-                    seconds_left=3.0)
+    step = run_step("sleeper", ["-c", child], env, seconds_left=5.0)
     assert time.perf_counter() - started < 30
     assert step["stopped"].startswith("stopped at the deadline") and "partial" in step["stdout"]
     assert not step_ok(step) and "partial" in section(step)
+    worker = int(step["stdout"].split()[1])
+    time.sleep(0.5)
+    assert not _alive(worker), "the step's own processes outlived the deadline"
     skipped = run_step("late", ["-c", "pass"], dict(os.environ), seconds_left=0.0)
     assert skipped["stopped"].startswith("not run") and not step_ok(skipped)
+
+
+def test_gpu_report_rewrites_the_report_after_every_step(tmp_path, monkeypatch):
+    out, titles, seen = tmp_path / "r.md", [], []
+
+    def fake_step(title, args, env, seconds_left):  # what the report held when this step began
+        titles.append(title)
+        seen.append(out.read_text() if out.exists() else "")
+        return {"title": title, "cmd": "python " + " ".join(args), "rc": 0, "seconds": 0.0,
+                "stdout": f"output of {title}", "stderr": "", "stopped": None}
+
+    monkeypatch.setattr(gpu_report, "run_step", fake_step)
+    assert gpu_report.main(["--allow-cpu", "--out", str(out)]) == 0
+    assert len(titles) >= 3 and seen[0] == ""
+    assert all(f"output of {titles[i - 1]}" in seen[i] for i in range(1, len(titles)))
+    assert f"output of {titles[-1]}" in out.read_text()
 
 
 def test_gpu_report_writes_what_ran_by_its_deadline(tmp_path):
