@@ -69,6 +69,9 @@ def run_step(title: str, args: list[str], env: dict[str, str], seconds_left: flo
             os.killpg(proc.pid, signal.SIGKILL)  # the child and its workers (the compile report's processes)
             stdout, stderr = proc.communicate()
             step["stopped"] = f"stopped at the deadline after {seconds_left:.0f} s; its output so far"
+        except BaseException:  # Ctrl-C: the terminal's signal does not reach the step's own session
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
     step.update(rc=proc.returncode, stdout=stdout, stderr=stderr, seconds=time.perf_counter() - start)
     return step
 

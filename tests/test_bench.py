@@ -3,6 +3,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -203,6 +204,21 @@ def test_gpu_report_step_keeps_its_output_at_the_deadline_and_stops_its_workers(
     assert not _alive(worker), "the step's own processes outlived the deadline"
     skipped = run_step("late", ["-c", "pass"], dict(os.environ), seconds_left=0.0)
     assert skipped["stopped"].startswith("not run") and not step_ok(skipped)
+
+
+def test_gpu_report_interrupted_stops_the_step_it_runs(tmp_path):
+    pid_file = tmp_path / "step.pid"
+    step = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    report = subprocess.Popen([sys.executable, "-c", "from bench.gpu_report import run_step; "
+                               f"run_step('step', ['-c', {step!r}], {{}}, None)"], cwd=REPO, stderr=subprocess.PIPE)
+    deadline = time.perf_counter() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.perf_counter() < deadline and report.poll() is None, report.stderr.read()
+        time.sleep(0.1)
+    report.send_signal(signal.SIGINT)  # Ctrl-C reaches the report, not the step's own session
+    assert report.wait(timeout=30) != 0
+    time.sleep(0.5)
+    assert not _alive(int(pid_file.read_text())), "the step outlived the interrupted report"
 
 
 def test_gpu_report_rewrites_the_report_after_every_step(tmp_path, monkeypatch):
