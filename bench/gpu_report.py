@@ -159,20 +159,21 @@ def main(argv: list[str] | None = None) -> int:
     plan += [("Attention benchmark", ["bench/attention.py", *quick, "--json", str(att_json)]),
              ("Training step", ["bench/train_step.py", *quick, "--json", str(train_json)]),
              ("Kernel compile report", ["bench/kernel_report.py", *(["--sample"] if args.quick else [])])]
+    versions = software_versions()  # the report's header, the same after every step
     start, steps = time.perf_counter(), []
     for title, step_args in plan:
         left = None if args.deadline_s is None else args.deadline_s - (time.perf_counter() - start)
         steps.append(run_step(title, step_args, env, left))
-        write_report(out, steps, gpu, args.quick, att_json)
+        write_report(out, steps, gpu, args.quick, att_json, versions)
         print(f"{title}: {step_status(steps[-1])}, {steps[-1]['seconds']:.0f} s", flush=True)
     print("wrote " + ", ".join(str(p) for p in (out, att_json, train_json) if p.exists()))
     return 0 if all(step_ok(s) for s in steps) else 1
 
 
-def write_report(out: Path, steps: list[dict[str, Any]], gpu: bool, quick: bool, att_json: Path) -> None:
+def write_report(out: Path, steps: list[dict[str, Any]], gpu: bool, quick: bool, att_json: Path,
+                 versions: dict[str, str]) -> None:
     """The report of the steps run so far (rewritten after each)."""
     rows = json.loads(att_json.read_text()) if att_json.exists() else []
-    versions = software_versions()
     head = [f"# DCAMA attention: {'GPU' if gpu else 'CPU-ONLY SUBSET (no GPU: no times, no peak memory)'} report",
             "", f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} by "
             "`python bench/gpu_report.py"
