@@ -129,4 +129,5 @@ def _spec(kernel: str, launch: Launch, dtype: torch.dtype, entry: Config) -> dic
             "fn": fn, "signature": signature, "constexprs": by_name, "attrs": attrs,
             "num_warps": warps, "num_stages": stages, "config": config, "group": launch.group, "entry": entry,
             "tiles_per_iteration": main_loop_tiles(kernel, by_name["DROP_BITS"], meta["BLOCK_N"],
-                                                  meta.get("KEY_TILES", 1), by_name["DOT_PRECISION"])}
+                                                  meta.get("KEY_TILES", 1), by_name["DOT_PRECISION"],
+                                                  bool(by_name.get("RESCALE_PER_STEP")))}

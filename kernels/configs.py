@@ -89,6 +89,13 @@ DQ_IN_FORWARD_SPILLS = {("16bit", 64): ("sm_80", "sm_86", "sm_89", "sm_120"), ("
 # forward with E, at 255 registers either way, counted more with them (fp16 12.60 against 12.05, TF32 15.73 against
 # 15.21 at D = 32); not sm_120: no entry served its 16-bit forward with and without E at D = 32 without spilling.
 DROP_MULTIPLIER_ARCHS = ("sm_86", "sm_89", "sm_90", "sm_100")
+# The classes and head dims whose 16-bit forward rescales its online softmax once per 256-key main-loop step
+# instead of once per key tile (`rescale_per_step`, docs/kernels.md, "One rescale per step"): without dropout, and
+# with 1-bit dropout where the fp16 weights are dropped by multipliers. Elsewhere the step's score tiles, held
+# together, spill (measured on sm_90: bf16 with 1-bit dropout 128-288 B, 16-bit slices 176-612 B, D = 64 568 B, TF32
+# 112 B); sm_100 trapped or spilled at D <= 32 in 10 of its 16 forwards.
+RESCALE_PER_STEP_ARCHS = ("sm_90",)
+RESCALE_PER_STEP_HEAD_DIMS = (16, 32)
 KEEP_MASK_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
 # Under TRITON_INTERPRET=1 (no autotuning possible) one small configuration keeps the interpreter fast;
 # D_CHUNK = min(D, 64) so that the tests exercise the resident and the chunked score paths, and a dk/dv program
@@ -144,6 +151,14 @@ def dq_in_forward(group: str, channels: int, head_dim: int, arch: str = BASE_ARC
     mask) at a head dim DQ_IN_FORWARD_HEAD_DIMS lists for the group, unless DQ_IN_FORWARD_SPILLS lists the arch."""
     return channels == 1 and head_dim in DQ_IN_FORWARD_HEAD_DIMS.get(group, ()) and \
         arch not in DQ_IN_FORWARD_SPILLS.get((group, head_dim), ())
+
+
+def rescale_per_step(arch: str, group: str, fp16: bool, head_dim: int, drop_bits: int) -> bool:
+    """Whether the forward of a 16-bit launch (fp16 or bf16 inputs) at `head_dim` in dropout mode `drop_bits`
+    rescales once per main-loop step on `arch` (RESCALE_PER_STEP_ARCHS)."""
+    by_multiplier = drop_bits == 1 and fp16 and arch in DROP_MULTIPLIER_ARCHS
+    return (group == "16bit" and arch in RESCALE_PER_STEP_ARCHS and head_dim in RESCALE_PER_STEP_HEAD_DIMS
+            and (drop_bits == 0 or by_multiplier))
 
 
 def base_candidates(kernel: str, group: str, head_dim: int, drop_bits: int) -> list[Config]:

@@ -28,13 +28,15 @@ def shares_calls(kernel: str, dot_precision: str | None) -> bool:
 
 
 def main_loop_tiles(kernel: str, drop_bits: int, block_n: int, key_tiles: int = 1,
-                    dot_precision: str | None = None) -> int:
+                    dot_precision: str | None = None, rescale_per_step: bool = False) -> int:
     """Score tiles [BLOCK_M, BLOCK_N] one iteration of a kernel's main loop processes: a dk/dv program's
     KEY_TILES key sub-tiles; in the forward and dq loops CALL_COLUMNS // BLOCK_N with 1-bit dropout (the
-    keys one Philox call per stream serves) where `shares_calls`, else one tile."""
+    keys one Philox call per stream serves) where `shares_calls`, and in a forward that rescales once per step
+    (RESCALE_PER_STEP), else one tile."""
     if kernel == "bwd_dkdv":
         return key_tiles
-    return CALL_COLUMNS.value // block_n if drop_bits == 1 and shares_calls(kernel, dot_precision) else 1
+    steps_calls = drop_bits == 1 and shares_calls(kernel, dot_precision)
+    return CALL_COLUMNS.value // block_n if steps_calls or rescale_per_step else 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,21 +261,31 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, SPLIT_A: tl.constexpr = True, S
 @triton.jit
 def _key_loop(state, tile: tl.constexpr, ctx, META: tl.constexpr, seed, bh, start_m, Nk, drop_threshold,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROP_BITS: tl.constexpr, SHARE_CALLS: tl.constexpr,
-              KEEP_AS_SCALE: tl.constexpr = False):
+              KEEP_AS_SCALE: tl.constexpr = False, step_max: tl.constexpr = None):
     """state = tile(state, ctx, start_n, keep, META, MASKED) over the key tiles of [0, Nk), for the forward and
     dq kernels: a main loop whose step is the CALL_COLUMNS keys of one Philox call per stream with 1-bit
     dropout and SHARE_CALLS (SUB sub-tiles, the call computed once; `shares_calls`), else one tile; then the
     full tiles left over; then the last, partial tile, the only one with MASKED set. KEEP_AS_SCALE: `keep` is
-    `_bit_scale`'s multipliers (1-bit decisions)."""
-    SUB: tl.constexpr = CALL_COLUMNS // BLOCK_N if DROP_BITS == 1 and SHARE_CALLS else 1
+    `_bit_scale`'s multipliers (1-bit decisions). With `step_max` (the forward's `_step_max`) every main-loop step
+    is CALL_COLUMNS keys and starts with state = step_max(state, ctx, start_n, META, SUB), which moves the online
+    softmax to the step's maximum once; its sub-tiles then run as tile(..., FIXED_MAX=True)."""
+    if step_max is not None or (DROP_BITS == 1 and SHARE_CALLS):
+        SUB: tl.constexpr = CALL_COLUMNS // BLOCK_N
+    else:
+        SUB: tl.constexpr = 1
     n_full = Nk // BLOCK_N * BLOCK_N
     n_main = Nk // (SUB * BLOCK_N) * (SUB * BLOCK_N)
     for start_n in range(0, n_main, SUB * BLOCK_N):
         r0, r1, r2, r3 = _call_words(seed, bh, start_m, start_n, BLOCK_M, DROP_BITS)
+        if step_max is not None:
+            state = step_max(state, ctx, start_n, META, SUB)
         for sub in tl.static_range(SUB):
             keep = _sub_keep(r0, r1, r2, r3, seed, bh, start_m, start_n, sub, drop_threshold, BLOCK_M, BLOCK_N,
                              DROP_BITS, KEEP_AS_SCALE)
-            state = tile(state, ctx, start_n + sub * BLOCK_N, keep, META, False)
+            if step_max is not None:
+                state = tile(state, ctx, start_n + sub * BLOCK_N, keep, META, False, True)
+            else:
+                state = tile(state, ctx, start_n + sub * BLOCK_N, keep, META, False)
     for start_n in range(n_main, n_full, BLOCK_N):
         keep = _tile_keep(seed, bh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS, KEEP_AS_SCALE)
         state = tile(state, ctx, start_n, keep, META, False)
@@ -309,13 +321,55 @@ def _dot_p(p_hi, p_lo, b, acc, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexpr):
+def _rescale(state, m_new):
+    """The online softmax's state moved to the running maximum m_new: its sums times exp2(m_old - m_new)."""
+    acc, m_i, ea, eb = state
+    alpha = tl.exp2(m_i - m_new)
+    if ea.shape[0] > 1:  # E's sums (DQ_IN_FWD); [1, 1] placeholders otherwise
+        ea = ea * alpha[:, None]
+        eb = eb * alpha[:, None]
+    return acc * alpha[:, None], m_new, ea, eb
+
+
+@triton.jit
+def _scaled(x, alpha, FIXED_MAX: tl.constexpr):
+    """x, or with the running maximum moved (not FIXED_MAX) x times alpha per row."""
+    if FIXED_MAX:
+        return x
+    else:
+        return x * alpha[:, None]
+
+
+@triton.jit
+def _step_max(state, ctx, start_n, META: tl.constexpr, SUB: tl.constexpr):
+    """The state rescaled once to the maximum over a main-loop step's SUB full key tiles (RESCALE_PER_STEP,
+    docs/kernels.md, "One rescale per step"): their scores are the ones the step's `_fwd_tile`s compute, and the
+    compiler computes each once (the count shows one score product per tile)."""
+    q, q_rows, K_bh, VX_b, VK_bh, offs_m, ones, Nq, Nk, stride_qd, stride_kn, stride_kd, stride_vn, stride_vkn, \
+        qk_scale, zero = ctx
+    HEAD_DIM: tl.constexpr = META[0]
+    DOT_PRECISION: tl.constexpr = META[6]
+    BLOCK_M: tl.constexpr = META[7]
+    BLOCK_N: tl.constexpr = META[8]
+    D_CHUNK: tl.constexpr = META[9]
+    _, _, _, s_max = _key_scores(q, q_rows, K_bh, offs_m, start_n, Nq, Nk, stride_qd, stride_kn, stride_kd, HEAD_DIM,
+                                 False, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK)
+    for sub in tl.static_range(1, SUB):
+        _, _, _, s = _key_scores(q, q_rows, K_bh, offs_m, start_n + sub * BLOCK_N, Nq, Nk, stride_qd, stride_kn,
+                                 stride_kd, HEAD_DIM, False, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK)
+        s_max = tl.maximum(s_max, s)
+    return _rescale(state, tl.maximum(state[1], tl.max(s_max, 1) * qk_scale))
+
+
+@triton.jit
+def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexpr, FIXED_MAX: tl.constexpr = False):
     """One key tile of the online softmax: acc[:, :C] += P~ v, acc[:, L_COL] += P 1 (P~: dropped P), and with
     DQ_IN_FWD the two sums of E (docs/kernels.md, "dq from the forward pass"): ea += P~ (v * k), eb += P k;
     state = (acc, m_i, ea, eb), ctx and META as _fwd_kernel packs them. SCALED (fp32 inputs at TF32, and at
     3xTF32 with E): the products take P in fp16 (rounded; at 3xTF32 a hi / lo pair) and the scaled fp16 copies of
     their B operands that VX and VK carry. KEEP_AS_SCALE (1-bit dropout, fp16 products): `keep` is
-    `_bit_scale`'s multipliers and P~ is 2 P where kept, inverted dropout's 1 / (1 - p) included."""
+    `_bit_scale`'s multipliers and P~ is 2 P where kept, inverted dropout's 1 / (1 - p) included. FIXED_MAX: the
+    state is already at this tile's maximum (`_step_max`), so the tile neither takes a maximum nor rescales."""
     acc, m_i, ea, eb = state
     q, q_rows, K_bh, VX_b, VK_bh, offs_m, ones, Nq, Nk, stride_qd, stride_kn, stride_kd, stride_vn, stride_vkn, \
         qk_scale, zero = ctx
@@ -336,10 +390,14 @@ def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexp
                                        HEAD_DIM, MASKED, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK)
     vx = _load_rows(VX_b + offs_n[:, None] * stride_vn + tl.arange(0, DV)[None, :], offs_n, Nk, MASKED)
     # log2 domain: x = scale * log2(e) * s - m, one FFMA per score (qk_scale > 0, so max commutes with it).
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s * qk_scale - m_new[:, None])
-    acc = acc * alpha[:, None]
+    if FIXED_MAX:
+        m_new, alpha = m_i, m_i  # (alpha unused)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+    else:  # E's sums are rescaled as their products' accumulators (_scaled)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+        acc = acc * alpha[:, None]
     # 3xTF32 (fp32 inputs with E): P as an fp16 hi / lo pair, about 22 significant bits (`_p16`).
     SPLIT_P: tl.constexpr = SCALED and DOT_PRECISION == "tf32x3"
     if KEEP_AS_SCALE:  # P~'s 16-bit operand: P's times `_bit_scale`'s 0 or 2 (exact)
@@ -368,20 +426,20 @@ def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexp
     if DQ_IN_FWD:  # the B operands: v * k as hi and lo (VK_bh's first two D columns) and the key tile
         vk_rows = VK_bh + offs_n[:, None] * stride_vkn + tl.arange(0, HEAD_DIM)[None, :]
         # B's hi against P's hi and lo, B's lo against P's hi (lo x lo dropped, as in _mma)
-        ea = _dot_p(pd_hi, pd_lo, _load_rows(vk_rows, offs_n, Nk, MASKED), ea * alpha[:, None], SPLIT_P)
+        ea = _dot_p(pd_hi, pd_lo, _load_rows(vk_rows, offs_n, Nk, MASKED), _scaled(ea, alpha, FIXED_MAX), SPLIT_P)
         ea = tl.dot(pd_hi.to(vx.dtype), _load_rows(vk_rows + HEAD_DIM, offs_n, Nk, MASKED), ea)
         if SCALED:  # fp32 keys: their fp16 hi and lo, VK_bh's last two D columns
             if not SPLIT_P:  # (rounded here, not above: ptxas then spills the TF32 forward at D = 32)
                 p_hi, p_lo = _p16(p, vx.dtype, SPLIT_P)
             if DROP:
                 acc = _dot_p(p_hi, p_lo, ones, acc, SPLIT_P)
-            eb = _dot_p(p_hi, p_lo, _load_rows(vk_rows + 2 * HEAD_DIM, offs_n, Nk, MASKED), eb * alpha[:, None],
-                        SPLIT_P)
+            eb = _dot_p(p_hi, p_lo, _load_rows(vk_rows + 2 * HEAD_DIM, offs_n, Nk, MASKED),
+                        _scaled(eb, alpha, FIXED_MAX), SPLIT_P)
             eb = tl.dot(p_hi.to(vx.dtype), _load_rows(vk_rows + 3 * HEAD_DIM, offs_n, Nk, MASKED), eb)
         else:
             if D_CHUNK != HEAD_DIM:
                 k = _load_rows(k_rows + tl.arange(0, HEAD_DIM)[None, :] * stride_kd, offs_n, Nk, MASKED)
-            eb = tl.dot(p.to(vx.dtype), k, eb * alpha[:, None])
+            eb = tl.dot(p.to(vx.dtype), k, _scaled(eb, alpha, FIXED_MAX))
     return acc, m_new, ea, eb
 
 
@@ -394,13 +452,14 @@ def _fwd_kernel(Q, K, VX, VK, O, LSE, E, SCALES, SEED,
                 H, Nq, Nk, qk_scale, drop_threshold, drop_scale, zero,
                 HEAD_DIM: tl.constexpr, C: tl.constexpr, DV: tl.constexpr,
                 DROP_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_IN_FWD: tl.constexpr,
-                DROP_MULTIPLIER: tl.constexpr,
+                DROP_MULTIPLIER: tl.constexpr, RESCALE_PER_STEP: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr):
     """One program per (query tile, b*H + h): streams over the key tiles with an online softmax. With DQ_IN_FWD
     (C = 1) it also writes E (B*H*Nq, D) fp32, from which the backward's dq is one elementwise product; VK is
     then v * k (B, Nk, H, 2D) as [hi, lo]. A 16-bit VX with fp32 inputs (TF32; 3xTF32 with E) holds the value's
     fp16 hi / lo scaled by 1 / SCALES[0], and VK v * k and k as fp16 [hi, lo] pairs (4D), v * k scaled by
-    1 / (SCALES[0] SCALES[1]) and k by 1 / SCALES[1] (kernels.ops.forward_operands)."""
+    1 / (SCALES[0] SCALES[1]) and k by 1 / SCALES[1] (kernels.ops.forward_operands). RESCALE_PER_STEP
+    (kernels.configs.rescale_per_step): the main loop steps CALL_COLUMNS keys and rescales once per step."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -437,7 +496,7 @@ def _fwd_kernel(Q, K, VX, VK, O, LSE, E, SCALES, SEED,
     meta: tl.constexpr = (HEAD_DIM, C, DV, L_COL, DROP_BITS > 0, VALUE_MMA, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK,
                           DQ_IN_FWD, SCALED, KEEP_AS_SCALE)
     acc, m_i, ea, eb = _key_loop(state, _fwd_tile, ctx, meta, seed, bh, start_m, Nk, drop_threshold, BLOCK_M,
-                                 BLOCK_N, DROP_BITS, True, KEEP_AS_SCALE)
+                                 BLOCK_N, DROP_BITS, True, KEEP_AS_SCALE, _step_max if RESCALE_PER_STEP else None)
 
     l_i = tl.sum(tl.where(offs_v[None, :] == L_COL, acc, 0.0), 1)
     if SCALED:  # channel c: the sum of its hi and lo columns c and C + c, unscaled

@@ -16,6 +16,7 @@ import torch
 from helpers import TF32_TOLERANCE, TOLERANCE, rel_err
 from kernels import dcama_attention, dropout_keep_mask, effective_dropout_p, ops
 from kernels.attention import HEAD_DIMS
+from kernels.configs import RESCALE_PER_STEP_ARCHS
 from kernels.reference import dcama_attention_reference
 
 DEVICES = [pytest.param("cpu", marks=pytest.mark.interpreter, id="interp"),
@@ -453,6 +454,43 @@ def test_dropout_multipliers_give_the_select_bit_for_bit(device, dtype, precisio
         torch.set_float32_matmul_precision(saved)
     for name, a, b in zip(("o", "lse", "E"), with_multipliers, with_select):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.5], ids=["no-dropout", "dropout"])
+def test_rescale_per_step_matches_the_per_tile_rescale(device, dropout_p):
+    """The fp16 forward that rescales its online softmax once per 256-key main-loop step (RESCALE_PER_STEP, sm_90 and
+    the interpreter: kernels.configs.rescale_per_step) writes what the per-tile rescale writes, to fp16 rounding: o,
+    the log-sum-exp and E, through two main-loop steps, a leftover full tile and the masked last one. One key in
+    the last tile of each step scores 2**16 or more above the others in the softmax's base-2 domain for about a
+    sixth of the query rows, so a step maximum that missed a tile of its step would overflow the fp16 weights
+    there."""
+    if ops.device_arch(torch.device(device)) not in RESCALE_PER_STEP_ARCHS:
+        pytest.skip("this GPU's class rescales once per key tile")
+    g = torch.Generator().manual_seed(12)
+    n_query, n_key = (37, 256 * 2 + 64 + 13) if device == "cpu" else (301, 1111)
+    q = torch.randn(1, n_query, 2, 32, generator=g)
+    k = torch.randn(1, n_key, 2, 32, generator=g)
+    # in the last tile of each step (the interpreter's 4 x 64 keys, sm_90's 2 x 128): 64 q[..., 0] * 32 ** -0.5
+    # * log2(e) >= 16 where q[..., 0] >= 1
+    k[:, [200, 500], :, 0] = 64.0
+    v = torch.rand(1, n_key, 1, generator=g)
+    q, k, v = (t.to(device, torch.float16) for t in (q, k, v))
+    seed = torch.tensor([5], device=device)
+
+    def forward(per_step: bool) -> tuple[torch.Tensor, ...]:
+        def runner(launch: ops.Launch) -> None:
+            assert launch.constexprs["RESCALE_PER_STEP"]  # what this device's fp16 forward runs by default
+            forced = replace(launch, constexprs={**launch.constexprs, "RESCALE_PER_STEP": per_step})
+            if device == "cpu":
+                ops.run_interpreted(forced)
+            else:
+                ops.run(forced)
+        return ops.fused_fwd(q, k, v, seed, dropout_p, 32 ** -0.5, True, runner)
+
+    per_step, per_tile = forward(True), forward(False)
+    for name, a, b in zip(("o", "lse", "E"), per_step, per_tile):
+        assert torch.isfinite(a).all() and rel_err(a, b) < TOLERANCE[torch.float16][0], name
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -28,7 +28,8 @@ import triton.language as tl
 from dropout_spec import specified_keep
 from helpers import TF32_TOLERANCE, TOLERANCE, covering_shape, rel_err
 from kernels import effective_dropout_p
-from kernels.configs import FINE_DROP_BITS, dq_in_forward, shipped_entries, split_config
+from kernels.configs import BASE_ARCH, FINE_DROP_BITS, dq_in_forward, rescale_per_step, shipped_entries, \
+    split_config
 from kernels.fused import _tf32_hi
 from kernels.ops import _split, dropout_params, fused_bwd, fused_fwd, run_interpreted, seed_tensor
 from kernels.reference import dcama_attention_reference
@@ -83,7 +84,8 @@ def test_every_shipped_configuration_matches_reference(kernel, group, head_dim, 
     matmul_precision(precision)
     dropout_p = DROPOUT_P[drop_bits]
     assert dropout_params(dropout_p)[0] == drop_bits
-    n_query, n_key = covering_shape({kernel: meta}, drop_bits, group if dtype == torch.float32 else None)
+    n_query, n_key = covering_shape({kernel: meta}, drop_bits, group if dtype == torch.float32 else None,
+                                    rescale_per_step(BASE_ARCH, group, dtype == torch.float16, head_dim, drop_bits))
     g = torch.Generator().manual_seed(head_dim + drop_bits)
     q, k = (torch.randn(1, n, 1, head_dim, generator=g).to(dtype) for n in (n_query, n_key))
     v = torch.rand(1, n_key, 1, generator=g).to(dtype)
