@@ -345,20 +345,17 @@ def _step_max(state, ctx, start_n, META: tl.constexpr, SUB: tl.constexpr):
     """The state rescaled once to the maximum over a main-loop step's SUB full key tiles (RESCALE_PER_STEP,
     docs/kernels.md, "One rescale per step"): their scores are the ones the step's `_fwd_tile`s compute, and the
     compiler computes each once (the count shows one score product per tile)."""
-    q, q_rows, K_bh, VX_b, VK_bh, offs_m, ones, Nq, Nk, stride_qd, stride_kn, stride_kd, stride_vn, stride_vkn, \
-        qk_scale, zero = ctx
-    HEAD_DIM: tl.constexpr = META[0]
-    DOT_PRECISION: tl.constexpr = META[6]
-    BLOCK_M: tl.constexpr = META[7]
-    BLOCK_N: tl.constexpr = META[8]
-    D_CHUNK: tl.constexpr = META[9]
-    _, _, _, s_max = _key_scores(q, q_rows, K_bh, offs_m, start_n, Nq, Nk, stride_qd, stride_kn, stride_kd, HEAD_DIM,
-                                 False, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK)
+    s_max = _fwd_scores(ctx, start_n, META, False)[3]
     for sub in tl.static_range(1, SUB):
-        _, _, _, s = _key_scores(q, q_rows, K_bh, offs_m, start_n + sub * BLOCK_N, Nq, Nk, stride_qd, stride_kn,
-                                 stride_kd, HEAD_DIM, False, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK)
-        s_max = tl.maximum(s_max, s)
-    return _rescale(state, tl.maximum(state[1], tl.max(s_max, 1) * qk_scale))
+        s_max = tl.maximum(s_max, _fwd_scores(ctx, start_n + sub * META[8], META, False)[3])
+    return _rescale(state, tl.maximum(state[1], tl.max(s_max, 1) * ctx[14]))
+
+
+@triton.jit
+def _fwd_scores(ctx, start_n, META: tl.constexpr, MASKED: tl.constexpr):
+    """`_key_scores` of the forward's key tile at start_n (ctx and META as _fwd_kernel packs them)."""
+    return _key_scores(ctx[0], ctx[1], ctx[2], ctx[5], start_n, ctx[7], ctx[8], ctx[9], ctx[10], ctx[11], META[0],
+                       MASKED, META[6], META[7], META[8], META[9])
 
 
 @triton.jit
@@ -386,8 +383,7 @@ def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexp
     DQ_IN_FWD: tl.constexpr = META[10]
     SCALED: tl.constexpr = META[11]
     KEEP_AS_SCALE: tl.constexpr = META[12]
-    offs_n, k_rows, k, s = _key_scores(q, q_rows, K_bh, offs_m, start_n, Nq, Nk, stride_qd, stride_kn, stride_kd,
-                                       HEAD_DIM, MASKED, DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK)
+    offs_n, k_rows, k, s = _fwd_scores(ctx, start_n, META, MASKED)
     vx = _load_rows(VX_b + offs_n[:, None] * stride_vn + tl.arange(0, DV)[None, :], offs_n, Nk, MASKED)
     # log2 domain: x = scale * log2(e) * s - m, one FFMA per score (qk_scale > 0, so max commutes with it).
     if FIXED_MAX:
