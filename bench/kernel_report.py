@@ -20,8 +20,9 @@ What is counted (all static, from the SASS; nothing is typed in):
     times HEAD_DIM / D_SPLIT for kernels whose column splits each recompute the tile. The scores per
     iteration are BLOCK_M x BLOCK_N x the tiles one iteration processes by construction of the kernel
     (`kernels.fused.main_loop_tiles`: the 256 keys of a Philox call in the forward and dq loops with 1-bit
-    dropout, and in a forward that rescales once per step, else 1). Work the compiler duplicates (a tile computed by two warpgroups, or a loop
-    unrolled by ptxas) therefore counts in full, and shows as more than one MUFU.EX2 per score.
+    dropout, and in a forward that rescales once per step, else 1). Work the compiler duplicates (a tile
+    computed by two warpgroups, or a loop unrolled by ptxas) therefore counts in full, and shows as more than one
+    MUFU.EX2 per score.
   * MUFU per score counts every MUFU instruction of the loop (EX2, RCP, ...) the same way; the opcode
     mix lists the most frequent opcodes (mnemonic without modifiers, MUFU with its function) per score.
   * The static model divides those counts by an H100 SXM's issue rate (32 lane-instructions per cycle per
