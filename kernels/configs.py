@@ -91,9 +91,11 @@ DQ_IN_FORWARD_SPILLS = {("16bit", 64): ("sm_80", "sm_86", "sm_89", "sm_120"), ("
 DROP_MULTIPLIER_ARCHS = ("sm_86", "sm_89", "sm_90", "sm_100")
 # The classes and head dims whose 16-bit forward rescales its online softmax once per 256-key main-loop step
 # instead of once per key tile (`rescale_per_step`, docs/kernels.md, "One rescale per step"): without dropout, and
-# with 1-bit dropout where the fp16 weights are dropped by multipliers. Elsewhere the step's score tiles, held
-# together, spill (measured on sm_90: bf16 with 1-bit dropout 128-288 B, 16-bit slices 176-612 B, D = 64 568 B, TF32
-# 112 B); sm_100 trapped or spilled at D <= 32 in 10 of its 16 forwards.
+# with 1-bit dropout where the fp16 weights are dropped by multipliers. Elsewhere on sm_90 the step's score tiles,
+# held together, spill (bf16 with 1-bit dropout 128-288 B, 16-bit slices 176-612 B, D = 64 568 B, TF32 112 B, 3xTF32
+# 44 B); sm_100 trapped or spilled at D <= 32 in 10 of its 16 forwards; on sm_80, sm_86 and sm_89 the D = 32 entries
+# spill with it (the forward with dropout, or the evaluation forward) and only D = 16 without dropout fits, where
+# their forward is exponential-bound already; sm_120 spills at D = 32 without dropout.
 RESCALE_PER_STEP_ARCHS = ("sm_90",)
 RESCALE_PER_STEP_HEAD_DIMS = (16, 32)
 KEEP_MASK_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}

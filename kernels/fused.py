@@ -35,8 +35,8 @@ def main_loop_tiles(kernel: str, drop_bits: int, block_n: int, key_tiles: int = 
     (RESCALE_PER_STEP), else one tile."""
     if kernel == "bwd_dkdv":
         return key_tiles
-    steps_calls = drop_bits == 1 and shares_calls(kernel, dot_precision)
-    return CALL_COLUMNS.value // block_n if steps_calls or rescale_per_step else 1
+    call_step = drop_bits == 1 and shares_calls(kernel, dot_precision)
+    return CALL_COLUMNS.value // block_n if call_step or (rescale_per_step and kernel == "fwd") else 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,11 +321,12 @@ def _dot_p(p_hi, p_lo, b, acc, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _rescale(state, m_new):
-    """The online softmax's state moved to the running maximum m_new: its sums times exp2(m_old - m_new)."""
+def _rescale(state, m_new, DQ_IN_FWD: tl.constexpr):
+    """The online softmax's state moved to the running maximum m_new: its sums times exp2(m_old - m_new) (E's
+    only with DQ_IN_FWD: otherwise they are [1, 1] placeholders)."""
     acc, m_i, ea, eb = state
     alpha = tl.exp2(m_i - m_new)
-    if ea.shape[0] > 1:  # E's sums (DQ_IN_FWD); [1, 1] placeholders otherwise
+    if DQ_IN_FWD:
         ea = ea * alpha[:, None]
         eb = eb * alpha[:, None]
     return acc * alpha[:, None], m_new, ea, eb
@@ -345,17 +346,27 @@ def _step_max(state, ctx, start_n, META: tl.constexpr, SUB: tl.constexpr):
     """The state rescaled once to the maximum over a main-loop step's SUB full key tiles (RESCALE_PER_STEP,
     docs/kernels.md, "One rescale per step"): their scores are the ones the step's `_fwd_tile`s compute, and the
     compiler computes each once (the count shows one score product per tile)."""
-    s_max = _fwd_scores(ctx, start_n, META, False)[3]
+    qk_scale = ctx[14]
+    BLOCK_N: tl.constexpr = META[8]
+    DQ_IN_FWD: tl.constexpr = META[10]
+    _, _, _, s_max = _fwd_scores(ctx, start_n, META, False)
     for sub in tl.static_range(1, SUB):
-        s_max = tl.maximum(s_max, _fwd_scores(ctx, start_n + sub * META[8], META, False)[3])
-    return _rescale(state, tl.maximum(state[1], tl.max(s_max, 1) * ctx[14]))
+        _, _, _, s = _fwd_scores(ctx, start_n + sub * BLOCK_N, META, False)
+        s_max = tl.maximum(s_max, s)
+    return _rescale(state, tl.maximum(state[1], tl.max(s_max, 1) * qk_scale), DQ_IN_FWD)
 
 
 @triton.jit
 def _fwd_scores(ctx, start_n, META: tl.constexpr, MASKED: tl.constexpr):
     """`_key_scores` of the forward's key tile at start_n (ctx and META as _fwd_kernel packs them)."""
-    return _key_scores(ctx[0], ctx[1], ctx[2], ctx[5], start_n, ctx[7], ctx[8], ctx[9], ctx[10], ctx[11], META[0],
-                       MASKED, META[6], META[7], META[8], META[9])
+    q, q_rows, K_bh, _, _, offs_m, _, Nq, Nk, stride_qd, stride_kn, stride_kd, _, _, _, _ = ctx
+    HEAD_DIM: tl.constexpr = META[0]
+    DOT_PRECISION: tl.constexpr = META[6]
+    BLOCK_M: tl.constexpr = META[7]
+    BLOCK_N: tl.constexpr = META[8]
+    D_CHUNK: tl.constexpr = META[9]
+    return _key_scores(q, q_rows, K_bh, offs_m, start_n, Nq, Nk, stride_qd, stride_kn, stride_kd, HEAD_DIM, MASKED,
+                       DOT_PRECISION, BLOCK_M, BLOCK_N, D_CHUNK)
 
 
 @triton.jit
@@ -386,13 +397,13 @@ def _fwd_tile(state, ctx, start_n, keep, META: tl.constexpr, MASKED: tl.constexp
     offs_n, k_rows, k, s = _fwd_scores(ctx, start_n, META, MASKED)
     vx = _load_rows(VX_b + offs_n[:, None] * stride_vn + tl.arange(0, DV)[None, :], offs_n, Nk, MASKED)
     # log2 domain: x = scale * log2(e) * s - m, one FFMA per score (qk_scale > 0, so max commutes with it).
-    if FIXED_MAX:
-        m_new, alpha = m_i, m_i  # (alpha unused)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-    else:  # E's sums are rescaled as their products' accumulators (_scaled)
+    if FIXED_MAX:  # nothing to rescale (`_scaled` ignores alpha)
+        m_new, alpha = m_i, None
+    else:  # E's sums are rescaled as their products' accumulators (`_scaled`)
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    if not FIXED_MAX:
         acc = acc * alpha[:, None]
     # 3xTF32 (fp32 inputs with E): P as an fp16 hi / lo pair, about 22 significant bits (`_p16`).
     SPLIT_P: tl.constexpr = SCALED and DOT_PRECISION == "tf32x3"

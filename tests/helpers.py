@@ -152,7 +152,8 @@ def rel_err(actual, expected):
     return err / scale if scale > 0 else err
 
 
-def covering_shape(metas, drop_bits, dot_precision=None, rescale_per_step=False):
+def covering_shape(metas: dict[str, dict[str, int]], drop_bits: int, dot_precision: str | None = None,
+                   rescale_per_step: bool = False) -> tuple[int, int]:
     """The smallest (Nq, Nk) on which each kernel, given its constexprs metas[kernel], runs every path of its key
     loop: the forward and dq main loop once (one step: `main_loop_tiles` key tiles; with 1-bit dropout over the
     keys of a whole Philox call, so that a loop stepping one tile meets every tile position in a call), the
@@ -162,7 +163,7 @@ def covering_shape(metas, drop_bits, dot_precision=None, rescale_per_step=False)
     n_key = 0
     for kernel, meta in metas.items():
         tiles = main_loop_tiles(kernel, drop_bits, meta["BLOCK_N"], meta.get("KEY_TILES", 1), dot_precision,
-                                rescale_per_step and kernel == "fwd")
+                                rescale_per_step)
         leftover = meta["BLOCK_N"] if kernel != "bwd_dkdv" and tiles > 1 else 0
         main = CALL_COLUMNS.value if kernel != "bwd_dkdv" and drop_bits == 1 else tiles * meta["BLOCK_N"]
         n_key = max(n_key, main + leftover)

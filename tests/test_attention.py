@@ -461,19 +461,21 @@ def test_dropout_multipliers_give_the_select_bit_for_bit(device, dtype, precisio
 def test_rescale_per_step_matches_the_per_tile_rescale(device, dropout_p):
     """The fp16 forward that rescales its online softmax once per 256-key main-loop step (RESCALE_PER_STEP, sm_90 and
     the interpreter: kernels.configs.rescale_per_step) writes what the per-tile rescale writes, to fp16 rounding: o,
-    the log-sum-exp and E, through two main-loop steps, a leftover full tile and the masked last one. One key in
-    the last tile of each step scores 2**16 or more above the others in the softmax's base-2 domain for about a
-    sixth of the query rows, so a step maximum that missed a tile of its step would overflow the fp16 weights
-    there."""
+    the log-sum-exp and E, through two or more main-loop steps, a leftover full tile and the masked last one. In
+    each of those tiles one key scores 2**16 or more above the others in the softmax's base-2 domain for about a
+    third of the query rows (each key on its own head-dim column), so a maximum that missed any tile of a step, or
+    a stale one in the tiles after the steps, would overflow the fp16 weights there."""
     if ops.device_arch(torch.device(device)) not in RESCALE_PER_STEP_ARCHS:
         pytest.skip("this GPU's class rescales once per key tile")
     g = torch.Generator().manual_seed(12)
-    n_query, n_key = (37, 256 * 2 + 64 + 13) if device == "cpu" else (301, 1111)
+    if device == "cpu":  # the interpreter's 64-key tiles: steps [0, 256) and [256, 512), then 512 and 576
+        n_query, n_key, spikes = 37, 256 * 2 + 64 + 13, (10, 70, 130, 200, 270, 340, 400, 470, 530, 580)
+    else:  # sm_90's 128-key tiles: four steps, then 1024 and 1152
+        n_query, n_key, spikes = 301, 1024 + 128 + 87, (10, 140, 270, 400, 530, 660, 790, 920, 1050, 1200)
     q = torch.randn(1, n_query, 2, 32, generator=g)
     k = torch.randn(1, n_key, 2, 32, generator=g)
-    # in the last tile of each step (the interpreter's 4 x 64 keys, sm_90's 2 x 128): 64 q[..., 0] * 32 ** -0.5
-    # * log2(e) >= 16 where q[..., 0] >= 1
-    k[:, [200, 500], :, 0] = 64.0
+    for column, key in enumerate(spikes):  # 256 q * 32 ** -0.5 * log2(e) = 65 q: 16 above the rest for q >~ 1/3
+        k[:, key, :, column] = 256.0
     v = torch.rand(1, n_key, 1, generator=g)
     q, k, v = (t.to(device, torch.float16) for t in (q, k, v))
     seed = torch.tensor([5], device=device)

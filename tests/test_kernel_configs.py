@@ -18,6 +18,7 @@ test_tf32_split_*; the dk/dv kernel's fp16 pairs it rounds as a GPU does).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -84,38 +85,42 @@ def test_every_shipped_configuration_matches_reference(kernel, group, head_dim, 
     matmul_precision(precision)
     dropout_p = DROPOUT_P[drop_bits]
     assert dropout_params(dropout_p)[0] == drop_bits
-    n_query, n_key = covering_shape({kernel: meta}, drop_bits, group if dtype == torch.float32 else None,
-                                    rescale_per_step(BASE_ARCH, group, dtype == torch.float16, head_dim, drop_bits))
+    # A forward that rescales once per step on sm_90 (the interpreter's class) rescales per tile on the classes
+    # outside RESCALE_PER_STEP_ARCHS: both run.
+    per_step = rescale_per_step(BASE_ARCH, group, dtype == torch.float16, head_dim, drop_bits)
+    n_query, n_key = covering_shape({kernel: meta}, drop_bits, group if dtype == torch.float32 else None, per_step)
     g = torch.Generator().manual_seed(head_dim + drop_bits)
     q, k = (torch.randn(1, n, 1, head_dim, generator=g).to(dtype) for n in (n_query, n_key))
     v = torch.rand(1, n_key, 1, generator=g).to(dtype)
     grad_o = torch.randn(1, 1, n_query, 1, generator=g)
     scale = head_dim ** -0.5
     o, lse2, grads = _reference(q, k, v, grad_o, dropout_p, scale)
-    ran = []
+    ran, forced = [], {}
 
-    def runner(launch):  # runs the kernel under test only, in the set given
+    def runner(launch):  # runs the kernel under test only, in the set given, with the constexprs forced
         assert (launch.group, launch.constexprs["DROP_BITS"]) == (group, drop_bits)
         if launch.kernel == kernel:
-            run_interpreted(launch, meta)
+            run_interpreted(replace(launch, constexprs={**launch.constexprs, **forced}), meta)
             ran.append(kernel)
 
     seed = seed_tensor(SEED, q.device)
     fwd_tol, grad_tol = TF32_TOLERANCE if (group, kernel) in (("tf32", "fwd"), ("tf32", "bwd_dkdv")) else \
         TOLERANCE[dtype]
     if kernel == "fwd":
-        actual_o, actual_lse2, e = fused_fwd(q, k, v, seed, dropout_p, scale, True, runner)
-        assert rel_err(actual_o, o) < fwd_tol and rel_err(actual_lse2, lse2) < fwd_tol
-        if dq_in_forward(group, 1, head_dim):  # E, checked through the dq it gives
-            dq = (grad_o * e * scale).transpose(1, 2)
-            assert rel_err(dq, grads[0]) < grad_tol, "dq from E"
-        else:
-            assert e.numel() == 0
+        for step in (True, False) if per_step else (False,):
+            forced["RESCALE_PER_STEP"] = step
+            actual_o, actual_lse2, e = fused_fwd(q, k, v, seed, dropout_p, scale, True, runner)
+            assert rel_err(actual_o, o) < fwd_tol and rel_err(actual_lse2, lse2) < fwd_tol, f"per step: {step}"
+            if dq_in_forward(group, 1, head_dim):  # E, checked through the dq it gives
+                dq = (grad_o * e * scale).transpose(1, 2)
+                assert rel_err(dq, grads[0]) < grad_tol, f"dq from E, per step: {step}"
+            else:
+                assert e.numel() == 0
     else:  # without E: the dq kernel (C > 1, or D outside DQ_IN_FORWARD_HEAD_DIMS)
         actual = fused_bwd(grad_o, q, k, v, o.float(), lse2.float(), torch.empty(0), seed, dropout_p, scale, runner)
         for i in GRADIENTS[kernel]:
             assert actual[i].dtype == dtype and rel_err(actual[i], grads[i]) < grad_tol, f"d{'qkv'[i]}"
-    assert ran == [kernel]
+    assert ran == [kernel] * (2 if per_step else 1)
 
 
 # ---------------------------------------------------------------------------------------------
