@@ -87,7 +87,7 @@ def test_every_shipped_configuration_matches_reference(kernel, group, head_dim, 
     assert dropout_params(dropout_p)[0] == drop_bits
     # A forward that rescales once per step on sm_90 (the interpreter's class) rescales per tile on the classes
     # outside RESCALE_PER_STEP_ARCHS: both run.
-    per_step = rescale_per_step(BASE_ARCH, group, dtype == torch.float16, head_dim, drop_bits)
+    per_step = kernel == "fwd" and rescale_per_step(BASE_ARCH, group, dtype == torch.float16, head_dim, drop_bits)
     n_query, n_key = covering_shape({kernel: meta}, drop_bits, group if dtype == torch.float32 else None, per_step)
     g = torch.Generator().manual_seed(head_dim + drop_bits)
     q, k = (torch.randn(1, n, 1, head_dim, generator=g).to(dtype) for n in (n_query, n_key))
