@@ -155,12 +155,19 @@ def dq_in_forward(group: str, channels: int, head_dim: int, arch: str = BASE_ARC
         arch not in DQ_IN_FORWARD_SPILLS.get((group, head_dim), ())
 
 
+def drops_by_multiplier(arch: str, operands_fp16: bool, drop_bits: int) -> bool:
+    """Whether the forward on `arch` drops its weights by packed multipliers (DROP_MULTIPLIER_ARCHS, the kernel's
+    KEEP_AS_SCALE): with 1-bit decisions where P~'s products take fp16 operands (fp16 inputs; fp32 ones at TF32, and
+    at 3xTF32 with E). Not bf16: Triton emits bf16 products as scalar mul.bf16, and packing their operands costs more
+    than the select (docs/kernels.md, "Dropout: the RNG scheme")."""
+    return drop_bits == 1 and operands_fp16 and arch in DROP_MULTIPLIER_ARCHS
+
+
 def rescale_per_step(arch: str, group: str, fp16: bool, head_dim: int, drop_bits: int) -> bool:
     """Whether the forward of a 16-bit launch (fp16 or bf16 inputs) at `head_dim` in dropout mode `drop_bits`
     rescales once per main-loop step on `arch` (RESCALE_PER_STEP_ARCHS)."""
-    by_multiplier = drop_bits == 1 and fp16 and arch in DROP_MULTIPLIER_ARCHS
     return (group == "16bit" and arch in RESCALE_PER_STEP_ARCHS and head_dim in RESCALE_PER_STEP_HEAD_DIMS
-            and (drop_bits == 0 or by_multiplier))
+            and (drop_bits == 0 or drops_by_multiplier(arch, fp16, drop_bits)))
 
 
 def base_candidates(kernel: str, group: str, head_dim: int, drop_bits: int) -> list[Config]:

@@ -459,13 +459,14 @@ def _fwd_kernel(Q, K, VX, VK, O, LSE, E, SCALES, SEED,
                 H, Nq, Nk, qk_scale, drop_threshold, drop_scale, zero,
                 HEAD_DIM: tl.constexpr, C: tl.constexpr, DV: tl.constexpr,
                 DROP_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_IN_FWD: tl.constexpr,
-                DROP_MULTIPLIER: tl.constexpr, RESCALE_PER_STEP: tl.constexpr,
+                KEEP_AS_SCALE: tl.constexpr, RESCALE_PER_STEP: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr):
     """One program per (query tile, b*H + h): streams over the key tiles with an online softmax. With DQ_IN_FWD
     (C = 1) it also writes E (B*H*Nq, D) fp32, from which the backward's dq is one elementwise product; VK is
     then v * k (B, Nk, H, 2D) as [hi, lo]. A 16-bit VX with fp32 inputs (TF32; 3xTF32 with E) holds the value's
     fp16 hi / lo scaled by 1 / SCALES[0], and VK v * k and k as fp16 [hi, lo] pairs (4D), v * k scaled by
-    1 / (SCALES[0] SCALES[1]) and k by 1 / SCALES[1] (kernels.ops.forward_operands). RESCALE_PER_STEP
+    1 / (SCALES[0] SCALES[1]) and k by 1 / SCALES[1] (kernels.ops.forward_operands). KEEP_AS_SCALE
+    (kernels.configs.drops_by_multiplier): 1-bit dropout by packed multipliers. RESCALE_PER_STEP
     (kernels.configs.rescale_per_step): the main loop steps CALL_COLUMNS keys and rescales once per step."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -483,11 +484,8 @@ def _fwd_kernel(Q, K, VX, VK, O, LSE, E, SCALES, SEED,
     L_COL: tl.constexpr = 2 * C + 2 if DROP_BITS > 0 else 2 * C
     VALUE_MMA: tl.constexpr = VX.dtype.element_ty != tl.float32
     SCALED: tl.constexpr = VALUE_MMA and Q.dtype.element_ty == tl.float32
-    # DROP_MULTIPLIER (kernels.configs.DROP_MULTIPLIER_ARCHS) and 1-bit dropout with fp16 P~ products (fp16 inputs;
-    # fp32 ones at TF32, and at 3xTF32 with E): P~ = P times `_bit_scale` (two weights per packed multiply), so the
-    # products with P~ carry 1 / (1 - p). Not bf16: Triton emits bf16 products as scalar mul.bf16, and packing their
-    # operands costs more than the select (docs/kernels.md)
-    KEEP_AS_SCALE: tl.constexpr = DROP_MULTIPLIER and DROP_BITS == 1 and VX.dtype.element_ty == tl.float16
+    # KEEP_AS_SCALE (kernels.configs.drops_by_multiplier): P~ = P times `_bit_scale` (two weights per packed
+    # multiply), so the products with P~ carry 1 / (1 - p)
     kept_scale = 1.0 if KEEP_AS_SCALE else drop_scale
     ones = tl.zeros([BLOCK_N, DV], dtype=VX.dtype.element_ty) + (offs_v[None, :] == L_COL).to(VX.dtype.element_ty)
     seed = tl.load(SEED) if DROP_BITS > 0 else 0

@@ -17,8 +17,8 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from kernels import fused
-from kernels.configs import BASE_ARCH, CONFIG_FIELDS, DROP_MULTIPLIER_ARCHS, FINE_DROP_BITS, KEEP_MASK_CONFIG, \
-    MIN_CAPABILITY, arch_for_capability, candidates, config_group, dq_in_forward, fitting_candidates, \
+from kernels.configs import BASE_ARCH, CONFIG_FIELDS, FINE_DROP_BITS, KEEP_MASK_CONFIG, MIN_CAPABILITY, \
+    arch_for_capability, candidates, config_group, dq_in_forward, drops_by_multiplier, fitting_candidates, \
     interpreter_meta, other_triton_warning, rescale_per_step, split_config, unsupported_reason
 
 LOG2E = 1.4426950408889634
@@ -305,7 +305,7 @@ def fwd_launch(query: torch.Tensor, key: torch.Tensor, operands: ForwardOperands
                    key.shape[1], scale * LOG2E, threshold, 1.0 / (1.0 - p_eff), 0.0),
                   dict(HEAD_DIM=head_dim, C=o.shape[3], DV=vx.shape[2], DROP_BITS=bits,
                        DOT_PRECISION=dot_precision(query.dtype), DQ_IN_FWD=e is not None,
-                       DROP_MULTIPLIER=arch in DROP_MULTIPLIER_ARCHS,
+                       KEEP_AS_SCALE=drops_by_multiplier(arch, vx.dtype == torch.float16, bits),
                        RESCALE_PER_STEP=rescale_per_step(arch, input_group(query.dtype),
                                                          query.dtype == torch.float16, head_dim, bits)),
                   input_group(query.dtype))

@@ -426,7 +426,7 @@ class _TinyAttention(torch.nn.Module):
 @pytest.mark.parametrize("dtype,precision", [(torch.float16, "highest"), (torch.float32, "high"),
                                              (torch.float32, "highest")], ids=["fp16", "fp32-tf32", "fp32-tf32x3"])
 def test_dropout_multipliers_give_the_select_bit_for_bit(device, dtype, precision):
-    """The forward that drops fp16 weights with `_bit_scale`'s multipliers (DROP_MULTIPLIER, on the classes of
+    """The forward that drops fp16 weights with `_bit_scale`'s multipliers (KEEP_AS_SCALE, on the classes of
     kernels.configs.DROP_MULTIPLIER_ARCHS) writes exactly what the select gives (the other classes): o, the
     log-sum-exp and E, through the main loop's sub-tiles per Philox call, a leftover full tile and the masked last
     one; q and k x 3 make many fp16 weights subnormal, which the packed multiply must double, not flush."""
@@ -439,7 +439,7 @@ def test_dropout_multipliers_give_the_select_bit_for_bit(device, dtype, precisio
 
     def forward(multiplier: bool) -> tuple[torch.Tensor, ...]:
         def runner(launch: ops.Launch) -> None:
-            forced = replace(launch, constexprs={**launch.constexprs, "DROP_MULTIPLIER": multiplier})
+            forced = replace(launch, constexprs={**launch.constexprs, "KEEP_AS_SCALE": multiplier})
             if device == "cpu":
                 ops.run_interpreted(forced)
             else:
