@@ -18,10 +18,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from kernels.configs import BASE_ARCH, Config, candidates, dq_in_forward, launch_keys, split_config
+from kernels.configs import BASE_ARCH, Config, candidates, dq_in_forward, launch_keys, rank_one_dkdv, split_config
 from kernels.fused import main_loop_tiles
 from kernels.ops import KERNELS, Launch, backward_operands, copies_in_dkdv, dkdv_launch, dq_launch, \
-    effective_dropout_p, forward_operands, fwd_launch, input_group, is_interpreted
+    dropout_params, effective_dropout_p, forward_operands, fwd_launch, input_group, is_interpreted
 
 # The shape the specialisation is taken at: Swin-B's 1/8 stage (12 episodes, 2 layers stacked in the head
 # axis, 48 x 48 tokens, K = 1), any head dim. Nq, Nk and the strides are multiples of 16 at every DCAMA
@@ -54,7 +54,9 @@ def _launches(dtype: torch.dtype, head_dim: int, dropout_p: float, arch: str, tr
     operands = forward_operands(k, value, with_e)
     e = torch.empty(b, h, nq, head_dim, dtype=torch.float32, device=meta) if with_e else None
     return {"fwd": fwd_launch(q, k, operands, o, lse2, e, seed, dropout_p, scale, arch),
-            "bwd_dkdv": dkdv_launch(q, k, backward_operands(q, k, value, grad_o, o, drop_scale, copies_in_dkdv(dtype)),
+            "bwd_dkdv": dkdv_launch(q, k, backward_operands(q, k, value, grad_o, o, drop_scale, copies_in_dkdv(dtype),
+                                                            rank_one_dkdv(arch, input_group(dtype), c, head_dim,
+                                                                          dropout_params(dropout_p)[0])),
                                     lse2, torch.empty_like(k), dv, seed, dropout_p, scale),
             "bwd_dq": dq_launch(q, k, backward_operands(q, k, value, grad_o, o, drop_scale, False), lse2,
                                 torch.empty_like(q), seed, c, dropout_p, scale)}

@@ -32,8 +32,10 @@ GPU_CONFIGS: dict[str, dict[str, dict[int, list[Config]]]] = {
         "tf32x3": {16: [(128, 64, 16, 8, 1)], 32: [(128, 64, 16, 8, 1)], 64: [(128, 64, 16, 8, 1)],
                    128: [(128, 64, 16, 8, 1)], 256: [(64, 64, 16, 4, 1)]},
     },
+    # 16 bits at D = 32: 2 x 64 keys per program, the most the rank-one form's accumulators fit on sm_90 (4 x 64
+    # spills 3440 B without dropout and 3776 B with it, one 128-key tile 8 B without; docs/kernels.md, "Budget").
     "bwd_dkdv": {
-        "16bit": {16: [(64, 64, 4, 16, 16, 4, 1)], 32: [(64, 64, 4, 32, 32, 4, 1)], 64: [(64, 64, 2, 64, 64, 4, 1)],
+        "16bit": {16: [(64, 64, 4, 16, 16, 4, 1)], 32: [(64, 64, 2, 32, 32, 4, 1)], 64: [(64, 64, 2, 64, 64, 4, 1)],
                   128: [(64, 64, 1, 128, 128, 4, 1)], 256: [(32, 64, 1, 256, 256, 4, 1)]},
         "tf32": {16: [(64, 64, 4, 16, 16, 4, 1)], 32: [(64, 64, 2, 32, 32, 4, 1)], 64: [(64, 64, 1, 64, 64, 4, 1)],
                  128: [(32, 64, 1, 128, 128, 4, 1)], 256: [(32, 64, 1, 256, 256, 8, 1)]},
@@ -54,15 +56,12 @@ FINE_DROP_BITS = 16
 DROP_MODES = (0, 1, FINE_DROP_BITS)
 # Entries that replace GPU_CONFIGS' for one dropout mode, MODE_CONFIGS[DROP_BITS][kernel][group][head dim]. With
 # 16-bit slices a 64-column sub-tile needs four Philox calls per stream: where the default entry runs out of
-# registers with them, these replace it. Without dropout the 16-bit dk/dv kernel at D = 32 takes its 128 keys as
-# one tile: 5.84 lane-instructions per score on sm_90 against 6.02 for the default's 4 x 64 keys, which counts
-# 9.44 with dropout 0.5 where 128 keys as one tile spill 96 B (docs/kernels.md, "Budget").
+# registers with them, these replace it.
 MODE_CONFIGS: dict[int, dict[str, dict[str, dict[int, list[Config]]]]] = {
-    0: {"bwd_dkdv": {"16bit": {32: [(64, 128, 1, 32, 32, 4, 1)]}}},
     FINE_DROP_BITS: {
         "fwd": {"16bit": {16: [(128, 64, 16, 8, 2)], 32: [(128, 64, 32, 8, 2)]},
                 "tf32": {16: [(128, 64, 16, 8, 2)], 32: [(128, 64, 32, 8, 2)]}},
-        "bwd_dkdv": {"16bit": {16: [(64, 64, 2, 16, 16, 4, 1)], 32: [(64, 64, 2, 32, 32, 4, 1)]}},
+        "bwd_dkdv": {"16bit": {16: [(64, 64, 2, 16, 16, 4, 1)]}},
         "bwd_dq": {"16bit": {16: [(128, 64, 16, 16, 8, 3)], 32: [(128, 64, 32, 32, 8, 3)]}},
     },
 }
@@ -98,6 +97,19 @@ DROP_MULTIPLIER_ARCHS = ("sm_86", "sm_89", "sm_90", "sm_100")
 # their forward is exponential-bound already; sm_120 spills at D = 32 without dropout.
 RESCALE_PER_STEP_ARCHS = ("sm_90",)
 RESCALE_PER_STEP_HEAD_DIMS = (16, 32)
+# Where the 16-bit dk/dv kernel for a one-channel value takes dk in rank-one form (`rank_one_dkdv`, docs/kernels.md,
+# "dk/dv in rank-one form"): RANK_ONE_DKDV[class][DROP_BITS] = head dims, where it counts less and does not spill.
+# Measured with each class's entries: at D = 64 its accumulators spill (sm_90: 5752 B without dropout at 64 x 64 x 2),
+# on sm_90 with 16-bit slices at D = 32 too (116 B); on the mma.sync classes (accumulators in registers) at D = 32
+# it spills (512-3028 B) or counts no less, and at D = 16 it fits only where listed.
+RANK_ONE_DKDV: dict[str, dict[int, tuple[int, ...]]] = {
+    "sm_80": {FINE_DROP_BITS: (16,)},
+    "sm_86": {1: (16,)},
+    "sm_89": {1: (16,)},
+    "sm_90": {0: (16, 32), 1: (16, 32), FINE_DROP_BITS: (16,)},
+    "sm_100": {0: (16, 32), 1: (16, 32), FINE_DROP_BITS: (16, 32)},
+    "sm_120": {0: (16,)},
+}
 KEEP_MASK_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
 # Under TRITON_INTERPRET=1 (no autotuning possible) one small configuration keeps the interpreter fast;
 # D_CHUNK = min(D, 64) so that the tests exercise the resident and the chunked score paths, and a dk/dv program
@@ -161,6 +173,12 @@ def drops_by_multiplier(arch: str, operands_fp16: bool, drop_bits: int) -> bool:
     at 3xTF32 with E). Not bf16: Triton emits bf16 products as scalar mul.bf16, and packing their operands costs more
     than the select (docs/kernels.md, "Dropout: the RNG scheme")."""
     return drop_bits == 1 and operands_fp16 and arch in DROP_MULTIPLIER_ARCHS
+
+
+def rank_one_dkdv(arch: str, group: str, channels: int, head_dim: int, drop_bits: int) -> bool:
+    """Whether the dk/dv kernel of a launch takes dk in rank-one form on `arch` (the kernel's RANK_ONE): 16-bit
+    inputs, a one-channel value, a head dim RANK_ONE_DKDV lists for the class and dropout mode."""
+    return group == "16bit" and channels == 1 and head_dim in RANK_ONE_DKDV.get(arch, {}).get(drop_bits, ())
 
 
 def rescale_per_step(arch: str, group: str, fp16: bool, head_dim: int, drop_bits: int) -> bool:

@@ -572,15 +572,17 @@ def _pair_scores(q, k, q_rows, k_rows, q_mask, k_mask, stride_qd, stride_kd, BLO
 
 @triton.jit
 def _dkdv_sub(dk, dv, k, vx, sub: tl.constexpr, ctx, META: tl.constexpr):
-    """One query tile x key sub-tile `sub` of the program: dv += P~^T DOD[:, :DVW], dk += dS^T q (P~^T and dS^T
-    pass through shared memory: the tile rows are queries, so that the dropout streams match the forward's);
-    ctx and META as _dkdv_rows packs them. PAIRS (fp32 at 3xTF32): q and k are fp16 [hi, lo] pairs and the
-    scores their product (`_pair_scores`); dv and dk take P~ and dS as fp16 pairs too (`_p16`), against dO''s and
-    q's, so that every product reads its transposed operand from shared memory as 16-bit MMAs can and TF32 MMAs
-    cannot (they read P~^T and dS^T back into registers). At TF32 with q's fp16 copy (ROUNDED) P~ and dS are
-    rounded to fp16 for dv and dk, for the same reason."""
+    """One query tile x key sub-tile `sub` of the program: dv += P~^T DOD[:, :DVW], and dk += dS^T q (`_dkdv_ds`)
+    or in RANK_ONE form (C = 1) its two sums: dk = (P~^T [dO' q], P^T [-Delta q]) with the per-query operands DKF
+    gives as [hi, lo] pairs, both sums in one product [P^T [dO' q | -Delta q]] without dropout (P~ = P); the store
+    combines them (`_store_dkdv`). The transposed operands pass through shared memory: the tile rows are queries, so
+    that the dropout streams match the forward's. ctx and META as _dkdv_rows packs them. PAIRS (fp32 at 3xTF32): q
+    and k are fp16 [hi, lo] pairs and the scores their product (`_pair_scores`); dv and dk take P~ and dS as fp16
+    pairs too (`_p16`), against dO''s and q's, so that every product reads its transposed operand from shared memory
+    as 16-bit MMAs can and TF32 MMAs cannot (they read P~^T and dS^T back into registers). At TF32 with q's fp16 copy
+    (ROUNDED) P~ and dS are rounded to fp16 for dv and dk, for the same reason."""
     q, q_split, dod, dod_v, lse2, neg_delta, q_rows, q_mask, K_bh, Nk, stride_qd, stride_kn, stride_kd, \
-        qk_scale, zero, r0, r1, r2, r3, seed, bh, start_m, start_n, drop_threshold = ctx
+        qk_scale, zero, r0, r1, r2, r3, seed, bh, start_m, start_n, drop_threshold, dkf = ctx
     DROP_BITS: tl.constexpr = META[0]
     DOT_PRECISION: tl.constexpr = META[1]
     BLOCK_M: tl.constexpr = META[2]
@@ -588,6 +590,7 @@ def _dkdv_sub(dk, dv, k, vx, sub: tl.constexpr, ctx, META: tl.constexpr):
     HEAD_DIM: tl.constexpr = META[4]
     D_CHUNK: tl.constexpr = META[5]
     PAIRS: tl.constexpr = META[6]
+    RANK_ONE: tl.constexpr = META[7]
     keep = _sub_keep(r0, r1, r2, r3, seed, bh, start_m, start_n, sub, drop_threshold, BLOCK_M, BLOCK_N, DROP_BITS)
     offs_n = start_n + sub * BLOCK_N + tl.arange(0, BLOCK_N)
     if PAIRS:
@@ -596,6 +599,32 @@ def _dkdv_sub(dk, dv, k, vx, sub: tl.constexpr, ctx, META: tl.constexpr):
     else:
         s = _scores(q, k, q_rows, K_bh + offs_n[:, None] * stride_kn, q_mask, offs_n[:, None] < Nk, stride_qd,
                     stride_kd, BLOCK_M, BLOCK_N, HEAD_DIM, D_CHUNK, DOT_PRECISION)
+    if RANK_ONE:
+        p = tl.exp2(s * qk_scale - lse2[:, None])
+        p_t = tl.trans(p.to(dod_v.dtype))
+        dk_kept, dk_all = dk
+        if DROP_BITS > 0:
+            dkf_kept, dkf_all = dkf
+            p_drop_t = tl.trans(tl.where(keep, p, zero).to(dod_v.dtype))
+            dk = (tl.dot(p_drop_t, dkf_kept, dk_kept), tl.dot(p_t, dkf_all, dk_all))
+            dv = tl.dot(p_drop_t, dod_v, dv)
+        else:
+            dk = (tl.dot(p_t, dkf, dk_kept), dk_all)
+            dv = tl.dot(p_t, dod_v, dv)
+    else:
+        dk, dv = _dkdv_ds(dk, dv, s, vx, keep, ctx, META)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_ds(dk, dv, s, vx, keep, ctx, META: tl.constexpr):
+    """`_dkdv_sub`'s products through dS = P (dP - Delta) from its scores s and keep decisions."""
+    q, q_split, dod, dod_v, lse2, neg_delta, _, _, _, _, _, _, _, qk_scale, zero, _, _, _, _, _, _, _, _, _, _ = ctx
+    DROP_BITS: tl.constexpr = META[0]
+    DOT_PRECISION: tl.constexpr = META[1]
+    BLOCK_M: tl.constexpr = META[2]
+    BLOCK_N: tl.constexpr = META[3]
+    PAIRS: tl.constexpr = META[6]
     dpd = _mma(dod, tl.trans(vx), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION, SPLIT_A=False)
     p, p_drop, ds = _ds_tile(s, lse2, dpd, neg_delta, keep, qk_scale, zero, DROP_BITS > 0)
     if PAIRS:  # dv's B operand holds dO''s pair already (its hi and lo columns)
@@ -635,7 +664,7 @@ def _dkdv_rows(dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2
                HEAD_DIM: tl.constexpr, DV: tl.constexpr, DVW: tl.constexpr, DROP_BITS: tl.constexpr,
                SUB: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr, D_SPLIT: tl.constexpr, PAIRS: tl.constexpr,
-               ROUNDED: tl.constexpr):
+               ROUNDED: tl.constexpr, DKF, RANK_ONE: tl.constexpr):
     """One query tile against the program's SUB key sub-tiles (slots 0 .. SUB-1; the others pass through)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row = row0 + offs_m
@@ -671,9 +700,19 @@ def _dkdv_rows(dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2
         neg_delta = tl.load(NEGD + row)
     # one Philox call per stream serves the SUB sub-tiles
     r0, r1, r2, r3 = _call_words(seed, bh, start_m, start_n, BLOCK_M, DROP_BITS)
+    if RANK_ONE:  # this split's columns of DKF's parts [dO' q hi, lo, -Delta q hi, lo]: two and two, or all four
+        dkf_rows = DKF + row[:, None] * (4 * HEAD_DIM)
+        PARTS: tl.constexpr = 2 if DROP_BITS > 0 else 4
+        cols = tl.arange(0, PARTS * D_SPLIT)
+        offs_f = cols // D_SPLIT * HEAD_DIM + d0 + cols % D_SPLIT
+        dkf = _load_rows(dkf_rows + offs_f[None, :], offs_m, Nq, MASKED)
+        if DROP_BITS > 0:
+            dkf = (dkf, _load_rows(dkf_rows + 2 * HEAD_DIM + offs_f[None, :], offs_m, Nq, MASKED))
+    else:
+        dkf = 0
     ctx = (q, q_split, dod, dod_v, lse2, neg_delta, q_rows, q_mask, K_bh, Nk, stride_qd, stride_kn, stride_kd,
-           qk_scale, zero, r0, r1, r2, r3, seed, bh, start_m, start_n, drop_threshold)
-    meta: tl.constexpr = (DROP_BITS, DOT_PRECISION, BLOCK_M, BLOCK_N, HEAD_DIM, D_CHUNK, PAIRS)
+           qk_scale, zero, r0, r1, r2, r3, seed, bh, start_m, start_n, drop_threshold, dkf)
+    meta: tl.constexpr = (DROP_BITS, DOT_PRECISION, BLOCK_M, BLOCK_N, HEAD_DIM, D_CHUNK, PAIRS, RANK_ONE)
     dk0, dv0 = _dkdv_sub(dk0, dv0, k0, vx0, 0, ctx, meta)
     if SUB > 1:
         dk1, dv1 = _dkdv_sub(dk1, dv1, k1, vx1, 1, ctx, meta)
@@ -698,15 +737,33 @@ def _key_tile(K_bh, VX_b, start_n, Nk, stride_kn, stride_kd, stride_vn,
 
 
 @triton.jit
-def _store_dkdv(dk, dv, DK_bh, DV_OUT, SCALES, bh, start_n, d0, Nk, scale, stride_dkn, stride_dkd,
+def _pair_sum(acc, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr):
+    """The [BLOCK_N, 2 WIDTH] accumulator of a [hi | lo] pair's products -> hi + lo, [BLOCK_N, WIDTH]."""
+    hi, lo = tl.split(tl.permute(tl.reshape(acc, [BLOCK_N, 2, WIDTH]), (0, 2, 1)))
+    return hi + lo
+
+
+@triton.jit
+def _store_dkdv(dk, dv, vx, DK_bh, DV_OUT, SCALES, bh, start_n, d0, Nk, scale, stride_dkn, stride_dkd,
                 C: tl.constexpr, DVW: tl.constexpr, BLOCK_N: tl.constexpr, D_SPLIT: tl.constexpr,
-                COPIES: tl.constexpr):
+                COPIES: tl.constexpr, RANK_ONE: tl.constexpr, DROP: tl.constexpr):
     """dk columns d0 .. d0 + D_SPLIT times scale; dv (fp32, this head's) by the first column split only. COPIES:
     first undo the fp16 copies' scales: dv's SCALES[0], dk's as three powers of two of about equal exponents (their
-    product, or any one first, may leave fp32's range where the accumulator and dk do not)."""
+    product, or any one first, may leave fp32's range where the accumulator and dk do not). RANK_ONE: dk is the
+    pair of `_dkdv_sub`'s sums, each [hi | lo] columns, and dk = v (sum over kept) + (sum over all), v VX's
+    column 0."""
     if COPIES:
         dk = dk * tl.load(SCALES + 1) * tl.load(SCALES + 2) * tl.load(SCALES + 3)
         dv = dv * tl.load(SCALES)
+    if RANK_ONE:
+        dk_kept, dk_all = dk
+        if DROP:
+            kept, every = _pair_sum(dk_kept, BLOCK_N, D_SPLIT), _pair_sum(dk_all, BLOCK_N, D_SPLIT)
+        else:  # one accumulator, [kept hi | kept lo | all hi | all lo]: (key, column, sum, half)
+            hi, lo = tl.split(tl.permute(tl.reshape(dk_kept, [BLOCK_N, 2, 2, D_SPLIT]), (0, 3, 1, 2)))
+            kept, every = tl.split(hi + lo)
+        v = tl.sum(tl.where(tl.arange(0, vx.shape[1])[None, :] == 0, vx.to(tl.float32), 0.0), 1)
+        dk = kept * v[:, None] + every
     offs_n = start_n + tl.arange(0, BLOCK_N)
     tl.store(DK_bh + offs_n[:, None] * stride_dkn + (d0 + tl.arange(0, D_SPLIT))[None, :] * stride_dkd,
              (dk * scale).to(DK_bh.dtype.element_ty), mask=offs_n[:, None] < Nk)
@@ -726,18 +783,20 @@ def _bwd_dkdv_kernel(Q, K, VX, DOD, LSE, NEGD, DK, DV_OUT, SEED, SCALES, Q16,
                      stride_kb, stride_kn, stride_kh, stride_kd,
                      stride_vb, stride_vn,
                      stride_dkb, stride_dkn, stride_dkh, stride_dkd,
-                     H, Nq, Nk, qk_scale, scale, drop_threshold, zero,
+                     H, Nq, Nk, qk_scale, scale, drop_threshold, zero, DKF,
                      HEAD_DIM: tl.constexpr, C: tl.constexpr, DV: tl.constexpr, DVW: tl.constexpr,
                      DROP_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_TILES: tl.constexpr,
-                     D_CHUNK: tl.constexpr, D_SPLIT: tl.constexpr):
+                     D_CHUNK: tl.constexpr, D_SPLIT: tl.constexpr, RANK_ONE: tl.constexpr):
     """One program per (KEY_TILES key sub-tiles, b*H + h): loops over the query tiles, accumulates dk and this
     head's dv. KEY_TILES * BLOCK_N divides CALL_COLUMNS: with 1-bit dropout one Philox call per stream then
     serves all the program's sub-tiles (all its words when KEY_TILES * BLOCK_N == CALL_COLUMNS). fp32 inputs take
     dv and dk as 16-bit products of scaled fp16 copies (kernels.ops.backward_operands): at 3xTF32 (PAIRS) Q and K
     are q's and k's [hi, lo] pairs (B, N, H, 2D) and the scores their product, at TF32 (ROUNDED) Q16 is q rounded
     to fp16 for dk; dv is SCALES[0], dk SCALES[1] SCALES[2] SCALES[3] and the pairs' scores SCALES[4] times what the
-    products give. Otherwise Q16 is Q."""
+    products give. Otherwise Q16 is Q. RANK_ONE (16 bits, C = 1: kernels.configs.rank_one_dkdv): dk from its rank-one
+    form (`_dkdv_sub`), DKF (B*H*Nq, 4D) the per-query [dO' q hi, lo, -Delta q hi, lo] (kernels.ops.dk_factors);
+    otherwise DKF is unused."""
     SUB: tl.constexpr = KEY_TILES
     PAIRS: tl.constexpr = DOT_PRECISION == "tf32x3" and Q.dtype.element_ty == tl.float16
     ROUNDED: tl.constexpr = Q.dtype.element_ty == tl.float32 and Q16.dtype.element_ty == tl.float16
@@ -750,7 +809,14 @@ def _bwd_dkdv_kernel(Q, K, VX, DOD, LSE, NEGD, DK, DV_OUT, SEED, SCALES, Q16,
     K_bh = K + b * stride_kb + h * stride_kh
     VX_b = VX + b * stride_vb
     k0, vx0 = _key_tile(K_bh, VX_b, start_n, Nk, stride_kn, stride_kd, stride_vn, HEAD_DIM, DV, BLOCK_N, PAIRS)
-    dk0 = tl.zeros([BLOCK_N, D_SPLIT], dtype=tl.float32)
+    if RANK_ONE:  # the sums over kept and over all weights, [hi | lo] each; one accumulator for both without dropout
+        if DROP_BITS > 0:
+            dk0 = (tl.zeros([BLOCK_N, 2 * D_SPLIT], dtype=tl.float32),
+                   tl.zeros([BLOCK_N, 2 * D_SPLIT], dtype=tl.float32))
+        else:
+            dk0 = (tl.zeros([BLOCK_N, 4 * D_SPLIT], dtype=tl.float32), tl.zeros([1, 1], dtype=tl.float32))
+    else:
+        dk0 = tl.zeros([BLOCK_N, D_SPLIT], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, DVW], dtype=tl.float32)
     # Unused slots are placeholders that the loop carries unchanged (and the compiler drops).
     k1, vx1, k2, vx2, k3, vx3 = k0, vx0, k0, vx0, k0, vx0
@@ -775,26 +841,27 @@ def _bwd_dkdv_kernel(Q, K, VX, DOD, LSE, NEGD, DK, DV_OUT, SEED, SCALES, Q16,
             dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2, k3, vx3, Q_bh, Q16_bh, DOD, LSE, NEGD,
             row0, start_m, start_n, d0, seed, bh, Nq, stride_qn, stride_qd, stride_q16n, K_bh, Nk, stride_kn,
             stride_kd, qk_scale, drop_threshold, zero, HEAD_DIM, DV, DVW, DROP_BITS, SUB, False, DOT_PRECISION,
-            BLOCK_M, BLOCK_N, D_CHUNK, D_SPLIT, PAIRS, ROUNDED)
+            BLOCK_M, BLOCK_N, D_CHUNK, D_SPLIT, PAIRS, ROUNDED, DKF, RANK_ONE)
     if n_full < Nq:  # the last, partial query tile: the only one with masked loads
         dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3 = _dkdv_rows(
             dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2, k3, vx3, Q_bh, Q16_bh, DOD, LSE, NEGD,
             row0, n_full, start_n, d0, seed, bh, Nq, stride_qn, stride_qd, stride_q16n, K_bh, Nk, stride_kn,
             stride_kd, qk_scale, drop_threshold, zero, HEAD_DIM, DV, DVW, DROP_BITS, SUB, True, DOT_PRECISION,
-            BLOCK_M, BLOCK_N, D_CHUNK, D_SPLIT, PAIRS, ROUNDED)
+            BLOCK_M, BLOCK_N, D_CHUNK, D_SPLIT, PAIRS, ROUNDED, DKF, RANK_ONE)
 
     DK_bh = DK + b * stride_dkb + h * stride_dkh
     COPIES: tl.constexpr = PAIRS or ROUNDED
-    _store_dkdv(dk0, dv0, DK_bh, DV_OUT, SCALES, bh, start_n, d0, Nk, scale, stride_dkn, stride_dkd, C, DVW, BLOCK_N,
-                D_SPLIT, COPIES)
+    DROP: tl.constexpr = DROP_BITS > 0
+    _store_dkdv(dk0, dv0, vx0, DK_bh, DV_OUT, SCALES, bh, start_n, d0, Nk, scale, stride_dkn, stride_dkd, C, DVW,
+                BLOCK_N, D_SPLIT, COPIES, RANK_ONE, DROP)
     if SUB > 1:
-        _store_dkdv(dk1, dv1, DK_bh, DV_OUT, SCALES, bh, start_n + BLOCK_N, d0, Nk, scale, stride_dkn, stride_dkd, C,
-                    DVW, BLOCK_N, D_SPLIT, COPIES)
+        _store_dkdv(dk1, dv1, vx1, DK_bh, DV_OUT, SCALES, bh, start_n + BLOCK_N, d0, Nk, scale, stride_dkn, stride_dkd,
+                    C, DVW, BLOCK_N, D_SPLIT, COPIES, RANK_ONE, DROP)
     if SUB > 2:
-        _store_dkdv(dk2, dv2, DK_bh, DV_OUT, SCALES, bh, start_n + 2 * BLOCK_N, d0, Nk, scale, stride_dkn, stride_dkd,
-                    C, DVW, BLOCK_N, D_SPLIT, COPIES)
-        _store_dkdv(dk3, dv3, DK_bh, DV_OUT, SCALES, bh, start_n + 3 * BLOCK_N, d0, Nk, scale, stride_dkn, stride_dkd,
-                    C, DVW, BLOCK_N, D_SPLIT, COPIES)
+        _store_dkdv(dk2, dv2, vx2, DK_bh, DV_OUT, SCALES, bh, start_n + 2 * BLOCK_N, d0, Nk, scale, stride_dkn,
+                    stride_dkd, C, DVW, BLOCK_N, D_SPLIT, COPIES, RANK_ONE, DROP)
+        _store_dkdv(dk3, dv3, vx3, DK_bh, DV_OUT, SCALES, bh, start_n + 3 * BLOCK_N, d0, Nk, scale, stride_dkn,
+                    stride_dkd, C, DVW, BLOCK_N, D_SPLIT, COPIES, RANK_ONE, DROP)
 
 
 @triton.jit

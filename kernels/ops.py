@@ -19,7 +19,7 @@ from triton.runtime.errors import OutOfResources
 from kernels import fused
 from kernels.configs import BASE_ARCH, CONFIG_FIELDS, FINE_DROP_BITS, KEEP_MASK_CONFIG, MIN_CAPABILITY, \
     arch_for_capability, candidates, config_group, dq_in_forward, drops_by_multiplier, fitting_candidates, \
-    interpreter_meta, other_triton_warning, rescale_per_step, split_config, unsupported_reason
+    interpreter_meta, other_triton_warning, rank_one_dkdv, rescale_per_step, split_config, unsupported_reason
 
 LOG2E = 1.4426950408889634
 KERNELS = {"fwd": fused._fwd_kernel, "bwd_dkdv": fused._bwd_dkdv_kernel, "bwd_dq": fused._bwd_dq_kernel}
@@ -229,6 +229,21 @@ class BackwardOperands:
     query16: torch.Tensor | None = None  # TF32: q rounded to fp16; 3xTF32: q's [hi, lo] pair, read in place of q
     key16: torch.Tensor | None = None  # 3xTF32: k's [hi, lo] pair, read in place of k
     scales: torch.Tensor | None = None
+    dk_factors: torch.Tensor | None = None  # rank-one dk (`dk_factors`)
+
+
+def dk_factors(query: torch.Tensor, grad_o: torch.Tensor, o: torch.Tensor, drop_scale: float) -> torch.Tensor:
+    """DKF (B, H, Nq, 4D) in the query's (16-bit) dtype: [dO' q, -Delta q] per query row and head as [hi, lo] pairs
+    (`_split`), the per-query factors of dk's rank-one form for a one-channel value (docs/kernels.md, "dk/dv in
+    rank-one form"): dk_j = scale (v_j sum_i P~_ij dO'_i q_i + sum_i P_ij (-Delta_i) q_i). A single rounding of
+    either would not cancel where the two sums nearly do."""
+    q = query.float().transpose(1, 2)
+    grad_o = grad_o.float()
+    neg_delta = -(grad_o * o).sum(-1, keepdim=True)
+    parts = (*_split(grad_o * drop_scale * q, query.dtype), *_split(neg_delta * q, query.dtype))
+    batch, heads, n_query, head_dim = q.shape
+    return torch.cat(parts, dim=3, out=torch.empty((batch, heads, n_query, 4 * head_dim), dtype=query.dtype,
+                                                   device=query.device))
 
 
 def copies_in_dkdv(dtype: torch.dtype) -> bool:
@@ -237,9 +252,10 @@ def copies_in_dkdv(dtype: torch.dtype) -> bool:
 
 
 def backward_operands(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grad_o: torch.Tensor,
-                      o: torch.Tensor, drop_scale: float, copies: bool) -> BackwardOperands:
-    """VX, DOD and -Delta (`value_operand`, `grad_operands`). With `copies` (the dk/dv kernel for fp32 inputs,
-    `copies_in_dkdv`) the dk/dv kernel takes dv and dk as 16-bit products, which read their transposed operands
+                      o: torch.Tensor, drop_scale: float, copies: bool, rank_one: bool = False) -> BackwardOperands:
+    """VX, DOD and -Delta (`value_operand`, `grad_operands`), and with `rank_one` (16-bit inputs, C = 1,
+    kernels.configs.rank_one_dkdv) dk's per-query factors (`dk_factors`). With `copies` (the dk/dv kernel for fp32
+    inputs, `copies_in_dkdv`) the dk/dv kernel takes dv and dk as 16-bit products, which read their transposed operands
     from shared memory (docs/kernels.md, "3xTF32 dk/dv from fp16 pairs"): at 3xTF32 it reads q's and k's fp16
     [hi, lo] pairs (B, N, H, 2D) instead of q and k, at TF32 q rounded to fp16 besides q, and DOD's dO' hi / lo
     columns as fp16. Each is scaled by a power of two (exact) into fp16's range: q and k to below 2**15; the
@@ -250,7 +266,8 @@ def backward_operands(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     formed from integer exponents."""
     dtype = query.dtype
     if not copies:
-        return BackwardOperands(value_operand(value), *grad_operands(grad_o, o, drop_scale, dtype))
+        return BackwardOperands(value_operand(value), *grad_operands(grad_o, o, drop_scale, dtype),
+                                dk_factors=dk_factors(query, grad_o, o, drop_scale) if rank_one else None)
     value_max = value.detach().abs().amax().double()
     value_exp = _exponent_below(value_max, 0)
     query_exp = _exponent_below(query.detach().abs().amax(), 15)
@@ -326,9 +343,10 @@ def dkdv_launch(query: torch.Tensor, key: torch.Tensor, operands: BackwardOperan
                   (query, key, operands.vx, operands.dod, lse2, operands.neg_delta, dk, dv_heads, seed,
                    lse2 if operands.scales is None else operands.scales, q16, *query.stride(), *q16.stride()[:3],
                    *key.stride(), operands.vx.stride(0), operands.vx.stride(1), *dk.stride(), heads, n_query, n_key,
-                   scale * LOG2E, scale, threshold, 0.0),
+                   scale * LOG2E, scale, threshold, 0.0,
+                   lse2 if operands.dk_factors is None else operands.dk_factors),
                   dict(HEAD_DIM=head_dim, C=dv_heads.shape[3], DV=operands.vx.shape[2], DVW=dv_width(dv_heads.shape[3]),
-                       DROP_BITS=bits, DOT_PRECISION=precision), group)
+                       DROP_BITS=bits, DOT_PRECISION=precision, RANK_ONE=operands.dk_factors is not None), group)
 
 
 def dq_launch(query: torch.Tensor, key: torch.Tensor, operands: BackwardOperands, lse2: torch.Tensor,
@@ -475,11 +493,13 @@ def fused_bwd(grad_o: torch.Tensor, query: torch.Tensor, key: torch.Tensor, valu
               runner: Callable[[Launch], None] = run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What `attention_bwd` computes, each launch made by `runner`."""
     check_triton_device(query.device)
-    batch, n_query, heads, _ = query.shape
+    batch, n_query, heads, head_dim = query.shape
     n_key, channels = key.shape[1], value.shape[2]
-    drop_scale = 1.0 / (1.0 - dropout_params(dropout_p)[2])
+    bits, _, p_eff = dropout_params(dropout_p)
+    drop_scale = 1.0 / (1.0 - p_eff)
     copies = copies_in_dkdv(query.dtype)
-    operands = backward_operands(query, key, value, grad_o, o, drop_scale, copies)
+    rank_one = rank_one_dkdv(device_arch(query.device), input_group(query.dtype), channels, head_dim, bits)
+    operands = backward_operands(query, key, value, grad_o, o, drop_scale, copies, rank_one)
     dq, dk = query.new_empty(query.shape), key.new_empty(key.shape)  # contiguous, whatever the inputs' strides
     dv_heads = torch.empty((batch, heads, n_key, channels), dtype=torch.float32, device=query.device)
     runner(dkdv_launch(query, key, operands, lse2, dk, dv_heads, seed, dropout_p, scale))

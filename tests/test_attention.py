@@ -172,6 +172,45 @@ def test_dq_from_the_forward_matches_reference(case_id, monkeypatch):
                                   head_reduction=head_reduction), dtype, tolerance)
 
 
+# dk in rank-one form (docs/kernels.md, "dk/dv in rank-one form"): dk_j = scale (v_j sum_i P~_ij dO'_i q_i +
+# sum_i P_ij (-Delta_i) q_i). Cases where the two sums nearly cancel: queries sharing an offset (sum_i dS_ij is small
+# next to sum_i |dS_ij|), a peaked softmax, a nearly constant value (v_j ~ o_i): (dropout_p, head dim, gain on q and
+# k, common query offset, value: "soft" uniform [0, 1) / "binary" / "flat" 1 + 0.01 uniform, shots, head_reduction).
+RANK_ONE_CASES = {
+    "dropout0.5-query-offset": (0.5, 32, 1.0, 3.0, "soft", 1, "mean"),
+    "dropout0.5-peaked-flat-value": (0.5, 32, 3.0, 0.0, "flat", 1, "none"),
+    "no-dropout-flat-value-2shot": (0.0, 32, 1.0, 0.0, "flat", 2, "mean"),
+    "no-dropout-peaked-query-offset-d16": (0.0, 16, 3.0, 3.0, "binary", 1, "none"),
+    "dropout0.3-query-offset-d16-3shot": (0.3, 16, 1.0, 3.0, "soft", 3, "mean"),
+}
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case_id", list(RANK_ONE_CASES))
+def test_rank_one_dk_matches_reference(case_id, monkeypatch):
+    """The 16-bit C = 1 dk/dv kernel takes dk from its rank-one form (RANK_ONE, kernels.configs.rank_one_dkdv):
+    gradients at the fp16 tolerances where its two sums nearly cancel, without dropout, with 1-bit decisions and
+    with 16-bit slices; Nq and Nk odd, K-shot key counts, both head reductions."""
+    dropout_p, head_dim, gain, offset, value, shots, head_reduction = RANK_ONE_CASES[case_id]
+    launches, run_interpreted = [], ops.run_interpreted
+    monkeypatch.setattr(ops, "run_interpreted", lambda launch: launches.append(launch) or run_interpreted(launch))
+    batch, n_query, heads = 1, 37, 2
+    case = Case(batch, n_query, shots * 37, heads, head_dim, None, torch.float16, "cpu", seed=len(case_id))
+    with torch.no_grad():
+        case.leaves[0].mul_(gain).add_(offset)
+        case.leaves[1].mul_(gain)
+        if value == "binary":
+            case.leaves[2].copy_(case.leaves[2] > 0.5)
+        elif value == "flat":
+            case.leaves[2].mul_(0.01).add_(1.0)
+    actual = case.run(lambda q, k, v: dcama_attention(q, k, v, dropout_p=dropout_p, seed=7,
+                                                      head_reduction=head_reduction, impl="triton"))
+    assert [launch.constexprs["RANK_ONE"] for launch in launches if launch.kernel == "bwd_dkdv"] == [True]
+    keep = dropout_keep_mask(7, batch, heads, n_query, shots * 37, dropout_p, "cpu") if dropout_p else None
+    _check(actual, case.reference(keep=keep, dropout_p=effective_dropout_p(dropout_p),
+                                  head_reduction=head_reduction), torch.float16)
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("variant,value_magnitude,key_magnitude,grad_magnitude", [
     ("tf32", 3e5, 3e5, 1.0), ("tf32", 1e-7, 1e-7, 1.0), ("tf32", 1e-9, 1.0, 1.0), ("tf32", 1e10, 1.0, 1.0),
@@ -226,7 +265,7 @@ def _no_dq_kernel(*args, **kwargs):
 def test_e_only_when_a_backward_follows(monkeypatch):
     """The forward computes E only with grad enabled and an input requiring it, and only for a one-channel value
     (in 16 bits and in fp32 at both precisions) at a head dim DQ_IN_FORWARD_HEAD_DIMS lists; C > 1 and D = 128 take
-    the dq kernel."""
+    the dq kernel. The dk/dv kernel's rank-one form runs for the 16-bit one-channel launch only."""
     launches, run_interpreted = [], ops.run_interpreted
     monkeypatch.setattr(ops, "run_interpreted", lambda launch: launches.append(launch) or run_interpreted(launch))
     case = Case(1, 5, 9, 1, 16, None, torch.float16, "cpu")
@@ -237,6 +276,7 @@ def test_e_only_when_a_backward_follows(monkeypatch):
     case.run(lambda q, k, v: dcama_attention(q, k, v, impl="triton"))
     assert [(launch.kernel, launch.constexprs.get("DQ_IN_FWD")) for launch in launches[2:]] == \
         [("fwd", True), ("bwd_dkdv", None)]
+    assert launches[3].constexprs["RANK_ONE"]  # 16 bits, C = 1, D <= 32: dk in rank-one form
     launches.clear()
     for channels, dtype, precision, head_dim, with_e in ((2, torch.float16, "highest", 16, False),
                                                          (None, torch.float16, "highest", 128, False),
@@ -247,6 +287,7 @@ def test_e_only_when_a_backward_follows(monkeypatch):
         Case(1, 5, 9, 1, head_dim, channels, dtype, "cpu").run(lambda q, k, v: dcama_attention(q, k, v, impl="triton"))
         assert [(launch.kernel, launch.constexprs.get("DQ_IN_FWD")) for launch in launches] == \
             [("fwd", with_e), ("bwd_dkdv", None)] + ([] if with_e else [("bwd_dq", None)])
+        assert not launches[1].constexprs["RANK_ONE"]
 
 
 @pytest.mark.parametrize("device", DEVICES)

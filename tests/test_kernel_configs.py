@@ -6,7 +6,8 @@ constexprs) of `shipped_entries()` (all architectures' tables; num_warps and num
 kernel computes) runs once, alone, on the smallest shape that takes every path of its loops (`covering_shape`):
 the forward's output, log-sum-exp and E (through the dq it gives), or a backward kernel's gradients from the
 reference's output and log-sum-exp, against the float64 reference, under the specified keep mask
-(tests/dropout_spec.py) with dropout.
+(tests/dropout_spec.py) with dropout. A launch that one class runs in two forms (the 16-bit forward rescaling once
+per step or per tile, the 16-bit dk/dv kernel with dk in rank-one or dS form) runs both ways.
 
 Groups run in the dtype and precision they serve: "16bit" as fp16 (the interpreter computes bf16 dots wrongly:
 bf16 runs in the CUDA tests), "tf32" as fp32 at "high" (its forward and dk/dv kernel to TF32_TOLERANCE: their
@@ -28,9 +29,9 @@ import triton.language as tl
 
 from dropout_spec import specified_keep
 from helpers import TF32_TOLERANCE, TOLERANCE, covering_shape, rel_err
-from kernels import effective_dropout_p
-from kernels.configs import BASE_ARCH, FINE_DROP_BITS, dq_in_forward, rescale_per_step, shipped_entries, \
-    split_config
+from kernels import effective_dropout_p, ops
+from kernels.configs import ARCHS, BASE_ARCH, FINE_DROP_BITS, dq_in_forward, rank_one_dkdv, rescale_per_step, \
+    shipped_entries, split_config
 from kernels.fused import _tf32_hi
 from kernels.ops import _split, dropout_params, fused_bwd, fused_fwd, run_interpreted, seed_tensor
 from kernels.reference import dcama_attention_reference
@@ -80,7 +81,8 @@ def _reference(q, k, v, grad_o, dropout_p, scale):
 
 
 @pytest.mark.parametrize("kernel,group,head_dim,drop_bits,meta", shipped_constexpr_sets())
-def test_every_shipped_configuration_matches_reference(kernel, group, head_dim, drop_bits, meta, matmul_precision):
+def test_every_shipped_configuration_matches_reference(kernel, group, head_dim, drop_bits, meta, matmul_precision,
+                                                        monkeypatch):
     dtype, precision = GROUP_RUNS_AS[group]
     matmul_precision(precision)
     dropout_p = DROPOUT_P[drop_bits]
@@ -88,6 +90,8 @@ def test_every_shipped_configuration_matches_reference(kernel, group, head_dim, 
     # A forward that rescales once per step on sm_90 (the interpreter's class) rescales per tile on the classes
     # outside RESCALE_PER_STEP_ARCHS: both run.
     per_step = kernel == "fwd" and rescale_per_step(BASE_ARCH, group, dtype == torch.float16, head_dim, drop_bits)
+    # A dk/dv launch that takes dk in rank-one form on some class runs the dS form on others: both run.
+    rank_one = kernel == "bwd_dkdv" and any(rank_one_dkdv(arch, group, 1, head_dim, drop_bits) for arch in ARCHS)
     n_query, n_key = covering_shape({kernel: meta}, drop_bits, group if dtype == torch.float32 else None, per_step)
     g = torch.Generator().manual_seed(head_dim + drop_bits)
     q, k = (torch.randn(1, n, 1, head_dim, generator=g).to(dtype) for n in (n_query, n_key))
@@ -117,10 +121,13 @@ def test_every_shipped_configuration_matches_reference(kernel, group, head_dim, 
             else:
                 assert e.numel() == 0
     else:  # without E: the dq kernel (C > 1, or D outside DQ_IN_FORWARD_HEAD_DIMS)
-        actual = fused_bwd(grad_o, q, k, v, o.float(), lse2.float(), torch.empty(0), seed, dropout_p, scale, runner)
-        for i in GRADIENTS[kernel]:
-            assert actual[i].dtype == dtype and rel_err(actual[i], grads[i]) < grad_tol, f"d{'qkv'[i]}"
-    assert ran == [kernel] * (2 if per_step else 1)
+        for form in (True, False) if rank_one else (False,):
+            monkeypatch.setattr(ops, "rank_one_dkdv", lambda *_: form)
+            actual = fused_bwd(grad_o, q, k, v, o.float(), lse2.float(), torch.empty(0), seed, dropout_p, scale,
+                               runner)
+            for i in GRADIENTS[kernel]:
+                assert actual[i].dtype == dtype and rel_err(actual[i], grads[i]) < grad_tol, f"d{'qkv'[i]}, {form}"
+    assert ran == [kernel] * (2 if per_step or rank_one else 1)
 
 
 # ---------------------------------------------------------------------------------------------
