@@ -32,8 +32,8 @@ GPU_CONFIGS: dict[str, dict[str, dict[int, list[Config]]]] = {
         "tf32x3": {16: [(128, 64, 16, 8, 1)], 32: [(128, 64, 16, 8, 1)], 64: [(128, 64, 16, 8, 1)],
                    128: [(128, 64, 16, 8, 1)], 256: [(64, 64, 16, 4, 1)]},
     },
-    # 16 bits at D = 32: 2 x 64 keys per program, the most the rank-one form's accumulators fit on sm_90 (4 x 64
-    # spills 3440 B without dropout and 3776 B with it, one 128-key tile 8 B without; docs/kernels.md, "Budget").
+    # 16 bits at D = 32: 2 x 64 keys per program, the most the rank-one form's accumulators fit on sm_90 with dropout
+    # (4 x 64 spills 3760 B; docs/kernels.md, "dk/dv in rank-one form").
     "bwd_dkdv": {
         "16bit": {16: [(64, 64, 4, 16, 16, 4, 1)], 32: [(64, 64, 2, 32, 32, 4, 1)], 64: [(64, 64, 2, 64, 64, 4, 1)],
                   128: [(64, 64, 1, 128, 128, 4, 1)], 256: [(32, 64, 1, 256, 256, 4, 1)]},
@@ -56,8 +56,11 @@ FINE_DROP_BITS = 16
 DROP_MODES = (0, 1, FINE_DROP_BITS)
 # Entries that replace GPU_CONFIGS' for one dropout mode, MODE_CONFIGS[DROP_BITS][kernel][group][head dim]. With
 # 16-bit slices a 64-column sub-tile needs four Philox calls per stream: where the default entry runs out of
-# registers with them, these replace it.
+# registers with them, these replace it. Without dropout the 16-bit dk/dv kernel at D = 32 takes its 128 keys as one
+# tile: 4.38 lane-instructions per score on sm_90 in rank-one form (255 registers, no spill) against 4.48 for 2 x 64
+# (docs/kernels.md, "dk/dv in rank-one form").
 MODE_CONFIGS: dict[int, dict[str, dict[str, dict[int, list[Config]]]]] = {
+    0: {"bwd_dkdv": {"16bit": {32: [(64, 128, 1, 32, 32, 4, 1)]}}},
     FINE_DROP_BITS: {
         "fwd": {"16bit": {16: [(128, 64, 16, 8, 2)], 32: [(128, 64, 32, 8, 2)]},
                 "tf32": {16: [(128, 64, 16, 8, 2)], 32: [(128, 64, 32, 8, 2)]}},
@@ -101,13 +104,13 @@ RESCALE_PER_STEP_HEAD_DIMS = (16, 32)
 # "dk/dv in rank-one form"): RANK_ONE_DKDV[class][DROP_BITS] = head dims, where it counts less and does not spill.
 # Measured with each class's entries: at D = 64 its accumulators spill (sm_90: 5752 B without dropout at 64 x 64 x 2),
 # on sm_90 with 16-bit slices at D = 32 too (116 B); on the mma.sync classes (accumulators in registers) at D = 32
-# it spills (512-3028 B) or counts no less, and at D = 16 it fits only where listed.
+# it spills (16-3056 B) or counts no less, as on sm_100 without dropout, and at D = 16 it fits only where listed.
 RANK_ONE_DKDV: dict[str, dict[int, tuple[int, ...]]] = {
     "sm_80": {FINE_DROP_BITS: (16,)},
     "sm_86": {1: (16,)},
     "sm_89": {1: (16,)},
     "sm_90": {0: (16, 32), 1: (16, 32), FINE_DROP_BITS: (16,)},
-    "sm_100": {0: (16, 32), 1: (16, 32), FINE_DROP_BITS: (16, 32)},
+    "sm_100": {0: (16,), 1: (16, 32), FINE_DROP_BITS: (16, 32)},
     "sm_120": {0: (16,)},
 }
 KEEP_MASK_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}

@@ -619,7 +619,7 @@ def _dkdv_sub(dk, dv, k, vx, sub: tl.constexpr, ctx, META: tl.constexpr):
 @triton.jit
 def _dkdv_ds(dk, dv, s, vx, keep, ctx, META: tl.constexpr):
     """`_dkdv_sub`'s products through dS = P (dP - Delta) from its scores s and keep decisions."""
-    q, q_split, dod, dod_v, lse2, neg_delta, _, _, _, _, _, _, _, qk_scale, zero, _, _, _, _, _, _, _, _, _, _ = ctx
+    _, q_split, dod, dod_v, lse2, neg_delta, _, _, _, _, _, _, _, qk_scale, zero, _, _, _, _, _, _, _, _, _, _ = ctx
     DROP_BITS: tl.constexpr = META[0]
     DOT_PRECISION: tl.constexpr = META[1]
     BLOCK_M: tl.constexpr = META[2]
@@ -668,7 +668,8 @@ def _dkdv_rows(dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2
     """One query tile against the program's SUB key sub-tiles (slots 0 .. SUB-1; the others pass through)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row = row0 + offs_m
-    # Query rows past Nq read as 0 (q, DOD, lse, -Delta): P = 1 but dP - Delta = 0, so they add nothing.
+    # Query rows past Nq read as 0 (q, DOD, DKF, lse, -Delta): P = 1 but dP - Delta = 0 and DKF's rows 0, so they add
+    # nothing.
     q_rows = Q_bh + offs_m[:, None] * stride_qn
     q_mask = offs_m[:, None] < Nq
     if D_CHUNK == HEAD_DIM:
@@ -700,14 +701,13 @@ def _dkdv_rows(dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, k0, vx0, k1, vx1, k2, vx2
         neg_delta = tl.load(NEGD + row)
     # one Philox call per stream serves the SUB sub-tiles
     r0, r1, r2, r3 = _call_words(seed, bh, start_m, start_n, BLOCK_M, DROP_BITS)
-    if RANK_ONE:  # this split's columns of DKF's parts [dO' q hi, lo, -Delta q hi, lo]: two and two, or all four
+    if RANK_ONE:  # DKF's parts [dO' q hi, lo, -Delta q hi, lo]: two and two, or all four (D_SPLIT = HEAD_DIM)
         dkf_rows = DKF + row[:, None] * (4 * HEAD_DIM)
-        PARTS: tl.constexpr = 2 if DROP_BITS > 0 else 4
-        cols = tl.arange(0, PARTS * D_SPLIT)
-        offs_f = cols // D_SPLIT * HEAD_DIM + d0 + cols % D_SPLIT
-        dkf = _load_rows(dkf_rows + offs_f[None, :], offs_m, Nq, MASKED)
         if DROP_BITS > 0:
-            dkf = (dkf, _load_rows(dkf_rows + 2 * HEAD_DIM + offs_f[None, :], offs_m, Nq, MASKED))
+            dkf = (_load_rows(dkf_rows + tl.arange(0, 2 * HEAD_DIM)[None, :], offs_m, Nq, MASKED),
+                   _load_rows(dkf_rows + (2 * HEAD_DIM + tl.arange(0, 2 * HEAD_DIM))[None, :], offs_m, Nq, MASKED))
+        else:
+            dkf = _load_rows(dkf_rows + tl.arange(0, 4 * HEAD_DIM)[None, :], offs_m, Nq, MASKED)
     else:
         dkf = 0
     ctx = (q, q_split, dod, dod_v, lse2, neg_delta, q_rows, q_mask, K_bh, Nk, stride_qd, stride_kn, stride_kd,
@@ -750,8 +750,8 @@ def _store_dkdv(dk, dv, vx, DK_bh, DV_OUT, SCALES, bh, start_n, d0, Nk, scale, s
     """dk columns d0 .. d0 + D_SPLIT times scale; dv (fp32, this head's) by the first column split only. COPIES:
     first undo the fp16 copies' scales: dv's SCALES[0], dk's as three powers of two of about equal exponents (their
     product, or any one first, may leave fp32's range where the accumulator and dk do not). RANK_ONE: dk is the
-    pair of `_dkdv_sub`'s sums, each [hi | lo] columns, and dk = v (sum over kept) + (sum over all), v VX's
-    column 0."""
+    pair of `_dkdv_sub`'s sums, each [hi | lo] columns, and dk = (v (sum over kept) + (sum over all)) SCALES[0] (DKF's
+    inverse scale), v VX's column 0."""
     if COPIES:
         dk = dk * tl.load(SCALES + 1) * tl.load(SCALES + 2) * tl.load(SCALES + 3)
         dv = dv * tl.load(SCALES)
@@ -763,7 +763,7 @@ def _store_dkdv(dk, dv, vx, DK_bh, DV_OUT, SCALES, bh, start_n, d0, Nk, scale, s
             hi, lo = tl.split(tl.permute(tl.reshape(dk_kept, [BLOCK_N, 2, 2, D_SPLIT]), (0, 3, 1, 2)))
             kept, every = tl.split(hi + lo)
         v = tl.sum(tl.where(tl.arange(0, vx.shape[1])[None, :] == 0, vx.to(tl.float32), 0.0), 1)
-        dk = kept * v[:, None] + every
+        dk = (kept * v[:, None] + every) * tl.load(SCALES)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     tl.store(DK_bh + offs_n[:, None] * stride_dkn + (d0 + tl.arange(0, D_SPLIT))[None, :] * stride_dkd,
              (dk * scale).to(DK_bh.dtype.element_ty), mask=offs_n[:, None] < Nk)
@@ -795,8 +795,10 @@ def _bwd_dkdv_kernel(Q, K, VX, DOD, LSE, NEGD, DK, DV_OUT, SEED, SCALES, Q16,
     are q's and k's [hi, lo] pairs (B, N, H, 2D) and the scores their product, at TF32 (ROUNDED) Q16 is q rounded
     to fp16 for dk; dv is SCALES[0], dk SCALES[1] SCALES[2] SCALES[3] and the pairs' scores SCALES[4] times what the
     products give. Otherwise Q16 is Q. RANK_ONE (16 bits, C = 1: kernels.configs.rank_one_dkdv): dk from its rank-one
-    form (`_dkdv_sub`), DKF (B*H*Nq, 4D) the per-query [dO' q hi, lo, -Delta q hi, lo] (kernels.ops.dk_factors);
-    otherwise DKF is unused."""
+    form (`_dkdv_sub`), DKF (B*H*Nq, 4D) the per-query [dO' q hi, lo, -Delta q hi, lo] times 1 / SCALES[0]
+    (kernels.ops.dk_factors); otherwise DKF is unused."""
+    tl.static_assert(not RANK_ONE or (D_SPLIT == HEAD_DIM and Q.dtype.element_ty != tl.float32),
+                     "the rank-one form takes 16-bit inputs and all of dk's columns in one program")
     SUB: tl.constexpr = KEY_TILES
     PAIRS: tl.constexpr = DOT_PRECISION == "tf32x3" and Q.dtype.element_ty == tl.float16
     ROUNDED: tl.constexpr = Q.dtype.element_ty == tl.float32 and Q16.dtype.element_ty == tl.float16

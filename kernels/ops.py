@@ -222,7 +222,8 @@ def grad_operands(grad_o: torch.Tensor, o: torch.Tensor, drop_scale: float,
 @dataclass
 class BackwardOperands:
     """What a backward kernel reads besides the lse and the seed (kernels/fused.py): VX, DOD and -Delta, and where
-    the dk/dv kernel takes fp16 copies (`backward_operands`) q's copy, k's at 3xTF32, and the inverse scales."""
+    the dk/dv kernel takes fp16 copies (`backward_operands`) q's copy, k's at 3xTF32, and the inverse scales; where it
+    takes dk in rank-one form, dk's per-query factors and their inverse scale (`dk_factors`)."""
     vx: torch.Tensor
     dod: torch.Tensor
     neg_delta: torch.Tensor
@@ -232,18 +233,23 @@ class BackwardOperands:
     dk_factors: torch.Tensor | None = None  # rank-one dk (`dk_factors`)
 
 
-def dk_factors(query: torch.Tensor, grad_o: torch.Tensor, o: torch.Tensor, drop_scale: float) -> torch.Tensor:
+def dk_factors(query: torch.Tensor, grad_o: torch.Tensor, o: torch.Tensor,
+               drop_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """DKF (B, H, Nq, 4D) in the query's (16-bit) dtype: [dO' q, -Delta q] per query row and head as [hi, lo] pairs
     (`_split`), the per-query factors of dk's rank-one form for a one-channel value (docs/kernels.md, "dk/dv in
     rank-one form"): dk_j = scale (v_j sum_i P~_ij dO'_i q_i + sum_i P_ij (-Delta_i) q_i). A single rounding of
-    either would not cancel where the two sums nearly do."""
+    either would not cancel where the two sums nearly do. Both are multiplied by a power of two (exact, computed on
+    the device) that puts their largest magnitude just below 2**15, so that products of an fp16 range's dO' and q
+    neither overflow nor lose bits below fp16's normal numbers; returned with its inverse (1,) fp32."""
     q = query.float().transpose(1, 2)
     grad_o = grad_o.float()
     neg_delta = -(grad_o * o).sum(-1, keepdim=True)
-    parts = (*_split(grad_o * drop_scale * q, query.dtype), *_split(neg_delta * q, query.dtype))
+    kept, every = grad_o * drop_scale * q, neg_delta * q
+    factor_scale = _power_of_two_below(torch.maximum(kept.abs().amax(), every.abs().amax()), 15)
+    parts = (*_split(kept * factor_scale, query.dtype), *_split(every * factor_scale, query.dtype))
     batch, heads, n_query, head_dim = q.shape
     return torch.cat(parts, dim=3, out=torch.empty((batch, heads, n_query, 4 * head_dim), dtype=query.dtype,
-                                                   device=query.device))
+                                                   device=query.device)), (1.0 / factor_scale).reshape(1)
 
 
 def copies_in_dkdv(dtype: torch.dtype) -> bool:
@@ -265,9 +271,14 @@ def backward_operands(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     time: the product, or any one scale first, may leave fp32's range), 1 / (q's k's)], each an exact power of two
     formed from integer exponents."""
     dtype = query.dtype
+    if copies and rank_one:
+        raise ValueError("the rank-one dk/dv form takes 16-bit inputs, not fp16 copies of fp32 ones")
+    if rank_one:
+        factors, inverse = dk_factors(query, grad_o, o, drop_scale)
+        return BackwardOperands(value_operand(value), *grad_operands(grad_o, o, drop_scale, dtype), scales=inverse,
+                                dk_factors=factors)
     if not copies:
-        return BackwardOperands(value_operand(value), *grad_operands(grad_o, o, drop_scale, dtype),
-                                dk_factors=dk_factors(query, grad_o, o, drop_scale) if rank_one else None)
+        return BackwardOperands(value_operand(value), *grad_operands(grad_o, o, drop_scale, dtype))
     value_max = value.detach().abs().amax().double()
     value_exp = _exponent_below(value_max, 0)
     query_exp = _exponent_below(query.detach().abs().amax(), 15)

@@ -212,6 +212,20 @@ def test_rank_one_dk_matches_reference(case_id, monkeypatch):
 
 
 @pytest.mark.interpreter
+def test_rank_one_dk_factors_are_scaled_into_fp16_range():
+    """dk's rank-one factors dO' q and -Delta q leave fp16's range where dO', q, dS and the gradients do not: |q| ~ 30
+    with |dO| ~ 3000 overflows 65504. Scaled by a power of two (kernels.ops.dk_factors), the gradients keep the fp16
+    tolerances."""
+    case = Case(1, 37, 74, 2, 32, None, torch.float16, "cpu", seed=3, grad_scale=3000.0)
+    with torch.no_grad():
+        case.leaves[0].mul_(30.0)
+        case.leaves[1].div_(30.0)  # the scores stay of order one
+    actual = case.run(lambda q, k, v: dcama_attention(q, k, v, dropout_p=0.5, seed=7, impl="triton"))
+    keep = dropout_keep_mask(7, 1, 2, 37, 74, 0.5, "cpu")
+    _check(actual, case.reference(keep=keep, dropout_p=0.5), torch.float16)
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("variant,value_magnitude,key_magnitude,grad_magnitude", [
     ("tf32", 3e5, 3e5, 1.0), ("tf32", 1e-7, 1e-7, 1.0), ("tf32", 1e-9, 1.0, 1.0), ("tf32", 1e10, 1.0, 1.0),
     ("tf32", 1e-40, 1.0, 1.0), ("tf32", 1.0, 1.0, 1e-12), ("tf32", 1e4, 1.0, 1e12), ("tf32", 1e-20, 1e20, 1e20),
