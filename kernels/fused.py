@@ -797,11 +797,11 @@ def _bwd_dkdv_kernel(Q, K, VX, DOD, LSE, NEGD, DK, DV_OUT, SEED, SCALES, Q16,
     products give. Otherwise Q16 is Q. RANK_ONE (16 bits, C = 1: kernels.configs.rank_one_dkdv): dk from its rank-one
     form (`_dkdv_sub`), DKF (B*H*Nq, 4D) the per-query [dO' q hi, lo, -Delta q hi, lo] times 1 / SCALES[0]
     (kernels.ops.dk_factors); otherwise DKF is unused."""
-    tl.static_assert(not RANK_ONE or (D_SPLIT == HEAD_DIM and Q.dtype.element_ty != tl.float32),
-                     "the rank-one form takes 16-bit inputs and all of dk's columns in one program")
     SUB: tl.constexpr = KEY_TILES
     PAIRS: tl.constexpr = DOT_PRECISION == "tf32x3" and Q.dtype.element_ty == tl.float16
     ROUNDED: tl.constexpr = Q.dtype.element_ty == tl.float32 and Q16.dtype.element_ty == tl.float16
+    tl.static_assert(not RANK_ONE or (D_SPLIT == HEAD_DIM and not PAIRS and Q.dtype.element_ty != tl.float32),
+                     "the rank-one form takes 16-bit inputs and all of dk's columns in one program")
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     d0 = tl.program_id(2) * D_SPLIT  # this program's D_SPLIT columns of dk (each split recomputes P)

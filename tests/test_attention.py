@@ -212,7 +212,7 @@ def test_rank_one_dk_matches_reference(case_id, monkeypatch):
 
 
 @pytest.mark.interpreter
-def test_rank_one_dk_factors_are_scaled_into_fp16_range():
+def test_rank_one_dk_factors_are_scaled_into_fp16_range(monkeypatch):
     """dk's rank-one factors dO' q and -Delta q leave fp16's range where dO', q, dS and the gradients do not: |q| ~ 30
     with |dO| ~ 3000 overflows 65504. Scaled by a power of two (kernels.ops.dk_factors), the gradients keep the fp16
     tolerances."""
@@ -220,7 +220,10 @@ def test_rank_one_dk_factors_are_scaled_into_fp16_range():
     with torch.no_grad():
         case.leaves[0].mul_(30.0)
         case.leaves[1].div_(30.0)  # the scores stay of order one
+    launches, run_interpreted = [], ops.run_interpreted
+    monkeypatch.setattr(ops, "run_interpreted", lambda launch: launches.append(launch) or run_interpreted(launch))
     actual = case.run(lambda q, k, v: dcama_attention(q, k, v, dropout_p=0.5, seed=7, impl="triton"))
+    assert [launch.constexprs["RANK_ONE"] for launch in launches if launch.kernel == "bwd_dkdv"] == [True]
     keep = dropout_keep_mask(7, 1, 2, 37, 74, 0.5, "cpu")
     _check(actual, case.reference(keep=keep, dropout_p=0.5), torch.float16)
 
