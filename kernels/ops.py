@@ -233,18 +233,18 @@ class BackwardOperands:
     dk_factors: torch.Tensor | None = None  # rank-one dk (`dk_factors`)
 
 
-def dk_factors(query: torch.Tensor, grad_o: torch.Tensor, o: torch.Tensor,
+def dk_factors(query: torch.Tensor, grad_o: torch.Tensor, neg_delta: torch.Tensor,
                drop_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """DKF (B, H, Nq, 4D) in the query's (16-bit) dtype: [dO' q, -Delta q] per query row and head as [hi, lo] pairs
     (`_split`), the per-query factors of dk's rank-one form for a one-channel value (docs/kernels.md, "dk/dv in
     rank-one form"): dk_j = scale (v_j sum_i P~_ij dO'_i q_i + sum_i P_ij (-Delta_i) q_i). A single rounding of
     either would not cancel where the two sums nearly do. Both are multiplied by a power of two (exact, computed on
     the device) that puts their largest magnitude just below 2**15, so that products of an fp16 range's dO' and q
-    neither overflow nor lose bits below fp16's normal numbers; returned with its inverse (1,) fp32."""
+    neither overflow nor lose bits below fp16's normal numbers; returned with its inverse (1,) fp32. neg_delta:
+    -Delta (B, H, Nq) fp32, as `grad_operands` gives it."""
     q = query.float().transpose(1, 2)
     grad_o = grad_o.float()
-    neg_delta = -(grad_o * o).sum(-1, keepdim=True)
-    kept, every = grad_o * drop_scale * q, neg_delta * q
+    kept, every = grad_o * drop_scale * q, neg_delta[..., None] * q
     factor_scale = _power_of_two_below(torch.maximum(kept.abs().amax(), every.abs().amax()), 15)
     parts = (*_split(kept * factor_scale, query.dtype), *_split(every * factor_scale, query.dtype))
     batch, heads, n_query, head_dim = q.shape
@@ -274,9 +274,9 @@ def backward_operands(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if copies and rank_one:
         raise ValueError("the rank-one dk/dv form takes 16-bit inputs, not fp16 copies of fp32 ones")
     if rank_one:
-        factors, inverse = dk_factors(query, grad_o, o, drop_scale)
-        return BackwardOperands(value_operand(value), *grad_operands(grad_o, o, drop_scale, dtype), scales=inverse,
-                                dk_factors=factors)
+        dod, neg_delta = grad_operands(grad_o, o, drop_scale, dtype)
+        factors, inverse = dk_factors(query, grad_o, neg_delta, drop_scale)
+        return BackwardOperands(value_operand(value), dod, neg_delta, scales=inverse, dk_factors=factors)
     if not copies:
         return BackwardOperands(value_operand(value), *grad_operands(grad_o, o, drop_scale, dtype))
     value_max = value.detach().abs().amax().double()
@@ -326,6 +326,7 @@ def fwd_launch(query: torch.Tensor, key: torch.Tensor, operands: ForwardOperands
     bits, threshold, p_eff = dropout_params(dropout_p)
     vx, vk = operands.vx, operands.vk
     vk_strides = vk.stride()[:3] if vk is not None else (0, 0, 0)
+    operands_fp16 = vx.dtype == torch.float16  # P~'s products take fp16 operands
     return Launch("fwd", lambda meta: (triton.cdiv(n_query, meta["BLOCK_M"]), batch * heads),
                   (query, key, vx, key if vk is None else vk, o, lse2, lse2 if e is None else e,
                    lse2 if operands.scales is None else operands.scales, seed,
@@ -333,9 +334,9 @@ def fwd_launch(query: torch.Tensor, key: torch.Tensor, operands: ForwardOperands
                    key.shape[1], scale * LOG2E, threshold, 1.0 / (1.0 - p_eff), 0.0),
                   dict(HEAD_DIM=head_dim, C=o.shape[3], DV=vx.shape[2], DROP_BITS=bits,
                        DOT_PRECISION=dot_precision(query.dtype), DQ_IN_FWD=e is not None,
-                       KEEP_AS_SCALE=drops_by_multiplier(arch, vx.dtype == torch.float16, bits),
-                       RESCALE_PER_STEP=rescale_per_step(arch, input_group(query.dtype),
-                                                         query.dtype == torch.float16, head_dim, bits)),
+                       KEEP_AS_SCALE=drops_by_multiplier(arch, operands_fp16, bits),
+                       RESCALE_PER_STEP=rescale_per_step(arch, input_group(query.dtype), operands_fp16, head_dim,
+                                                         bits)),
                   input_group(query.dtype))
 
 
