@@ -35,6 +35,14 @@ def _highest_fp32_precision():
     torch.set_float32_matmul_precision(saved)
 
 
+@pytest.fixture
+def launches(monkeypatch) -> list:
+    """The launches the op makes under the interpreter, in order (each still runs)."""
+    made, run_interpreted = [], ops.run_interpreted
+    monkeypatch.setattr(ops, "run_interpreted", lambda launch: made.append(launch) or run_interpreted(launch))
+    return made
+
+
 class Case:
     """Leaf tensors (which receive .grad) and the views the op sees.
 
@@ -187,13 +195,11 @@ RANK_ONE_CASES = {
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("case_id", list(RANK_ONE_CASES))
-def test_rank_one_dk_matches_reference(case_id, monkeypatch):
+def test_rank_one_dk_matches_reference(case_id, launches):
     """The 16-bit C = 1 dk/dv kernel takes dk from its rank-one form (RANK_ONE, kernels.configs.rank_one_dkdv):
     gradients at the fp16 tolerances where its two sums nearly cancel, without dropout, with 1-bit decisions and
     with 16-bit slices; Nq and Nk odd, K-shot key counts, both head reductions."""
     dropout_p, head_dim, gain, offset, value, shots, head_reduction = RANK_ONE_CASES[case_id]
-    launches, run_interpreted = [], ops.run_interpreted
-    monkeypatch.setattr(ops, "run_interpreted", lambda launch: launches.append(launch) or run_interpreted(launch))
     batch, n_query, heads = 1, 37, 2
     case = Case(batch, n_query, shots * 37, heads, head_dim, None, torch.float16, "cpu", seed=len(case_id))
     with torch.no_grad():
@@ -212,7 +218,7 @@ def test_rank_one_dk_matches_reference(case_id, monkeypatch):
 
 
 @pytest.mark.interpreter
-def test_rank_one_dk_factors_are_scaled_into_fp16_range(monkeypatch):
+def test_rank_one_dk_factors_are_scaled_into_fp16_range(launches):
     """dk's rank-one factors dO' q and -Delta q leave fp16's range where dO', q, dS and the gradients do not: |q| ~ 30
     with |dO| ~ 3000 overflows 65504. Scaled by a power of two (kernels.ops.dk_factors), the gradients keep the fp16
     tolerances."""
@@ -220,8 +226,6 @@ def test_rank_one_dk_factors_are_scaled_into_fp16_range(monkeypatch):
     with torch.no_grad():
         case.leaves[0].mul_(30.0)
         case.leaves[1].div_(30.0)  # the scores stay of order one
-    launches, run_interpreted = [], ops.run_interpreted
-    monkeypatch.setattr(ops, "run_interpreted", lambda launch: launches.append(launch) or run_interpreted(launch))
     actual = case.run(lambda q, k, v: dcama_attention(q, k, v, dropout_p=0.5, seed=7, impl="triton"))
     assert [launch.constexprs["RANK_ONE"] for launch in launches if launch.kernel == "bwd_dkdv"] == [True]
     keep = dropout_keep_mask(7, 1, 2, 37, 74, 0.5, "cpu")
@@ -279,12 +283,10 @@ def _no_dq_kernel(*args, **kwargs):
 
 
 @pytest.mark.interpreter
-def test_e_only_when_a_backward_follows(monkeypatch):
+def test_e_only_when_a_backward_follows(launches):
     """The forward computes E only with grad enabled and an input requiring it, and only for a one-channel value
     (in 16 bits and in fp32 at both precisions) at a head dim DQ_IN_FORWARD_HEAD_DIMS lists; C > 1 and D = 128 take
     the dq kernel. The dk/dv kernel's rank-one form runs for the 16-bit one-channel launch only."""
-    launches, run_interpreted = [], ops.run_interpreted
-    monkeypatch.setattr(ops, "run_interpreted", lambda launch: launches.append(launch) or run_interpreted(launch))
     case = Case(1, 5, 9, 1, 16, None, torch.float16, "cpu")
     with torch.no_grad():
         dcama_attention(*case.views(), impl="triton")
